@@ -1,0 +1,32 @@
+"""The `modelscape` command: run (a demo sweep), coord-check, show, plot, export.
+
+Each subcommand lives in the module that owns its concept and registers itself through
+``add_parser(subparsers)``; this file only lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+# subcommand name -> module providing add_parser(subparsers) and run(args)
+SUBCOMMANDS = {
+    "run": "modelscape.demo",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelscape", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_parser(sub, name)
+        modules[name] = module
+    args, rest = parser.parse_known_args(argv)
+    return int(modules[args.command].run(args, rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The original modelscape's entry points: cli.parse_args/base_args and job_iterator.main."""

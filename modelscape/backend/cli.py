@@ -1,0 +1,223 @@
+"""Command-line and notebook entry points for hyperparameters (the original's API).
+
+``parse_args()`` for scripts, ``base_args()`` for notebooks. Both return an
+``argparse.Namespace`` holding every hyperparameter; set more attributes on it freely
+(``args.CLASSES = [0, 6]``): keys that are not hyperparameters travel to batch functions and
+grabs as user keys.
+
+Job-scoped options take one or more values. ``--GAMMA 0.1 1 10`` stores the list
+``[0.1, 1.0, 10.0]``, and ``job_iterator.main`` turns a list-valued hyperparameter into a sweep
+axis of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from modelscape import hparams as H
+
+Extra = Mapping[str, Any]
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    """Parse a command-line boolean: ``False``, ``false`` and ``0`` are False."""
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False/1/0), got {text!r}")
+
+
+def parse_int(text: str) -> int:
+    """Parse an integer, accepting scientific notation such as ``1e5``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def parse_device(text: str) -> int | str:
+    """A CUDA id (``0``) or ``cpu``."""
+    if text.strip().lower() == "cpu":
+        return "cpu"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a device is a CUDA id or 'cpu', got {text!r}") from None
+
+
+def parse_none_or_str(text: str) -> str | None:
+    return None if text.strip().lower() in ("none", "null", "") else text
+
+
+_PARSERS = {"bool": parse_bool, "int": parse_int, "float": float, "str": str}
+
+
+def _extra_specs(extra: Extra | None) -> dict[str, tuple[Any, str]]:
+    specs: dict[str, tuple[Any, str]] = {}
+    for name, spec in (extra or {}).items():
+        if name in H.FIELDS:
+            raise H.HParamError(f"{name} is already a built-in hyperparameter; pick another name.")
+        default, help_ = spec if isinstance(spec, tuple) else (spec, "user hyperparameter")
+        specs[name] = (default, help_)
+    return specs
+
+
+def _value_parser(default: Any):
+    if isinstance(default, bool):
+        return parse_bool
+    if isinstance(default, int):
+        return parse_int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
+    """The argparse parser generated from the schema, plus the user's ``extra`` options.
+
+    ``extra`` maps a name to a default, or to ``(default, help)``; its type follows the default.
+    """
+    parser = argparse.ArgumentParser(
+        description="modelscape sweep. Job options take several values to sweep them.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of hyperparameter values.")
+    for name, f in H.FIELDS.items():
+        kind = H.kind_of(name)
+        help_ = f"{f.metadata['help']} (default: {H.DEFAULTS[name]!r})"
+        if name == "DEVICES":
+            parser.add_argument(f"--{name}", nargs="+", type=parse_device, help=help_)
+        elif name == "LOSS_CHECKPOINTS":
+            parser.add_argument(f"--{name}", nargs="+", type=float, help=help_)
+        elif kind in ("path", "model"):
+            parser.add_argument(f"--{name}", type=parse_none_or_str, help=help_)
+        elif kind == "class":
+            nargs = "+" if f.metadata["scope"] == "job" else None
+            parser.add_argument(f"--{name}", nargs=nargs, type=str, help=help_)
+        else:
+            nargs = "+" if f.metadata["scope"] == "job" else None
+            parser.add_argument(
+                f"--{name}",
+                nargs=nargs,
+                type=_PARSERS[kind],
+                choices=f.metadata["choices"],
+                help=help_,
+            )
+    for old, new in H.DEPRECATED_NAMES.items():
+        parser.add_argument(
+            f"--{old}", dest=old, nargs="+", type=_PARSERS[H.kind_of(new)], help=argparse.SUPPRESS
+        )
+    for name, (default, help_) in _extra_specs(extra).items():
+        if isinstance(default, list):
+            item = _value_parser(default[0]) if default else str
+            parser.add_argument(f"--{name}", nargs="+", type=item, help=help_)
+        else:
+            parser.add_argument(f"--{name}", nargs="+", type=_value_parser(default), help=help_)
+    return parser
+
+
+def _unwrap(value: Any) -> Any:
+    """A one-element list from ``nargs='+'`` becomes a scalar; several values stay a list."""
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file of hyperparameter values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise H.HParamError(
+            f"{path} must hold a mapping of NAME: value, got {type(data).__name__}."
+        )
+    return data
+
+
+def _defaults(extra: Extra | None) -> dict[str, Any]:
+    values = dict(H.DEFAULTS)
+    values.update({n: d for n, (d, _) in _extra_specs(extra).items()})
+    return values
+
+
+def _apply(values: dict[str, Any], updates: Mapping[str, Any], extra_names: set[str], source: str):
+    for key, value in updates.items():
+        name = H.canonical_name(key)
+        if name not in H.FIELDS and name not in extra_names:
+            raise H.HParamError(f"{source}: {H.unknown_message(name)}")
+        if name in H.FIELDS:
+            _check(name, value)
+        values[name] = value
+
+
+def _check(name: str, value: Any) -> None:
+    """Type-check a value (each element of a sweep list for job options)."""
+    sweepable = H.FIELDS[name].metadata["scope"] == "job" and H.kind_of(name) != "list"
+    items = value if (sweepable and isinstance(value, list)) else [value]
+    for item in items:
+        H.coerce(name, item)
+
+
+def parse_args(argv: Sequence[str] | None = None, extra: Extra | None = None) -> argparse.Namespace:
+    """Parse hyperparameters from the command line (for .py scripts).
+
+    Precedence: defaults < ``--config FILE`` < flags given explicitly. ``extra`` declares the
+    user's own options, ``{"DATASET": ("digits", "which data set")}``. An unknown ``--NAME`` is
+    an error listing the valid names.
+    """
+    parser = build_parser(extra)
+    parsed, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [u for u in unknown if u.startswith("--")]
+        name = flags[0][2:] if flags else unknown[0]
+        parser.error(H.unknown_message(name.split("=")[0]))
+    given = vars(parsed)
+    values = _defaults(extra)
+    extra_names = set(_extra_specs(extra))
+    config_file = given.pop("config", None)
+    if config_file is not None:
+        _apply(values, load_config_file(config_file), extra_names, str(config_file))
+    extra_lists = {n for n, (d, _) in _extra_specs(extra).items() if isinstance(d, list)}
+    flags = {}
+    for key, value in given.items():
+        name = H.canonical_name(key)
+        keep_list = name in extra_lists or (name in H.FIELDS and H.kind_of(name) == "list")
+        flags[name] = value if keep_list else _unwrap(value)
+    _apply(values, flags, extra_names, "command line")
+    return argparse.Namespace(**values)
+
+
+def base_args(extra: Extra | None = None, **overrides: Any) -> argparse.Namespace:
+    """The defaults as a namespace (for notebooks), with optional ``overrides``.
+
+    ``base_args(WIDTH=256, LR=0.1)`` is checked against the schema like the command line.
+    """
+    values = _defaults(extra)
+    _apply(values, overrides, set(_extra_specs(extra)), "base_args")
+    return argparse.Namespace(**values)

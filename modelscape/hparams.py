@@ -1,0 +1,315 @@
+"""The hyperparameter schema: the single source of every name, type, default and help line.
+
+The command line (``backend.cli.parse_args``), the notebook defaults (``backend.cli.base_args``),
+validation and the README's table are all generated from ``HParams`` below. To add a
+hyperparameter, add one field here; nothing else lists them.
+
+A field's ``scope`` says what it describes:
+
+- ``"job"``: part of what a job *is*. It may be an iterator axis, it takes several values on the
+  command line (``--GAMMA 0.1 1 10`` sweeps it), and resuming a run folder with a different value
+  is refused.
+- ``"sweep"``: how the sweep is *run* (devices, workers, where results go). One value per sweep,
+  and it may change between a run and its resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Scope = Literal["job", "sweep"]
+
+PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
+NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
+EXECUTORS = ("local", "ray")
+BATCHED_MODES = ("auto", "on", "off")
+DTYPES = ("float32", "float64")
+
+# Misspellings from the original README, accepted with a FutureWarning.
+DEPRECATED_NAMES = {"N_TRIAN": "N_TRAIN", "DETERMINSITIC": "DETERMINISTIC"}
+
+
+def hp(
+    default: Any,
+    help: str,
+    *,
+    scope: Scope = "job",
+    choices: tuple[str, ...] | None = None,
+    kind: str | None = None,
+) -> Any:
+    """Declare one hyperparameter field (``kind`` overrides the type inferred from the default)."""
+    meta = {"help": help, "scope": scope, "choices": choices, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class HParams:
+    """Every built-in hyperparameter with its default. Units and meaning are in each help line."""
+
+    # --- the original's hyperparameters, with the original's defaults ---
+    ONLINE: bool = hp(True, "Fresh batch every step (True) or one fixed training set per job.")
+    N_SAMPLES: int = hp(1024, "Training samples per job (the batch size when ONLINE).")
+    N_TRAIN: int = hp(4000, "Size of the pool a batch function may draw from (data option).")
+    N_TEST: int = hp(10_000, "Test-set size, drawn once per job from the batch function.")
+    ONLYTHRESHOLDS: bool = hp(True, "Record only final values (True) or whole curves.")
+    NUM_TRIALS: int = hp(1, "Number of trials (use range(NUM_TRIALS) as the trial axis).")
+    MAX_ITER: int = hp(100_000, "Maximum number of optimizer steps per job.")
+    LR: float = hp(1e-2, "Base learning rate, before GAMMA and parametrization rescaling.")
+    DEPTH: int = hp(2, "Hidden layers of the built-in models (must be > 0).")
+    WIDTH: int = hp(8192, "Width of every hidden layer.")
+    GAMMA: float = hp(1.0, "Richness: outputs / GAMMA; LR * GAMMA**2 (GAMMA<1) or * GAMMA.")
+    DEVICES: list = hp([0], "CUDA ids and/or 'cpu'; jobs are spread over them.", scope="sweep")
+    SEED: int = hp(42, "Base seed; each job's seed derives from it and the job's values.")
+    LOSS_CHECKPOINTS: list = hp(
+        [0.15, 0.1], "EMA train-loss thresholds; a job stops once all are crossed."
+    )
+    EMA_SMOOTHER: float = hp(0.9, "EMA constant s: ema = s*ema + (1-s)*loss.")
+    DETERMINISTIC: bool = hp(True, "Seed every job from SEED (True) or fresh entropy (False).")
+    VERBOSE: bool = hp(False, "Print the loss as training goes.", scope="sweep")
+
+    # --- training loop ---
+    CENTER: bool = hp(True, "Train on f(x) - f_init(x), so the network starts at zero output.")
+    EVAL_EVERY: int = hp(100, "Steps between test/grab evaluations when ONLYTHRESHOLDS=False.")
+    MODEL_CLASS: Any = hp(
+        None, "Model class or 'file.py:ClassName'; None is the built-in MLP.", kind="model"
+    )
+    OPTIMIZER: Any = hp("SGD", "A torch.optim name or class.", kind="class")
+    LOSS: Any = hp("MSELoss", "A torch.nn loss name or class.", kind="class")
+    MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.")
+    WEIGHT_DECAY: float = hp(0.0, "Weight decay, passed to optimizers that take it.")
+    DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
+
+    # --- models and parametrizations ---
+    PARAMETRIZATION: str = hp(
+        "sp", "sp (PyTorch default), ntp, mup, mfp, ntp-lr or mup-lr.", choices=PARAMETRIZATIONS
+    )
+    NONLINEARITY: str = hp("relu", "Activation of the built-in models.", choices=NONLINEARITIES)
+    BIAS: bool = hp(False, "Biases in the built-in models' layers.")
+
+    # --- execution and storage ---
+    WORKERS_PER_DEVICE: int = hp(1, "Worker processes per device.", scope="sweep")
+    EXECUTOR: str = hp(
+        "local",
+        "Where jobs run: local processes or a Ray cluster.",
+        scope="sweep",
+        choices=EXECUTORS,
+    )
+    SAVE_DIR: Any = hp(
+        None,
+        "Run folder for the resumable store; None keeps results in memory.",
+        scope="sweep",
+        kind="path",
+    )
+    RETRY_FAILED: bool = hp(False, "On resume, rerun jobs that failed.", scope="sweep")
+    CHECKPOINT_EVERY: float = hp(
+        300.0, "Seconds between checkpoints of a running job.", scope="sweep"
+    )
+    BATCHED: str = hp(
+        "auto",
+        "Train compatible jobs as one stacked model (auto, on, off).",
+        scope="sweep",
+        choices=BATCHED_MODES,
+    )
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
+DEFAULTS: dict[str, Any] = {
+    name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)  # type: ignore[misc]
+    for name, f in FIELDS.items()
+}
+JOB_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "job")
+SWEEP_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "sweep")
+
+
+class HParamError(ValueError):
+    """A hyperparameter has a bad name, type or value. The message says how to fix it."""
+
+
+def kind_of(name: str) -> str:
+    """The value kind of a field: bool, int, float, str, list or a special kind."""
+    f = FIELDS[name]
+    if f.metadata["kind"]:
+        return f.metadata["kind"]
+    return type(DEFAULTS[name]).__name__
+
+
+def canonical_name(name: str) -> str:
+    """Map a deprecated spelling to its current name, warning once per use."""
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"{name} is a misspelling kept from the original modelscape; use {new}.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return new
+    return name
+
+
+def near_miss(name: str) -> str | None:
+    """The hyperparameter a key probably meant (``WIDHT`` -> ``WIDTH``), if any."""
+    if name in FIELDS:
+        return None
+    hits = difflib.get_close_matches(name.upper(), list(FIELDS), n=1, cutoff=0.8)
+    return hits[0] if hits else None
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check ``value`` against the schema's type for ``name`` and return it normalised.
+
+    Integers accept integral floats (``1e5``); floats accept ints; booleans accept only real
+    booleans (strings are parsed by the CLI, not here). Raises ``HParamError`` naming the fix.
+    """
+    kind = kind_of(name)
+    choices = FIELDS[name].metadata["choices"]
+
+    def bad(expected: str) -> HParamError:
+        return HParamError(
+            f"{name}={value!r} ({type(value).__name__}) is not a valid {expected}; "
+            f"default is {DEFAULTS[name]!r}. {FIELDS[name].metadata['help']}"
+        )
+
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if type(value).__name__ == "bool_":  # numpy bool
+            return bool(value)
+        raise bad("bool (True/False)")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise bad("int")
+        if isinstance(value, int) or type(value).__name__.startswith("int"):
+            return int(value)
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        raise bad("int")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise bad("float")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("float") from None
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("string")
+        if choices and value not in choices:
+            raise HParamError(f"{name}={value!r} is not one of {', '.join(choices)}.")
+        return value
+    if kind == "list":
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            value = [value]
+        value = list(value)
+        if name == "LOSS_CHECKPOINTS":
+            try:
+                return [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise bad("list of floats") from None
+        return value
+    if kind == "path":
+        if value is None or isinstance(value, str):
+            return value
+        if hasattr(value, "__fspath__"):
+            return str(value)
+        raise bad("path or None")
+    if kind in ("class", "model"):
+        if value is None and kind == "model":
+            return None
+        if isinstance(value, (str, type)):
+            return value
+        raise bad("name or class")
+    raise AssertionError(f"unhandled kind {kind}")
+
+
+def check_ranges(h: HParams) -> None:
+    """Value checks that a type alone does not catch."""
+    positive = [
+        "N_SAMPLES",
+        "N_TEST",
+        "NUM_TRIALS",
+        "MAX_ITER",
+        "DEPTH",
+        "WIDTH",
+        "EVAL_EVERY",
+        "WORKERS_PER_DEVICE",
+    ]
+    for name in positive:
+        if getattr(h, name) <= 0:
+            raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
+    if not 0.0 <= h.EMA_SMOOTHER < 1.0:
+        raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
+    if h.GAMMA <= 0:
+        raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
+    if h.LR < 0:
+        raise HParamError(f"LR must be >= 0, got {h.LR}.")
+    if not h.LOSS_CHECKPOINTS:
+        raise HParamError("LOSS_CHECKPOINTS needs at least one threshold, e.g. [0.1].")
+    if not h.DEVICES:
+        raise HParamError("DEVICES needs at least one entry, e.g. [0] or ['cpu'].")
+    for d in h.DEVICES:
+        if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
+            raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
+    if h.CHECKPOINT_EVERY <= 0:
+        raise HParamError(
+            f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
+        )
+
+
+def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a user's config dict into (hyperparameters, the user's own keys).
+
+    Deprecated spellings are renamed with a warning; a near miss of a hyperparameter name
+    (``WIDHT``) stays a user key but gets a "did you mean" warning.
+    """
+    hps: dict[str, Any] = {}
+    user: dict[str, Any] = {}
+    for key, value in config.items():
+        name = canonical_name(key) if isinstance(key, str) else key
+        if name in FIELDS:
+            hps[name] = value
+            continue
+        guess = near_miss(name) if isinstance(name, str) else None
+        if guess is not None:
+            warnings.warn(
+                f"config key {name!r} is not a hyperparameter; did you mean {guess}? "
+                "It is passed to batch functions and grabs as a user key.",
+                UserWarning,
+                stacklevel=3,
+            )
+        user[name] = value
+    return hps, user
+
+
+def resolve(overrides: Mapping[str, Any]) -> HParams:
+    """Build validated ``HParams`` from defaults plus ``overrides`` (hyperparameter keys only)."""
+    values = dict(DEFAULTS)
+    for name, value in overrides.items():
+        if name not in FIELDS:
+            raise HParamError(unknown_message(name))
+        values[name] = coerce(name, value)
+    h = HParams(**values)
+    check_ranges(h)
+    return h
+
+
+def unknown_message(name: str) -> str:
+    guess = near_miss(name)
+    hint = f" Did you mean {guess}?" if guess else ""
+    return f"unknown hyperparameter {name!r}.{hint} Valid names: {', '.join(FIELDS)}."
+
+
+def markdown_table() -> str:
+    """The README's hyperparameter table, generated from the schema."""
+    rows = ["| name | default | scope | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in FIELDS.items():
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{name}` | `{DEFAULTS[name]!r}` | {f.metadata['scope']} | {meaning} |")
+    return "\n".join(rows)

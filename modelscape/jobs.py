@@ -1,0 +1,164 @@
+"""What a job is: its iterator values, its resolved hyperparameters and its seed.
+
+A sweep is the cartesian product of named axes (``itertools.product`` over the iterators, in
+order). An axis named like a job hyperparameter (``GAMMA``, ``LR``, ``WIDTH``...) overrides it for
+that job; ``ntrain`` is an alias of ``N_SAMPLES``. Every other axis (``trial``, ``target``...) is
+an identity value passed to batch functions and grabs.
+
+With ``DETERMINISTIC=True`` a job's seed is a hash of ``SEED`` and its iterator values, so it
+never depends on the device, the worker or the order jobs run in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from modelscape import hparams as H
+
+AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
+TRIAL_AXIS = "trial"
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class SweepError(ValueError):
+    """The sweep's definition is bad (axes, iterators, functions). The message names the fix."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: iterator values, resolved hyperparameters and the seed."""
+
+    key: tuple
+    axes: tuple[str, ...]
+    hp: H.HParams
+    seed: int
+    index: int = 0
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def trial(self) -> int:
+        """The trial value, used as the step argument of the offline draw (0 without an axis)."""
+        value = self.values.get(TRIAL_AXIS, 0)
+        return int(value) if isinstance(value, (int, np.integer)) else 0
+
+    def label(self) -> str:
+        return ", ".join(f"{a}={v}" for a, v in zip(self.axes, self.key))
+
+
+def axis_target(name: str) -> str | None:
+    """The hyperparameter an axis overrides, or None for an identity axis."""
+    name = AXIS_ALIASES.get(name, name)
+    if name in H.DEPRECATED_NAMES:
+        name = H.DEPRECATED_NAMES[name]
+    if name in H.FIELDS:
+        if H.FIELDS[name].metadata["scope"] != "job":
+            raise SweepError(
+                f"{name} describes how the sweep runs, not a job, so it cannot be an axis."
+            )
+        return name
+    return None
+
+
+def stable_repr(value: Any) -> str:
+    """A representation of an iterator value that is the same in every process."""
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return repr(int(value))
+    text = repr(value)
+    if _ADDRESS.search(text):
+        raise SweepError(
+            f"iterator value {text} has no stable repr (it shows a memory address), so it "
+            "cannot seed a job reproducibly. Use numbers, strings, tuples, or give the class a "
+            "__repr__ that shows its contents."
+        )
+    return text
+
+
+def job_seed(base_seed: int, axes: Sequence[str], key: Sequence[Any]) -> int:
+    """The seed of the job with these iterator values: a hash, independent of placement."""
+    text = repr((int(base_seed), tuple((a, stable_repr(v)) for a, v in zip(axes, key))))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def sub_seeds(seed: int, n: int) -> list[int]:
+    """``n`` independent seeds derived from a job seed (model init, train data, test data...)."""
+    states = np.random.SeedSequence(seed).spawn(n)
+    return [
+        int(s.generate_state(2, dtype=np.uint32).astype(np.uint64) @ [1, 1 << 32]) >> 1
+        for s in states
+    ]
+
+
+def materialize(iterators: Sequence[Iterable], names: Sequence[str]) -> list[list]:
+    """Turn each iterator (list, range, generator) into a list, checking names and emptiness."""
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise SweepError(f"iterator_names must be a list of strings, got {names!r}.")
+    if len(iterators) != len(names):
+        raise SweepError(
+            f"{len(iterators)} iterators but {len(names)} iterator_names ({list(names)}); "
+            "give one name per iterator."
+        )
+    if len(set(names)) != len(names):
+        raise SweepError(f"iterator_names has duplicates: {list(names)}.")
+    axes = []
+    for it, name in zip(iterators, names):
+        values = list(it)
+        if not values:
+            raise SweepError(f"iterator {name!r} is empty; a sweep axis needs at least one value.")
+        axes.append(values)
+    return axes
+
+
+def build_jobs(
+    axes_values: Sequence[Sequence[Any]],
+    names: Sequence[str],
+    hp_overrides: Mapping[str, Any],
+) -> list[Job]:
+    """Every job of the sweep, validated before anything trains."""
+    targets = [axis_target(n) for n in names]
+    jobs = []
+    for index, key in enumerate(itertools.product(*axes_values)):
+        overrides = dict(hp_overrides)
+        for target, value in zip(targets, key):
+            if target is not None:
+                overrides[target] = value
+        try:
+            hp = H.resolve(overrides)
+        except H.HParamError as err:
+            label = ", ".join(f"{n}={v!r}" for n, v in zip(names, key))
+            raise H.HParamError(f"job ({label}): {err}") from None
+        seed = job_seed(hp.SEED, names, key) if hp.DETERMINISTIC else secrets.randbits(63)
+        jobs.append(
+            Job(
+                key=tuple(key),
+                axes=tuple(names),
+                hp=hp,
+                seed=seed,
+                index=index,
+                values=dict(zip(names, key)),
+            )
+        )
+    return jobs
+
+
+def job_fingerprint(job: Job) -> dict[str, Any]:
+    """The job-scoped hyperparameters as plain data (what a resumed run must agree on)."""
+    d = dataclasses.asdict(job.hp)
+    return {k: _plain(d[k]) for k in H.JOB_FIELDS}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value

@@ -1,0 +1,245 @@
+"""Results: one ``JobRecord`` per job, and the ``Result`` a sweep returns.
+
+``Result`` is dict-like with the original's keys (``jobs``, ``var_axes``, ``losses``,
+``train_losses``, ``timekeys``, ``extras``, ``errors``); each trace is in expt-core's serialized
+form, so ``ExptTrace.deserialize(result["losses"])`` works. ``to_xarray()`` gives labelled
+N-dimensional arrays (one dimension per iterator) and ``to_dataframe()`` a tidy table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from modelscape.trace import ExptTrace
+
+Status = Literal["ok", "diverged", "failed"]
+
+
+@dataclass
+class JobRecord:
+    """What one job produced. A failure keeps its message and traceback.
+
+    ``train_loss`` is the EMA train loss at exit; ``test_loss`` the test loss of the final
+    parameters; ``timekeys[j]`` the first step whose EMA is below threshold ``j`` (NaN when never
+    reached). With ONLYTHRESHOLDS=False, ``curves`` holds ``train_loss``, ``test_loss`` and each
+    grab, each of length MAX_ITER (padded after exit with the last value).
+    """
+
+    key: tuple
+    seed: int
+    status: Status
+    train_loss: float = float("nan")
+    test_loss: float = float("nan")
+    timekeys: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    grabs: dict[str, np.ndarray] = field(default_factory=dict)
+    curves: dict[str, np.ndarray] | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    error: str | None = None
+    traceback: str | None = None
+
+
+def _nan_like(shape: tuple[int, ...] | None) -> Any:
+    if shape is None or shape == ():
+        return float("nan")
+    return np.full(shape, np.nan)
+
+
+class Result(Mapping):
+    """The outcome of a sweep, in job order, with expt-core-compatible traces."""
+
+    def __init__(
+        self,
+        axes: Iterable[str],
+        axis_values: Iterable[Iterable[Any]],
+        records: Iterable[JobRecord],
+        *,
+        only_thresholds: bool = True,
+        config: Mapping[str, Any] | None = None,
+    ):
+        self.axes = list(axes)
+        self.axis_values = [list(v) for v in axis_values]
+        self.records = list(records)
+        self.only_thresholds = only_thresholds
+        self.config = dict(config or {})
+        self._by_key = {r.key: r for r in self.records}
+        self._data = self._build()
+
+    def _build(self) -> dict[str, Any]:
+        def trace(pick) -> dict[str, Any]:
+            t = ExptTrace(self.axes)
+            shape = None
+            for r in self.records:
+                if r.status != "failed":
+                    v = pick(r)
+                    if v is not None:
+                        shape = np.shape(v)
+                        break
+            for r in self.records:
+                v = pick(r) if r.status != "failed" else None
+                t[r.key] = _nan_like(shape) if v is None else v
+            return t.serialize()
+
+        if self.only_thresholds:
+            losses = trace(lambda r: r.test_loss)
+            train = trace(lambda r: r.train_loss)
+        else:
+            losses = trace(lambda r: r.curves["test_loss"] if r.curves else None)
+            train = trace(lambda r: r.curves["train_loss"] if r.curves else None)
+        grab_names = sorted({g for r in self.records for g in r.grabs})
+        if not self.only_thresholds:
+            grab_names = sorted(
+                {g for r in self.records for g in (r.curves or {})} - {"train_loss", "test_loss"}
+            )
+
+        def grab_value(r: JobRecord, name: str):
+            source = r.grabs if self.only_thresholds else (r.curves or {})
+            return source.get(name)
+
+        extras = {g: trace(lambda r, g=g: grab_value(r, g)) for g in grab_names}
+        errors = {
+            r.key: {"message": r.error, "traceback": r.traceback}
+            for r in self.records
+            if r.status == "failed"
+        }
+        return {
+            "jobs": [r.key for r in self.records],
+            "var_axes": list(self.axes),
+            "losses": losses,
+            "train_losses": train,
+            "timekeys": trace(lambda r: r.timekeys if r.timekeys.size else None),
+            "extras": extras,
+            "errors": errors,
+            "status": {r.key: r.status for r in self.records},
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def record(self, *key: Any) -> JobRecord:
+        """The record of the job with these iterator values."""
+        return self._by_key[tuple(key)]
+
+    @property
+    def failed(self) -> list[JobRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    def trace(self, name: str) -> ExptTrace:
+        """An ``ExptTrace`` of ``losses``, ``train_losses``, ``timekeys`` or a grab's name."""
+        data = self._data[name] if name in self._data else self._data["extras"][name]
+        return ExptTrace.deserialize(data)
+
+    def to_xarray(self):
+        """An ``xarray.Dataset`` with one dimension per iterator.
+
+        Variables: ``test_loss``, ``train_loss``, ``timekeys`` (extra dim ``threshold``), one per
+        grab, and ``status``. With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
+        """
+        import xarray as xr
+
+        coords = {a: _coord(v) for a, v in zip(self.axes, self.axis_values)}
+        shape = [len(v) for v in self.axis_values]
+        index = {
+            a: {_hashable(x): i for i, x in enumerate(v)}
+            for a, v in zip(self.axes, self.axis_values)
+        }
+
+        def grid(name: str, inner_dims: list[str]) -> xr.DataArray:
+            t = self.trace(name)
+            inner = tuple(t.outcome_shape or ())
+            arr = np.full(shape + list(inner), np.nan)
+            for cfg, val in t.config2outcome.items():
+                pos = tuple(index[a][_hashable(x)] for a, x in zip(self.axes, cfg))
+                arr[pos] = val
+            dims = self.axes + inner_dims[: len(inner)]
+            dims += [f"{name}_dim{i}" for i in range(len(dims), arr.ndim)]
+            return xr.DataArray(arr, dims=dims)
+
+        step = [] if self.only_thresholds else ["step"]
+        data = {
+            "test_loss": grid("losses", step),
+            "train_loss": grid("train_losses", step),
+        }
+        if self.records and any(r.timekeys.size for r in self.records):
+            data["timekeys"] = grid("timekeys", ["threshold"])
+        for g in self._data["extras"]:
+            data[g] = grid(g, step)
+        status = np.full(shape, "missing", dtype=object)
+        for r in self.records:
+            status[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, r.key))] = r.status
+        data["status"] = xr.DataArray(status, dims=self.axes)
+        ds = xr.Dataset(data, coords=coords)
+        thresholds = self.config.get("LOSS_CHECKPOINTS")
+        if "timekeys" in ds and thresholds is not None:
+            ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
+        return ds
+
+    def to_dataframe(self):
+        """A tidy ``pandas.DataFrame``: one row per job with axes, status, losses and timekeys."""
+        import pandas as pd
+
+        rows = []
+        thresholds = sorted(self.config.get("LOSS_CHECKPOINTS", []), reverse=True)
+        for r in self.records:
+            row = dict(zip(self.axes, r.key))
+            row.update(
+                status=r.status,
+                seed=r.seed,
+                steps=r.steps,
+                seconds=r.seconds,
+                train_loss=r.train_loss,
+                test_loss=r.test_loss,
+            )
+            for j, tk in enumerate(r.timekeys):
+                name = f"timekey_{thresholds[j]:g}" if j < len(thresholds) else f"timekey_{j}"
+                row[name] = tk
+            for g, v in r.grabs.items():
+                if np.ndim(v) == 0:
+                    row[g] = float(v)
+            row["error"] = r.error
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """A short text table: status counts and median losses."""
+        df = self.to_dataframe()
+        counts = df["status"].value_counts().to_dict() if len(df) else {}
+        lines = [f"{len(df)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+        ok = df[df["status"] == "ok"] if len(df) else df
+        if len(ok):
+            cols = [
+                c
+                for c in ok.columns
+                if c in ("train_loss", "test_loss") or c.startswith("timekey_")
+            ]
+            lines.append(ok[self.axes + cols].to_string(index=False, float_format="%.4g"))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        n_failed = len(self.failed)
+        return f"Result(axes={self.axes}, jobs={len(self.records)}, failed={n_failed})"
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+def _coord(values: list) -> Any:
+    if all(isinstance(v, (int, float, str, np.number)) for v in values):
+        return np.asarray(values)
+    return np.asarray([str(v) for v in values], dtype=object)

@@ -1,0 +1,149 @@
+"""What a sweep shares across its jobs: the batch function, grabs, user keys, fixed test set.
+
+``SweepSpec`` is the one object that travels to worker processes (by cloudpickle), so batch
+functions, grabs, model classes and ``post_init_fn`` defined in a notebook, in ``__main__`` or
+as closures all work there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modelscape.jobs import SweepError
+
+BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def load_from_file(path: str | Path, name: str, what: str) -> Any:
+    """Import ``name`` from a Python file (``bfn_file``/``bfn_name``, ``file.py:ClassName``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{what}: file {path} does not exist.")
+    mod_name = f"_modelscape_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        public = [n for n in vars(module) if not n.startswith("_")]
+        raise SweepError(f"{what}: {path} defines no {name!r}. It defines: {', '.join(public)}.")
+    return getattr(module, name)
+
+
+def accepted_kwargs(fn: Callable, candidates: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``candidates`` that ``fn`` takes (all of them if it has ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(candidates)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(candidates)
+    return {k: v for k, v in candidates.items() if k in params}
+
+
+@dataclass
+class SweepSpec:
+    """The functions and data every job of a sweep shares."""
+
+    base_bfn: Callable[..., BatchFn]
+    bfn_kwargs: dict[str, Any] = field(default_factory=dict)
+    grabs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    user_config: dict[str, Any] = field(default_factory=dict)
+    X_te: torch.Tensor | None = None
+    y_te: torch.Tensor | None = None
+    post_init_fn: Callable[..., Any] | None = None
+
+    @classmethod
+    def from_configs(
+        cls, bfn_config: Mapping[str, Any] | None, user_config: Mapping[str, Any]
+    ) -> SweepSpec:
+        """Build from the seed's ``bfn_config`` and the non-hyperparameter config keys."""
+        if bfn_config is None:
+            raise SweepError(
+                "bfn_config is required: {'base_bfn': fn, **static_kwargs} or "
+                "{'bfn_file': 'data.py', 'bfn_name': 'fn', **static_kwargs}."
+            )
+        bfn_kwargs = dict(bfn_config)
+        if "base_bfn" in bfn_kwargs:
+            base_bfn = bfn_kwargs.pop("base_bfn")
+            bfn_kwargs.pop("bfn_file", None)
+            bfn_kwargs.pop("bfn_name", None)
+        elif "bfn_file" in bfn_kwargs:
+            if "bfn_name" not in bfn_kwargs:
+                raise SweepError("bfn_config has 'bfn_file' but no 'bfn_name' to load from it.")
+            base_bfn = load_from_file(
+                bfn_kwargs.pop("bfn_file"), bfn_kwargs.pop("bfn_name"), "bfn_config"
+            )
+        else:
+            raise SweepError("bfn_config needs 'base_bfn' (a function) or 'bfn_file'+'bfn_name'.")
+        if not callable(base_bfn):
+            raise SweepError(f"bfn_config['base_bfn'] must be callable, got {base_bfn!r}.")
+        user = dict(user_config)
+        grabs = user.pop("otherreturns", None) or {}
+        if not isinstance(grabs, Mapping):
+            raise SweepError("otherreturns must be a dict {name: function}.")
+        for name, fn in grabs.items():
+            if not callable(fn):
+                raise SweepError(
+                    f"grab {name!r} is not callable ({fn!r}); grabs are functions taking **kwargs."
+                )
+            if name in ("train_loss", "test_loss"):
+                raise SweepError(f"grab name {name!r} is reserved; rename it.")
+        X_te, y_te = user.pop("X_te", None), user.pop("y_te", None)
+        if (X_te is None) != (y_te is None):
+            raise SweepError("give both X_te and y_te in global_config, or neither.")
+        post_init_fn = user.pop("post_init_fn", None)
+        if post_init_fn is not None and not callable(post_init_fn):
+            raise SweepError(
+                "post_init_fn must be a function (model, opt, **config) -> (model, opt)."
+            )
+        return cls(
+            base_bfn=base_bfn,
+            bfn_kwargs=bfn_kwargs,
+            grabs=dict(grabs),
+            user_config=user,
+            X_te=_as_tensor(X_te),
+            y_te=_as_tensor(y_te),
+            post_init_fn=post_init_fn,
+        )
+
+    def make_batch_fn(
+        self, *, bsz: int, gen: torch.Generator, X: Any, y: Any, job_values: Mapping[str, Any]
+    ) -> BatchFn:
+        """Call the base batch function with the seed protocol's arguments."""
+        offered = {**self.user_config, **job_values}
+        kwargs = {**accepted_kwargs(self.base_bfn, offered), **self.bfn_kwargs}
+        fn = self.base_bfn(bsz=bsz, gen=gen, X=X, y=y, **kwargs)
+        if not callable(fn):
+            raise SweepError(f"base_bfn must return batch_fn(step) -> (X, y); it returned {fn!r}.")
+        return fn
+
+
+def _as_tensor(x: Any) -> torch.Tensor | None:
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(x)
+
+
+def check_batch(X: Any, y: Any, bsz: int, where: str) -> None:
+    """A batch must be two tensors with ``bsz`` rows each."""
+    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise SweepError(
+            f"{where}: batch_fn must return (X, y) tensors, got "
+            f"({type(X).__name__}, {type(y).__name__})."
+        )
+    if X.shape[0] != y.shape[0]:
+        raise SweepError(
+            f"{where}: X has {X.shape[0]} rows but y has {y.shape[0]}; they must match."
+        )
+    if X.shape[0] != bsz:
+        raise SweepError(f"{where}: asked for {bsz} samples, batch_fn returned {X.shape[0]}.")
