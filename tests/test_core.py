@@ -1,0 +1,295 @@
+"""The sweep runner and training loop, checked against hand computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelscape import ExptTrace, HParamError, HParams, SweepError
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main as run_job_iterator
+
+
+def gaussian_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
+    """Seed-style batch function: Gaussian inputs, target x0 * x1."""
+
+    def batch_fn(step):
+        if X is not None:
+            return X, y
+        Xb = torch.randn(bsz, d, generator=gen, device=gen.device)
+        return Xb, Xb[:, 0] * Xb[:, 1]
+
+    return batch_fn
+
+
+def config(**overrides):
+    base = dict(WIDTH=16, MAX_ITER=40, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
+                LOSS_CHECKPOINTS=[0.9, 0.5], VERBOSE=False)  # fmt: skip
+    base.update(overrides)
+    known = {k: v for k, v in base.items() if k in HParams.__dataclass_fields__}
+    user = {k: v for k, v in base.items() if k not in known}
+    return {**vars(base_args(**known)), **user}
+
+
+def run(iterators, names, cfg, bfn=gaussian_bfn, **bfn_kwargs):
+    return run_job_iterator(iterators, names, cfg, {"base_bfn": bfn, **bfn_kwargs}, progress=False)
+
+
+class Scalar(nn.Module):
+    """f(x) = w * x0 with w starting at 0: losses have a closed form."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return (self.w * x[:, 0]).unsqueeze(-1)
+
+
+def ones_bfn(bsz, gen, X=None, y=None, **kwargs):
+    return lambda step: (torch.ones(bsz, 1), torch.ones(bsz))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0, 0.5])
+def test_ema_curve_and_timekeys_match_a_hand_computation(gamma):
+    lr, s, max_iter = 0.05, 0.9, 60
+    thresholds = [0.5, 0.1, 1e-12]
+    cfg = config(MODEL_CLASS=Scalar, CENTER=False, LR=lr, GAMMA=gamma, EMA_SMOOTHER=s,
+                 MAX_ITER=max_iter, LOSS_CHECKPOINTS=thresholds, ONLYTHRESHOLDS=False,
+                 ONLINE=False, N_SAMPLES=4, N_TEST=4)  # fmt: skip
+    result = run([[0]], ["trial"], cfg, bfn=ones_bfn)
+    # out = u = w/gamma and SGD runs at lr*gamma (gamma>=1) or lr*gamma**2 (gamma<1), so
+    # (u - 1) <- (1 - 2*lr*c)(u - 1) with c = 1/gamma (gamma>=1) or 1 (gamma<1).
+    c = 1.0 / gamma if gamma >= 1 else 1.0
+    raw = (1 - 2 * lr * c) ** (2 * np.arange(max_iter))
+    ema = np.empty(max_iter)
+    ema[0] = raw[0]
+    for t in range(1, max_iter):
+        ema[t] = s * ema[t - 1] + (1 - s) * raw[t]
+    expected_tk = [float(np.argmax(ema < th)) if (ema < th).any() else math.nan
+                   for th in sorted(thresholds, reverse=True)]  # fmt: skip
+    trace = ExptTrace.deserialize(result["train_losses"])
+    np.testing.assert_allclose(trace[0], ema, rtol=1e-5)
+    timekeys = ExptTrace.deserialize(result["timekeys"])[0]
+    np.testing.assert_array_equal(timekeys, expected_tk)
+    assert math.isnan(timekeys[2]) and timekeys[0] < timekeys[1]
+
+
+def test_unreached_thresholds_are_nan_and_reached_ones_stop_training():
+    cfg = config(MODEL_CLASS=Scalar, CENTER=False, LR=0.2, EMA_SMOOTHER=0.0, MAX_ITER=500,
+                 LOSS_CHECKPOINTS=[0.5, 0.01], ONLINE=False, N_SAMPLES=4, N_TEST=4)  # fmt: skip
+    result = run([[0]], ["trial"], cfg, bfn=ones_bfn)
+    rec = result.record(0)
+    # raw loss 0.36**t with EMA smoother 0: below 0.5 at t=1, below 0.01 at t=5
+    assert list(rec.timekeys) == [1.0, 5.0]
+    assert rec.steps == 6  # the crossing step's update is taken, then the job exits
+    never = run([[0]], ["trial"], {**cfg, "LOSS_CHECKPOINTS": [1e-30], "MAX_ITER": 7}, ones_bfn)
+    assert math.isnan(never.record(0).timekeys[0]) and never.record(0).steps == 7
+
+
+def batch_sum(X_tr, **kwargs):
+    return float(X_tr.sum())
+
+
+def test_online_draws_a_fresh_batch_every_step_and_offline_one_set():
+    names = ["trial"]
+    grabs = {"xsum": batch_sum}
+    online = run([[0]], names, config(ONLINE=True, ONLYTHRESHOLDS=False, EVAL_EVERY=1,
+                                      LOSS_CHECKPOINTS=[1e-9], otherreturns=grabs))  # fmt: skip
+    offline = run([[0]], names, config(ONLINE=False, ONLYTHRESHOLDS=False, EVAL_EVERY=1,
+                                       LOSS_CHECKPOINTS=[1e-9], otherreturns=grabs))  # fmt: skip
+    on = ExptTrace.deserialize(online["extras"]["xsum"])[0]
+    off = ExptTrace.deserialize(offline["extras"]["xsum"])[0]
+    assert on.shape == off.shape == (40,)
+    assert len(np.unique(on)) == 40  # a new batch at each of the 40 steps
+    assert len(np.unique(off)) == 1  # the same training set throughout
+
+
+def test_offline_training_set_depends_on_the_trial_and_test_losses_are_recorded():
+    result = run([[0, 1]], ["trial"], config(ONLINE=False, otherreturns={"xsum": batch_sum}))
+    sums = ExptTrace.deserialize(result["extras"]["xsum"])
+    assert sums[0] != sums[1]
+    losses = ExptTrace.deserialize(result["losses"])
+    assert np.all(np.isfinite(losses[:])) and losses[:].shape == (2,)
+
+
+def test_grabs_receive_the_documented_arguments():
+    seen = {}
+
+    def probe(model, X_tr, y_tr, X_te, y_te, opt, step, **kwargs):
+        seen.update(kwargs, model=model, X_tr=X_tr, X_te=X_te, y_te=y_te, opt=opt, step=step)
+        return np.array([X_tr.shape[0], X_te.shape[0], step])
+
+    cfg = config(MAX_ITER=5, LOSS_CHECKPOINTS=[1e-9], CLASSES=[0, 6], otherreturns={"p": probe})
+    result = run([[32], [0], ["x0*x1"]], ["ntrain", "trial", "target"], cfg)
+    assert isinstance(seen["model"], nn.Module)
+    assert isinstance(seen["opt"], torch.optim.Optimizer)
+    assert seen["CLASSES"] == [0, 6] and seen["target"] == "x0*x1" and seen["trial"] == 0
+    assert seen["WIDTH"] == 16 and seen["N_SAMPLES"] == 32
+    np.testing.assert_array_equal(ExptTrace.deserialize(result["extras"]["p"])[32, 0, "x0*x1"],
+                                  [32, 64, 4])  # fmt: skip
+
+
+def test_iterator_values_reach_the_batch_function_and_override_hyperparameters():
+    calls = []
+
+    def bfn(bsz, gen, X=None, y=None, target=None, **kwargs):
+        calls.append((bsz, target))
+        return gaussian_bfn(bsz, gen, X, y)
+
+    result = run([[8, 16], ["a"], [0.5, 2.0]], ["ntrain", "target", "GAMMA"], config(), bfn=bfn)
+    assert {c for c in calls if c[0] != 64} == {(8, "a"), (16, "a")}
+    assert len(result["jobs"]) == 4 and result["var_axes"] == ["ntrain", "target", "GAMMA"]
+
+
+def test_a_failing_job_does_not_sink_the_sweep(capsys):
+    def bfn(bsz, gen, X=None, y=None, target=None, **kwargs):
+        if target == "bad":
+            raise RuntimeError("this target is broken")
+        return gaussian_bfn(bsz, gen, X, y)
+
+    result = run([["good", "bad", "fine"]], ["target"], config(), bfn=bfn)
+    assert set(result["errors"]) == {("bad",)}
+    err = result["errors"][("bad",)]
+    assert "this target is broken" in err["message"] and "Traceback" in err["traceback"]
+    losses = ExptTrace.deserialize(result["losses"])
+    assert np.isfinite(losses["good"]) and np.isfinite(losses["fine"]) and np.isnan(losses["bad"])
+    assert "1 of 3 jobs failed" in capsys.readouterr().err
+
+
+def test_divergence_stops_the_job_and_is_not_an_error():
+    result = run([[0.05, 1e6]], ["LR"], config(MAX_ITER=200, LOSS_CHECKPOINTS=[1e-9]))
+    assert result["status"][(1e6,)] == "diverged" and result["status"][(0.05,)] == "ok"
+    assert not result["errors"]
+    assert result.record(1e6).steps < 200
+    assert np.isnan(ExptTrace.deserialize(result["losses"])[1e6])
+
+
+def test_identical_seeds_give_identical_results_and_other_seeds_differ():
+    a = run([[16, 32], range(2)], ["ntrain", "trial"], config())
+    b = run([[16, 32], range(2)], ["ntrain", "trial"], config())
+    c = run([[16, 32], range(2)], ["ntrain", "trial"], config(SEED=7))
+    la, lb, lc = (ExptTrace.deserialize(r["losses"])[:, :] for r in (a, b, c))
+    np.testing.assert_array_equal(la, lb)
+    assert not np.allclose(la, lc)
+    assert la[0, 0] != la[0, 1]  # trials differ
+
+
+def test_results_do_not_depend_on_which_jobs_share_the_sweep():
+    full = run([[16, 32], range(2)], ["ntrain", "trial"], config())
+    part = run([[32], [1]], ["ntrain", "trial"], config())
+    assert full.record(32, 1).test_loss == part.record(32, 1).test_loss
+
+
+def test_centering_starts_the_network_at_zero_output():
+    def fixed_bfn(bsz, gen, X=None, y=None, **kwargs):
+        Xf = torch.linspace(-1, 1, bsz * 3).reshape(bsz, 3)
+        return lambda step: (Xf, Xf[:, 0] + 2.0)
+
+    cfg = config(LR=0.0, MAX_ITER=1, N_SAMPLES=8, N_TEST=8, ONLINE=False)
+    centered = run([[0]], ["trial"], {**cfg, "CENTER": True}, bfn=fixed_bfn).record(0)
+    raw = run([[0]], ["trial"], {**cfg, "CENTER": False}, bfn=fixed_bfn).record(0)
+    y = torch.linspace(-1, 1, 24).reshape(8, 3)[:, 0] + 2.0
+    assert centered.train_loss == pytest.approx(float((y**2).mean()), rel=1e-6)
+    assert raw.train_loss != pytest.approx(centered.train_loss, rel=1e-3)
+
+
+def test_fixed_test_set_from_global_config():
+    X_te = torch.zeros(5, 6)
+    y_te = torch.full((5,), 3.0)
+    result = run([[0]], ["trial"], config(X_te=X_te, y_te=y_te, LR=0.0, MAX_ITER=1))
+    assert result.record(0).test_loss == pytest.approx(9.0)  # centered output 0, target 3
+
+
+class Poly(nn.Module):
+    def __init__(self, d_in, d_out, width, degree):
+        super().__init__()
+        self.degree = degree
+        self.lin = nn.Linear(d_in * degree, d_out)
+        self.width = width
+
+    def forward(self, x):
+        return self.lin(torch.cat([x**k for k in range(1, self.degree + 1)], dim=1))
+
+
+def test_user_model_class_gets_arguments_by_name(tmp_path):
+    seen = []
+
+    def grab(model, **kwargs):
+        seen.append((type(model).__name__, model.degree, model.width))
+        return 0.0
+
+    run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2, otherreturns={"g": grab}))
+    assert seen == [("Poly", 2, 16)]
+    missing = run([[0]], ["trial"], config(MODEL_CLASS=Poly))
+    assert "needs degree" in missing["errors"][(0,)]["message"]
+    path = tmp_path / "mymodel.py"
+    path.write_text("import torch\nclass Lin(torch.nn.Linear):\n"
+                    "    def __init__(self, d_in, d_out):\n"
+                    "        super().__init__(d_in, d_out)\n")  # fmt: skip
+    result = run([[0]], ["trial"], config(MODEL_CLASS=f"{path}:Lin"))
+    assert result["status"][(0,)] == "ok"
+
+
+def test_optimizer_and_loss_by_name_with_extra_arguments():
+    ok = run([[0]], ["trial"], config(OPTIMIZER="Adam", betas=(0.8, 0.9), LOSS="L1Loss"))
+    assert ok["status"][(0,)] == "ok"
+    bad = run([[0]], ["trial"], config(OPTIMIZER="Adam", MOMENTUM=0.9))
+    assert "takes no momentum" in bad["errors"][(0,)]["message"]
+
+
+def test_bfn_file_protocol(tmp_path):
+    f = tmp_path / "mydata.py"
+    f.write_text("import torch\n"
+                 "def bfn(bsz, gen, X=None, y=None, scale=1.0, **kw):\n"
+                 "    return lambda step: (torch.randn(bsz, 3, generator=gen),\n"
+                 "                         scale * torch.ones(bsz))\n")  # fmt: skip
+    result = run_job_iterator([[0]], ["trial"], config(LR=0.0, MAX_ITER=1),
+                              {"bfn_file": str(f), "bfn_name": "bfn", "scale": 2.0},
+                              progress=False)  # fmt: skip
+    assert result.record(0).test_loss == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    "iterators, names, cfg, bfn, match",
+    [
+        ([[1, 2]], ["a", "b"], {}, gaussian_bfn, "2 iterator_names"),
+        ([[]], ["a"], {}, gaussian_bfn, "is empty"),
+        ([[1]], ["a"], {"WIDTH": "wide"}, gaussian_bfn, "WIDTH='wide'"),
+        ([[1]], ["a"], {"otherreturns": {"g": 3}}, gaussian_bfn, "not callable"),
+        ([[1]], ["a"], {}, lambda bsz, gen, X=None, y=None, **k: lambda s: (torch.ones(bsz, 2),
+                       torch.ones(bsz + 1)), "rows"),
+        ([["x"]], ["WIDTH"], {}, gaussian_bfn, "WIDTH='x'"),
+        ([[1]], ["DEVICES"], {}, gaussian_bfn, "cannot be an axis"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_before_training(iterators, names, cfg, bfn, match):
+    with pytest.raises((HParamError, SweepError), match=match):
+        run(iterators, names, config(**cfg), bfn=bfn)
+
+
+def test_near_miss_config_key_warns():
+    with pytest.warns(UserWarning, match="did you mean WIDTH"):
+        run([[0]], ["trial"], {**config(), "WIDHT": 3})
+
+
+def test_list_valued_hyperparameter_becomes_an_axis():
+    result = run([[0]], ["trial"], config(GAMMA=[0.5, 2.0]))
+    assert result["var_axes"] == ["trial", "GAMMA"]
+    assert set(result["jobs"]) == {(0, 0.5), (0, 2.0)}
+
+
+def test_result_accessors_are_labelled():
+    result = run([[16, 32], range(2)], ["ntrain", "trial"], config())
+    ds = result.to_xarray()
+    assert ds["test_loss"].dims == ("ntrain", "trial")
+    assert list(ds["ntrain"].values) == [16, 32]
+    assert ds["timekeys"].dims == ("ntrain", "trial", "threshold")
+    assert float(ds["test_loss"].sel(ntrain=32, trial=1)) == result.record(32, 1).test_loss
+    df = result.to_dataframe()
+    assert len(df) == 4 and {"ntrain", "trial", "test_loss", "timekey_0.9"} <= set(df.columns)
+    serial = result["losses"]
+    assert set(serial) == {"var_names", "config2outcome", "outcome_shape"}
+    assert serial["var_names"] == ["ntrain", "trial"] and (16, 0) in serial["config2outcome"]
