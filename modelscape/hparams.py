@@ -313,3 +313,17 @@ def markdown_table() -> str:
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| `{name}` | `{DEFAULTS[name]!r}` | {f.metadata['scope']} | {meaning} |")
     return "\n".join(rows)
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the table between the README's hparams markers; True if it changed."""
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    begin, end = "<!-- hparams:begin -->", "<!-- hparams:end -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{markdown_table()}\n{end}{tail}"
+    p.write_text(new)
+    return new != text

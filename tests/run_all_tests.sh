@@ -19,8 +19,8 @@ fi
 "$VPY" -c "import modelscape, ray, nbclient, sklearn" # fail fast if an install step is missing
 
 echo "== ruff =="
-"$VPY" -m ruff check modelscape tests benchmarks examples
-"$VPY" -m ruff format --check modelscape tests benchmarks examples
+"$VPY" -m ruff check modelscape tests benchmarks examples tools
+"$VPY" -m ruff format --check modelscape tests benchmarks examples tools
 
 echo "== pytest =="
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

@@ -116,3 +116,10 @@ def test_readme_table_is_generated_from_the_schema():
     assert table.count("\n") == len(H.FIELDS) + 1
     for name in H.FIELDS:
         assert f"`{name}`" in table
+
+
+def test_readme_table_is_current():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert H.markdown_table() in readme, "run `python tools/update_readme_table.py`"
