@@ -8,19 +8,21 @@ are the original's (``jobs``, ``var_axes``, ``losses``, ``train_losses``, ``time
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from modelscape import batched
 from modelscape import hparams as H
-from modelscape.engine import resolve_device
-from modelscape.executors import Executor, InProcessExecutor
-from modelscape.jobs import Job, SweepError, axis_target, build_jobs, materialize
+from modelscape.checkpoint import Checkpoints
+from modelscape.executors import Executor, executor_for
+from modelscape.jobs import Job, SweepError, axis_target, build_jobs, job_fingerprint, materialize
+from modelscape.progress import Progress, placement_text
 from modelscape.results import JobRecord, Result
-from modelscape.store import MemoryStore
+from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
 from modelscape.sweep import SweepSpec, check_batch
 
 
@@ -101,48 +103,104 @@ def main(
     ``global_config``: hyperparameters (see ``modelscape.HParams``) plus your own keys, which
     reach batch functions and grabs; ``otherreturns`` holds grabs, ``X_te``/``y_te`` a fixed test
     set. ``bfn_config``: ``{"base_bfn": fn, **static_kwargs}`` or ``{"bfn_file", "bfn_name"}``.
-    ``use_mp=False`` (the original's flag) trains in this process.
+
+    Where jobs run follows EXECUTOR, DEVICES and WORKERS_PER_DEVICE: one worker in total trains
+    in this process, several are worker processes (or Ray tasks). ``use_mp=False`` (the
+    original's flag) forces this process, ``use_mp=True`` worker processes.
+
+    With SAVE_DIR set, every finished job is stored there as it completes; rerunning the same
+    sweep skips finished jobs (and failed ones unless RETRY_FAILED) and continues killed jobs
+    from their checkpoints. The returned result holds every job of this sweep.
     """
     names, values, jobs, spec = plan(iterators, iterator_names, global_config, bfn_config)
-    sweep_hp = jobs[0].hp
-    device = resolve_device(sweep_hp.DEVICES[0])
-    if sweep_hp.DEVICES[0] != "cpu" and device.type == "cpu":
-        print(
-            f"modelscape: CUDA is not available; DEVICES={sweep_hp.DEVICES} runs on the CPU.",
-            file=sys.stderr,
-        )
-    if executor is None:
-        executor = InProcessExecutor(device)
-    store = MemoryStore()
-    bar = tqdm(total=len(jobs), desc="jobs", unit="job", disable=not progress, dynamic_ncols=True)
-    failures = 0
-
-    def on_record(record: JobRecord) -> None:
-        nonlocal failures
-        store.add(record)
-        failures += record.status == "failed"
-        bar.update(1)
-        bar.set_postfix(
-            failed=failures,
-            train=f"{record.train_loss:.3g}",
-            test=f"{record.test_loss:.3g}",
-            refresh=False,
-        )
-
+    hp = jobs[0].hp
+    store = _open_store(hp, names, values, jobs, spec)
     try:
-        executor.run([[job] for job in jobs], spec, on_record)
+        todo = _unfinished(jobs, store, hp.RETRY_FAILED)
+        checkpoints = None
+        if isinstance(store, RunStore):
+            checkpoints = Checkpoints(store.checkpoint_dir, hp.CHECKPOINT_EVERY)
+        if todo:
+            if executor is None:
+                executor = executor_for(hp, use_mp=use_mp, checkpoints=checkpoints)
+            _train(todo, spec, hp, executor, store, checkpoints, len(jobs), progress)
+        records = [store.get(job.key) for job in jobs]
     finally:
-        bar.close()
-    records = [store.get(job.key) for job in jobs]
+        store.close()
     result = Result(
         names,
         values,
         [r for r in records if r is not None],
-        only_thresholds=sweep_hp.ONLYTHRESHOLDS,
-        config={"LOSS_CHECKPOINTS": sweep_hp.LOSS_CHECKPOINTS},
+        only_thresholds=hp.ONLYTHRESHOLDS,
+        config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS},
     )
     _report_failures(result)
     return result
+
+
+def _train(
+    todo: list[Job],
+    spec: SweepSpec,
+    hp: H.HParams,
+    executor: Executor,
+    store: Store,
+    checkpoints: Checkpoints | None,
+    total: int,
+    progress: bool,
+) -> None:
+    groups = batched.group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
+    bar = Progress(total, total - len(todo), placement_text(executor.placement()), enabled=progress)
+
+    def on_record(record: JobRecord) -> None:
+        store.add(record)
+        if checkpoints is not None:
+            checkpoints.clear(record.key)  # only once the record is stored
+        bar.update(record)
+
+    try:
+        executor.run(groups, spec, on_record)
+    finally:
+        bar.close()
+
+
+def _open_store(
+    hp: H.HParams, names: list[str], values: list[list], jobs: list[Job], spec: SweepSpec
+) -> Store:
+    if hp.SAVE_DIR is None:
+        return MemoryStore()
+    targets = {axis_target(n) for n in names}
+    shared = {k: v for k, v in job_fingerprint(jobs[0]).items() if k not in targets}
+    user = dict(spec.user_config)
+    if spec.X_te is not None:
+        user["X_te"] = _tensor_digest(spec.X_te)
+        user["y_te"] = _tensor_digest(spec.y_te)
+    description = describe_sweep(
+        names,
+        jobs,
+        fixed_hparams=shared,
+        sweep_hparams={k: getattr(hp, k) for k in H.SWEEP_FIELDS},
+        user_config=user,
+        bfn_kwargs=spec.bfn_kwargs,
+    )
+    return RunStore.open(hp.SAVE_DIR, description, jobs, values)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    data = t.detach().cpu().contiguous()
+    digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+    return f"tensor{tuple(data.shape)} {data.dtype} sha256:{digest}"
+
+
+def _unfinished(jobs: list[Job], store: Store, retry_failed: bool) -> list[Job]:
+    if not isinstance(store, RunStore):
+        return list(jobs)
+    statuses = store.statuses()
+    todo = []
+    for job in jobs:
+        status = statuses.get(key_id(job.key))
+        if status is None or (status == "failed" and retry_failed):
+            todo.append(job)
+    return todo
 
 
 def _report_failures(result: Result) -> None:
