@@ -13,6 +13,7 @@ from collections.abc import Sequence
 # subcommand name -> module providing add_parser(subparsers) and run(args)
 SUBCOMMANDS = {
     "run": "modelscape.demo",
+    "coord-check": "modelscape.coord_check",
 }
 
 

@@ -1,14 +1,21 @@
-"""Built-in models. Each takes ``d_in``, ``d_out``, ``width`` and ``depth`` by keyword.
+"""Built-in models: MLP (the default), CNN, ResNet and Transformer.
 
 The engine builds ``MODEL_CLASS`` (default ``MLP``) with keyword arguments matched by name:
-``width``, ``depth``, ``d_in`` and ``d_out`` come from WIDTH, DEPTH and the data; any other
-constructor argument is looked up in the config by its own name or its upper-case name.
+``width``, ``depth``, ``d_in`` (flattened feature count), ``in_shape`` (``X.shape[1:]``),
+``d_out``, ``nonlinearity`` and ``bias`` come from WIDTH, DEPTH, NONLINEARITY, BIAS and the data;
+any other constructor argument is looked up in the config by its own name or its upper-case
+name (``heads`` <- ``HEADS``).
+
+The MLP, CNN and ResNet are built from ``nn.Linear``/``nn.Conv2d`` only, so every
+PARAMETRIZATION applies to them. The Transformer has attention and layer norms, which the
+ntp/mup/mfp rules do not cover: it trains under ``sp`` only.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,18 +47,172 @@ class MLP(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLP depth must be >= 1 hidden layer, got {depth}.")
-        if nonlinearity not in ACTIVATIONS:
-            raise ValueError(f"nonlinearity {nonlinearity!r} is not one of {list(ACTIVATIONS)}.")
         dims = [d_in] + [width] * depth
         self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims, dims[1:]))
         self.readout = nn.Linear(width, d_out, bias=bias)
-        self.act = ACTIVATIONS[nonlinearity]()
+        self.act = _activation(nonlinearity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         for layer in self.hidden:
             x = self.act(layer(x))
         return self.readout(x)
+
+
+def _activation(nonlinearity: str) -> nn.Module:
+    if nonlinearity not in ACTIVATIONS:
+        raise ValueError(f"nonlinearity {nonlinearity!r} is not one of {list(ACTIVATIONS)}.")
+    return ACTIVATIONS[nonlinearity]()
+
+
+def _image_shape(in_shape: Sequence[int], model: str) -> tuple[int, int, int]:
+    """(channels, height, width) of image inputs; (H, W) means one channel."""
+    shape = tuple(int(s) for s in in_shape)
+    if len(shape) == 2:
+        return (1, *shape)
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    raise ValueError(
+        f"{model} takes images: X of shape (n, C, H, W) or (n, H, W); got X.shape[1:] = "
+        f"{shape}. Use MODEL_CLASS='MLP' for flat features."
+    )
+
+
+class CNN(nn.Module):
+    """``depth`` 3x3 convolutions of ``width`` channels (same padding), global average pooling,
+    then a linear readout. Inputs are images, ``(n, C, H, W)`` or ``(n, H, W)``."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        d_out: int,
+        width: int,
+        depth: int,
+        nonlinearity: str = "relu",
+        bias: bool = False,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"CNN depth must be >= 1 convolution, got {depth}.")
+        self.in_shape = _image_shape(in_shape, "CNN")
+        chans = [self.in_shape[0]] + [width] * depth
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=1, bias=bias) for a, b in zip(chans, chans[1:])
+        )
+        self.readout = nn.Linear(width, d_out, bias=bias)
+        self.act = _activation(nonlinearity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.in_shape)
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.readout(x.mean(dim=(2, 3)))
+
+
+class ResNet(nn.Module):
+    """A 3x3 convolution stem, ``depth`` residual blocks ``x + (conv(act(conv(act(x)))) /
+    sqrt(depth)``, global average pooling and a linear readout. No normalization layers, so
+    every parametrization applies; the 1/sqrt(depth) branch scale keeps the residual stream's
+    variance bounded in depth. Inputs are images, ``(n, C, H, W)`` or ``(n, H, W)``."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        d_out: int,
+        width: int,
+        depth: int,
+        nonlinearity: str = "relu",
+        bias: bool = False,
+    ):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"ResNet depth must be >= 1 residual block, got {depth}.")
+        self.in_shape = _image_shape(in_shape, "ResNet")
+        self.stem = nn.Conv2d(self.in_shape[0], width, 3, padding=1, bias=bias)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                _activation(nonlinearity),
+                nn.Conv2d(width, width, 3, padding=1, bias=bias),
+                _activation(nonlinearity),
+                nn.Conv2d(width, width, 3, padding=1, bias=bias),
+            )
+            for _ in range(depth)
+        )
+        self.branch_scale = 1.0 / math.sqrt(depth)
+        self.act = _activation(nonlinearity)
+        self.readout = nn.Linear(width, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x.reshape(x.shape[0], *self.in_shape))
+        for block in self.blocks:
+            x = x + self.branch_scale * block(x)
+        return self.readout(self.act(x).mean(dim=(2, 3)))
+
+
+class Transformer(nn.Module):
+    """A pre-norm Transformer encoder on sequences ``(n, T, d_token)``: a linear token embedding
+    plus fixed sinusoidal positions, ``depth`` blocks of ``heads``-head self-attention and a
+    ``4 * width`` MLP, a final layer norm, mean pooling over positions and a linear readout.
+
+    Trains under PARAMETRIZATION='sp' only: attention and layer norms are outside the
+    ntp/mup/mfp rules, and asking for them raises an error that says so.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        d_out: int,
+        width: int,
+        depth: int,
+        nonlinearity: str = "gelu",
+        bias: bool = False,
+        heads: int = 4,
+    ):
+        super().__init__()
+        if len(in_shape) != 2:
+            raise ValueError(
+                f"Transformer takes sequences: X of shape (n, T, d_token); got X.shape[1:] = "
+                f"{tuple(in_shape)}."
+            )
+        if depth < 1:
+            raise ValueError(f"Transformer depth must be >= 1 block, got {depth}.")
+        if width % heads:
+            raise ValueError(f"Transformer width {width} must be divisible by heads={heads}.")
+        self.embed = nn.Linear(int(in_shape[1]), width, bias=bias)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                width,
+                heads,
+                dim_feedforward=4 * width,
+                dropout=0.0,
+                activation=_activation(nonlinearity),
+                batch_first=True,
+                norm_first=True,
+                bias=bias,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width, bias=bias)
+        self.readout = nn.Linear(width, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + _sinusoidal_positions(x.shape[1], x.shape[2], x)
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(self.norm(x).mean(dim=1))
+
+
+def _sinusoidal_positions(length: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """The fixed sine/cosine position code of "Attention is all you need", shape (T, dim)."""
+    pos = torch.arange(length, dtype=like.dtype, device=like.device)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, dtype=like.dtype, device=like.device) * (-math.log(1e4) / dim)
+    )
+    code = torch.zeros(length, dim, dtype=like.dtype, device=like.device)
+    code[:, 0::2] = torch.sin(pos * freq)
+    code[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return code
 
 
 def resolve_model_class(spec: Any) -> type[nn.Module]:
@@ -101,4 +262,9 @@ def constructor_kwargs(
     return kwargs
 
 
-BUILTIN_MODELS: dict[str, type[nn.Module]] = {"MLP": MLP}
+BUILTIN_MODELS: dict[str, type[nn.Module]] = {
+    "MLP": MLP,
+    "CNN": CNN,
+    "ResNet": ResNet,
+    "Transformer": Transformer,
+}
