@@ -62,6 +62,18 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     result = run_job_iterator(
         iterators, ["ntrain", "trial", "GAMMA"], vars(hp), {"base_bfn": quadratic_bfn, "d": 16}
     )
-    print(result.summary())
+    print(learning_curve_table(result))
     print(f"results written to {hp.SAVE_DIR}")
     return 0
+
+
+def learning_curve_table(result) -> str:
+    """Test loss (mean +- std over trials) against sample size, one column per GAMMA."""
+    ds = result.to_xarray()
+    mean = ds.test_loss.mean("trial").to_pandas()
+    std = ds.test_loss.std("trial").to_pandas()
+    table = mean.map("{:.3f}".format) + " +- " + std.map("{:.3f}".format)
+    table.columns = [f"GAMMA={g:g}" for g in table.columns]
+    counts = ds.status.to_series().value_counts().to_dict()
+    head = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return f"{len(ds.status.values.ravel())} jobs ({head}). Test loss by sample size:\n{table}"
