@@ -29,6 +29,10 @@ class Checkpoints:
         name = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
         return self.folder / f"{name}.pt"
 
+    def reset_clock(self) -> None:
+        """Count CHECKPOINT_EVERY from now (an engine calls this when a job starts)."""
+        self._last = time.monotonic()
+
     def due(self) -> bool:
         """True when CHECKPOINT_EVERY seconds have passed since the last save."""
         return time.monotonic() - self._last >= self.every

@@ -13,9 +13,11 @@ timekey of 0 means the first step's loss was already below the threshold.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +36,7 @@ from modelscape.results import JobRecord
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
+N_SUB_SEEDS = 4  # model init, training data, test data, the global RNG while training
 
 
 def lr_gamma_factor(gamma: float) -> float:
@@ -114,6 +117,7 @@ class Problem:
     y_tr: torch.Tensor | None = None
     f0_tr: torch.Tensor | None = None  # offline centering cache
     batch_fn: BatchFn | None = None  # online only
+    gen: torch.Generator | None = None  # the training data's generator (its state is checkpointed)
     model0: nn.Module | None = None  # online centering: a frozen copy of the initial model
     squeeze: bool = False  # y is 1-D, the model's (n, 1) output is squeezed
     config: dict[str, Any] = field(default_factory=dict)  # what grabs and user code receive
@@ -181,7 +185,7 @@ def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
 def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     """Draw the job's data, build its model and optimizer, and cache what centering needs."""
     hp = job.hp
-    init_seed, train_seed, test_seed = sub_seeds(job.seed, 3)
+    init_seed, train_seed, test_seed = sub_seeds(job.seed, N_SUB_SEEDS)[:3]
     config = job_config(job, spec)
 
     if spec.X_te is not None:
@@ -251,6 +255,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         X_tr=X_tr,
         y_tr=y_tr,
         batch_fn=batch_fn,
+        gen=gen_tr,
         squeeze=squeeze,
         config=config,
         grabs=spec.grabs,
@@ -306,6 +311,13 @@ class Curves:
         self.train = np.full(max_iter, np.nan)
         self.evals: dict[str, list[tuple[int, np.ndarray]]] = {}
 
+    def state(self) -> dict[str, Any]:
+        return {"train": self.train.copy(), "evals": copy.deepcopy(self.evals)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.train = state["train"].copy()
+        self.evals = copy.deepcopy(state["evals"])
+
     def add_eval(self, step: int, values: Mapping[str, Any]) -> None:
         for k, v in values.items():
             self.evals.setdefault(k, []).append((step, np.asarray(v)))
@@ -324,21 +336,46 @@ class Curves:
         return out
 
 
-def train(problem: Problem) -> JobRecord:
-    """Run the training loop of one job to its thresholds or MAX_ITER."""
+def train(problem: Problem, checkpoints: Checkpoints | None = None) -> JobRecord:
+    """Run the training loop of one job to its thresholds or MAX_ITER.
+
+    With ``checkpoints``, the job's state is saved every CHECKPOINT_EVERY seconds, and a job
+    with a saved state continues from it: the result is bit-identical (on CPU) to a run that
+    was never interrupted, provided the batch function depends only on ``gen`` and ``step``.
+    """
+    job = problem.job
+    devices = [problem.device] if problem.device.type == "cuda" else []
+    # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(sub_seeds(job.seed, N_SUB_SEEDS)[3])
+        return _train_loop(problem, checkpoints)
+
+
+def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
     hp = problem.job.hp
     start = time.perf_counter()
     thresholds = sorted(hp.LOSS_CHECKPOINTS, reverse=True)
-    timekeys = np.full(len(thresholds), np.nan)
+    loop = _LoopState(
+        timekeys=np.full(len(thresholds), np.nan),
+        curves=None if hp.ONLYTHRESHOLDS else Curves(hp.MAX_ITER),
+    )
+    if checkpoints is not None:
+        saved = checkpoints.load(problem.job.key)
+        if saved is not None and saved["seed"] == problem.job.seed:
+            loop = _restore(problem, saved)
+            _say(
+                f"modelscape: resuming job ({problem.job.label()}) from its checkpoint "
+                f"at step {loop.step}"
+            )
+        checkpoints.reset_clock()
     s = hp.EMA_SMOOTHER
-    curves = None if hp.ONLYTHRESHOLDS else Curves(hp.MAX_ITER)
-    ema = math.nan
+    ema, timekeys, curves = loop.ema, loop.timekeys, loop.curves
     diverged = False
-    step = 0
+    step = loop.step
     X = y = None
     model, opt, loss_fn = problem.model, problem.opt, problem.loss_fn
     model.train()
-    for step in range(hp.MAX_ITER):
+    for step in range(loop.step + 1, hp.MAX_ITER):
         X, y, f0 = problem.batch(step)
         loss = loss_fn(problem.output(X, f0), y)
         opt.zero_grad(set_to_none=True)
@@ -361,6 +398,10 @@ def train(problem: Problem) -> JobRecord:
             _say(f"[{problem.job.label()}] step {step}: train loss {value:.4g} (ema {ema:.4g})")
         if done:
             break
+        if checkpoints is not None and step < hp.MAX_ITER - 1 and checkpoints.due():
+            elapsed = loop.seconds + time.perf_counter() - start
+            state = _LoopState(step, ema, timekeys, curves, elapsed)
+            checkpoints.save(problem.job.key, _snapshot(problem, state))
     record = JobRecord(
         key=problem.job.key,
         seed=problem.job.seed,
@@ -378,8 +419,55 @@ def train(problem: Problem) -> JobRecord:
         record.grabs = evaluate_grabs(problem, X, y, step) if problem.grabs else {}
         if curves is not None:
             record.curves = curves.finish(step, diverged=False)
-    record.seconds = time.perf_counter() - start
+    record.seconds = loop.seconds + time.perf_counter() - start
     return record
+
+
+@dataclass
+class _LoopState:
+    """Where the training loop stands after ``step`` (-1: before the first step)."""
+
+    step: int = -1
+    ema: float = math.nan
+    timekeys: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    curves: Curves | None = None
+    seconds: float = 0.0
+
+
+def _snapshot(problem: Problem, loop: _LoopState) -> dict[str, Any]:
+    """Everything needed to continue the job bit-identically from after ``loop.step``."""
+    state: dict[str, Any] = {
+        "seed": problem.job.seed,
+        "step": loop.step,
+        "ema": loop.ema,
+        "timekeys": loop.timekeys.copy(),
+        "curves": None if loop.curves is None else loop.curves.state(),
+        "seconds": loop.seconds,
+        "model": problem.model.state_dict(),
+        "opt": problem.opt.state_dict(),
+        "gen": None if problem.gen is None else problem.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if problem.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
+    return state
+
+
+def _restore(problem: Problem, state: Mapping[str, Any]) -> _LoopState:
+    problem.model.load_state_dict(state["model"])
+    problem.opt.load_state_dict(state["opt"])
+    if problem.gen is not None:
+        problem.gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
+    curves = None
+    if state["curves"] is not None:
+        curves = Curves(problem.job.hp.MAX_ITER)
+        curves.load_state(state["curves"])
+    return _LoopState(
+        state["step"], state["ema"], state["timekeys"].copy(), curves, state["seconds"]
+    )
 
 
 def _say(text: str) -> None:
@@ -401,10 +489,12 @@ def failed_record(job: Job, err: BaseException, device: torch.device | str) -> J
     )
 
 
-def run_job(job: Job, spec: SweepSpec, device: torch.device) -> JobRecord:
+def run_job(
+    job: Job, spec: SweepSpec, device: torch.device, checkpoints: Checkpoints | None = None
+) -> JobRecord:
     """Set up and train one job; an exception becomes a failed record."""
     try:
-        return train(setup_job(job, spec, device))
+        return train(setup_job(job, spec, device), checkpoints)
     except Exception as err:  # noqa: BLE001 - isolation: one job never sinks the sweep
         return failed_record(job, err, device)
 
@@ -418,11 +508,31 @@ def train_group(
     """Train a group of jobs on one device, yielding each job's record as it finishes.
 
     A group the batched engine can stack trains as one model; otherwise jobs train one by one.
+    With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
+    (ops without a deterministic version warn instead of failing).
     """
     from modelscape import batched
 
-    if len(jobs) > 1 and batched.can_batch(jobs, spec):
-        yield from batched.train_batched(jobs, spec, device, checkpoints)
+    with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
+        if len(jobs) > 1 and batched.can_batch(jobs, spec):
+            yield from batched.train_batched(jobs, spec, device, checkpoints)
+            return
+        for job in jobs:
+            yield run_job(job, spec, device, checkpoints)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for a window, restoring the caller's setting."""
+    if not enabled:
+        yield
         return
-    for job in jobs:
-        yield run_job(job, spec, device)
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # cuBLAS is deterministic only with a fixed workspace; this must be set before CUDA starts
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn_only)

@@ -1,0 +1,76 @@
+"""A worker process of the local executor (``LocalExecutor`` starts it; not for direct use).
+
+The worker is a fresh interpreter: it never re-runs the user's script, so scripts need no
+``if __name__ == "__main__"`` guard and nobody calls ``mp.set_start_method``. It listens on a
+private address that it prints on stdout, receives the sweep (cloudpickled) once, then trains
+the groups of jobs it is sent one at a time, sending each record back as soon as it exists.
+It exits when told to stop, when the connection closes, or when its parent dies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, Listener
+
+AUTHKEY_ENV = "MODELSCAPE_WORKER_AUTHKEY"
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A parent killed with SIGKILL cannot stop its workers; they notice being orphaned here
+    # (even in the middle of a long job) instead of training on for nobody.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _serve(conn: Connection) -> None:
+    import torch
+
+    from modelscape import serialization
+    from modelscape.engine import train_group
+
+    init = conn.recv()
+    # functions pickled by reference (from the user's modules) import as they do in the parent
+    sys.path[:] = init["sys_path"] + [p for p in sys.path if p not in init["sys_path"]]
+    torch.set_num_threads(init["threads"])
+    device = torch.device(init["device"])
+    try:
+        spec = serialization.loads(init["spec"])
+    except Exception:  # noqa: BLE001 - reported to the parent, which stops the sweep
+        conn.send(("fatal", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        gid, blob = message
+        try:
+            group = serialization.loads(blob)
+            for record in train_group(group, spec, device, init["checkpoints"]):
+                conn.send(("record", gid, record))
+        except Exception:  # noqa: BLE001 - the group's unfinished jobs become failed records
+            conn.send(("group_error", gid, traceback.format_exc()))
+        conn.send(("done", gid))
+
+
+def main() -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
+    with Listener(authkey=authkey) as listener:
+        print(listener.address, flush=True)
+        os.dup2(2, 1)  # from here on, the worker's prints go to the parent's stderr
+        conn = listener.accept()
+    try:
+        _serve(conn)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away
+    finally:
+        conn.close()
