@@ -1,0 +1,198 @@
+"""Worker processes: placement-independent results, closures by value, dead workers, Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelscape import SweepError
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.store import load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(**overrides):
+    hp = dict(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
+              LOSS_CHECKPOINTS=[0.5, 1e-9])  # fmt: skip
+    hp.update(overrides)
+    return vars(base_args(**hp))
+
+
+def make_bfn(d, kill_trial=None):
+    """A closure batch function; with ``kill_trial`` its worker SIGKILLs itself mid-job."""
+    scale = torch.linspace(1.0, 2.0, d)
+
+    def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
+        def batch_fn(step):
+            if trial == kill_trial and step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            Xb = torch.randn(bsz, d, generator=gen) * scale
+            return Xb, Xb[:, 0] * Xb[:, 1]
+
+        return batch_fn
+
+    return bfn
+
+
+def sweep(cfg, trials=range(4), gammas=(1.0, 0.5), bfn=None, **kwargs):
+    grabs = {"pid": lambda **kw: os.getpid(), "w_norm": lambda model, **kw: model.readout.weight}
+    return run_job_iterator(
+        [list(trials), list(gammas)],
+        ["trial", "GAMMA"],
+        {**cfg, "otherreturns": grabs},
+        {"base_bfn": bfn or make_bfn(5)},
+        progress=False,
+        **kwargs,
+    )
+
+
+def assert_bit_identical(a, b, skip=()):
+    by_key = {r.key: r for r in b.records}
+    assert set(by_key) == {r.key for r in a.records}
+    for ra in a.records:
+        if ra.key in skip:
+            continue
+        rb = by_key[ra.key]
+        assert ra.status == rb.status == "ok"
+        assert (ra.seed, ra.steps) == (rb.seed, rb.steps)
+        assert ra.train_loss == rb.train_loss and ra.test_loss == rb.test_loss
+        np.testing.assert_array_equal(ra.timekeys, rb.timekeys)
+        assert ra.grabs["w_norm"].tobytes() == rb.grabs["w_norm"].tobytes()
+
+
+def test_one_and_two_workers_in_any_order_give_bit_identical_results():
+    cfg = config()
+    here = sweep(cfg)
+    one = sweep(cfg, use_mp=True)
+    two = sweep({**cfg, "WORKERS_PER_DEVICE": 2}, trials=[3, 2, 1, 0], gammas=[0.5, 1.0])
+    assert_bit_identical(here, one)
+    assert_bit_identical(here, two)
+    assert {int(r.grabs["pid"]) for r in here.records} == {os.getpid()}
+    assert len({int(r.grabs["pid"]) for r in one.records}) == 1
+    two_pids = {int(r.grabs["pid"]) for r in two.records}
+    assert len(two_pids) == 2 and os.getpid() not in two_pids
+    # the jobs really differ from each other (a constant result would pass the checks above)
+    assert len({r.test_loss for r in here.records}) == len(here.records)
+
+
+def test_a_worker_killed_mid_job_fails_that_job_and_a_replacement_carries_on():
+    cfg = {**config(), "WORKERS_PER_DEVICE": 2}
+    result = sweep(cfg, trials=range(5), bfn=make_bfn(5, kill_trial=1))
+    killed = [r for r in result.records if r.status == "failed"]
+    # the first trial-1 job kills its worker; the second goes to another worker and kills it too
+    assert sorted(r.key for r in killed) == [(1, 0.5), (1, 1.0)]
+    for r in killed:
+        assert "died (killed by SIGKILL)" in r.error and "RETRY_FAILED" in r.error
+    reference = sweep(config(), trials=range(5), bfn=make_bfn(5))
+    assert_bit_identical(reference, result, skip={r.key for r in killed})
+    # two workers plus replacements trained the 8 surviving jobs
+    assert len({int(r.grabs["pid"]) for r in result.records if r.status == "ok"}) >= 3
+
+
+def test_an_unpicklable_closure_variable_is_named_before_any_worker_starts():
+    lock = threading.Lock()
+
+    def locked_grab(model, **kwargs):
+        with lock:
+            return 0.0
+
+    cfg = {**config(), "WORKERS_PER_DEVICE": 2, "otherreturns": {"locked": locked_grab}}
+    start = time.perf_counter()
+    with pytest.raises(SweepError) as err:
+        run_job_iterator([[0]], ["trial"], cfg, {"base_bfn": make_bfn(3)}, progress=False)
+    text = str(err.value)
+    assert "otherreturns['locked'] uses 'lock'" in text and "lock" in text
+    assert "Create such objects inside the function" in text
+    assert time.perf_counter() - start < 5  # no worker was started
+
+
+def locked_state_grab(model, **kwargs):
+    return float(torch.are_deterministic_algorithms_enabled())
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_turns_on_torch_deterministic_algorithms_while_training(deterministic):
+    before = torch.are_deterministic_algorithms_enabled()
+    cfg = {**config(DETERMINISTIC=deterministic), "otherreturns": {"det": locked_state_grab}}
+    result = run_job_iterator([[0]], ["trial"], cfg, {"base_bfn": make_bfn(3)}, progress=False)
+    assert float(result.records[0].grabs["det"]) == float(deterministic)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def children(pid):
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+SLOW_SWEEP = """
+import sys, time, torch
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main
+
+def bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        time.sleep(0.02)
+        Xb = torch.randn(bsz, 4, generator=gen)
+        return Xb, Xb[:, 0]
+    return batch_fn
+
+cfg = vars(base_args(WIDTH=8, MAX_ITER=int(sys.argv[2]), N_SAMPLES=8, N_TEST=8, DEVICES=["cpu"],
+                     WORKERS_PER_DEVICE=int(sys.argv[3]), LOSS_CHECKPOINTS=[1e-12],
+                     SAVE_DIR=sys.argv[1], CHECKPOINT_EVERY=0.3))
+main([range(int(sys.argv[4])), [1.0, 0.5]], ["trial", "GAMMA"], cfg, {"base_bfn": bfn})
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_sweep_and_leaves_no_worker_behind(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(SLOW_SWEEP))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), "100", "2", "6"],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    workers = []
+    deadline = time.monotonic() + 60
+    while len(workers) < 2 or not (run_dir / "results.sqlite").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        workers = children(proc.pid)
+        time.sleep(0.05)
+    while not list((run_dir / "checkpoints").glob("*.pt")):  # both workers are mid-job
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert not [pid for pid in workers if alive(pid)]
+    n_done = len(load(run_dir).records)
+    assert n_done < 12  # it stopped early, and what it stored still loads
