@@ -18,11 +18,12 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -365,7 +366,8 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
             loop = _restore(problem, saved)
             _say(
                 f"modelscape: resuming job ({problem.job.label()}) from its checkpoint "
-                f"at step {loop.step}"
+                f"at step {loop.step}",
+                file=sys.stderr,
             )
         checkpoints.reset_clock()
     s = hp.EMA_SMOOTHER
@@ -470,10 +472,10 @@ def _restore(problem: Problem, state: Mapping[str, Any]) -> _LoopState:
     )
 
 
-def _say(text: str) -> None:
+def _say(text: str, file: TextIO | None = None) -> None:
     from tqdm import tqdm
 
-    tqdm.write(text)
+    tqdm.write(text, file=file)
 
 
 def failed_record(job: Job, err: BaseException, device: torch.device | str) -> JobRecord:

@@ -310,10 +310,13 @@ def load(run_dir: str | os.PathLike) -> Result:
     try:
         # one read transaction: a consistent snapshot while the writer goes on
         conn.execute("BEGIN")
-        meta = dict(conn.execute("SELECT name, value FROM meta"))
-        rows = conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM jobs j JOIN records r USING (key_id) ORDER BY j.idx"
-        ).fetchall()
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        meta, rows = {}, []
+        if {"meta", "jobs", "records"} <= tables:
+            meta = dict(conn.execute("SELECT name, value FROM meta"))
+            rows = conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM jobs j JOIN records r USING (key_id) ORDER BY j.idx"
+            ).fetchall()
         conn.execute("COMMIT")
     finally:
         conn.close()

@@ -29,7 +29,8 @@ def gaussian_bfn(bsz, gen, X=None, y=None, d=5, trial=0, **kwargs):
 
 def config(tmp_path, **overrides):
     hp = dict(WIDTH=8, MAX_ITER=30, N_SAMPLES=16, N_TEST=32, LR=0.05, DEVICES=["cpu"],
-              LOSS_CHECKPOINTS=[0.9, 0.5], SAVE_DIR=str(tmp_path / "run"))  # fmt: skip
+              LOSS_CHECKPOINTS=[0.9, 0.5], SAVE_DIR=str(tmp_path / "run"),
+              BATCHED="off")  # fmt: skip
     hp.update(overrides)
     return vars(base_args(**hp))
 

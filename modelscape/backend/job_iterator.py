@@ -149,7 +149,9 @@ def _train(
     progress: bool,
 ) -> None:
     groups = batched.group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
-    bar = Progress(total, total - len(todo), placement_text(executor.placement()), enabled=progress)
+    placement = executor.placement()
+    groups = balance(groups, len(placement))
+    bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)
 
     def on_record(record: JobRecord) -> None:
         store.add(record)
@@ -159,8 +161,30 @@ def _train(
 
     try:
         executor.run(groups, spec, on_record)
+    except KeyboardInterrupt:
+        bar.close()
+        where = (
+            f"stored in SAVE_DIR={hp.SAVE_DIR}; rerun the same sweep to continue"
+            if hp.SAVE_DIR is not None
+            else "lost (set SAVE_DIR to keep results across interruptions)"
+        )
+        print(f"\nmodelscape: interrupted; the jobs finished so far are {where}.", file=sys.stderr)
+        raise
     finally:
         bar.close()
+
+
+def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
+    """Split the largest groups until every worker has one (a group trains on one worker)."""
+    groups = [list(g) for g in groups]
+    while len(groups) < n_workers:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]), default=None)
+        if largest is None or len(groups[largest]) < 2:
+            break
+        group = groups.pop(largest)
+        half = (len(group) + 1) // 2
+        groups[largest:largest] = [group[:half], group[half:]]
+    return groups
 
 
 def _open_store(

@@ -1,0 +1,168 @@
+"""Real SIGKILLs: of the parent half-way through a sweep, and of a long job mid-training."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelscape.store import load
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+REPO = Path(__file__).resolve().parents[1]
+
+SWEEP = """
+import sys, time, torch
+from modelscape import parse_args, run_sweep
+
+def bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        time.sleep(0.01)  # slow enough to be killed mid-way; the values do not depend on it
+        Xb = torch.randn(bsz, 4, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1] + 0.3 * Xb[:, 2]
+    return batch_fn
+
+def first_weights(model, **kwargs):
+    return torch.cat([p.detach().flatten()[:3] for p in model.parameters()])
+
+# BATCHED=off: bit-identity is the reference loop's promise (stacked groups match up to rounding)
+hp = parse_args(["--WIDTH", "16", "--N_SAMPLES", "16", "--N_TEST", "32", "--LR", "0.05",
+                 "--DEVICES", "cpu", "--LOSS_CHECKPOINTS", "1e-12", "--BATCHED", "off"]
+                + sys.argv[1:])
+hp.otherreturns = {"w": first_weights}
+run_sweep([range(hp.NUM_TRIALS), [1.0, 0.5]], ["trial", "GAMMA"], hp, {"base_bfn": bfn})
+"""
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "sweep.py"
+    path.write_text(SWEEP)
+    return path
+
+
+def start(script, run_dir, *flags, stderr=subprocess.PIPE):
+    return subprocess.Popen(
+        [sys.executable, str(script), "--SAVE_DIR", str(run_dir), *flags],
+        cwd=REPO,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def finish(script, run_dir, *flags):
+    proc = start(script, run_dir, *flags)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return err
+
+
+def wait_for(condition, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def n_stored(run_dir):
+    try:
+        return len(load(run_dir).records)
+    except FileNotFoundError:
+        return 0
+
+
+def children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_same(a, b):
+    assert [r.key for r in a.records] == [r.key for r in b.records]
+    for ra, rb in zip(a.records, b.records):
+        assert ra.status == rb.status == "ok"
+        assert (ra.seed, ra.steps, ra.train_loss, ra.test_loss) == (
+            rb.seed,
+            rb.steps,
+            rb.train_loss,
+            rb.test_loss,
+        )
+        np.testing.assert_array_equal(ra.timekeys, rb.timekeys)
+        assert ra.grabs["w"].tobytes() == rb.grabs["w"].tobytes()
+        for name in ra.curves or {}:
+            assert ra.curves[name].tobytes() == rb.curves[name].tobytes()
+
+
+def test_parent_sigkilled_half_way_then_the_rerun_trains_only_the_missing_jobs(script, tmp_path):
+    flags = ["--MAX_ITER", "20", "--NUM_TRIALS", "4", "--WORKERS_PER_DEVICE", "2"]
+    # the uninterrupted reference trains in one process: placement does not matter either
+    reference_dir = tmp_path / "reference"
+    reference = start(
+        script, reference_dir, *flags[:-2], "--WORKERS_PER_DEVICE", "1", stderr=subprocess.DEVNULL
+    )
+    run_dir = tmp_path / "run"
+    proc = start(script, run_dir, *flags)
+    wait_for(lambda: n_stored(run_dir) >= 3, proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {r.key: r for r in load(run_dir).records}  # the store is readable, not corrupt
+    assert 3 <= len(before) < 8
+    deadline = time.monotonic() + 10
+    while [p for p in workers if alive(p)]:  # orphaned workers notice and exit
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.05)
+
+    finish(script, run_dir, *flags)
+    resumed = load(run_dir)
+    for key, old in before.items():  # stored jobs were not trained again
+        assert resumed.record(*key).seconds == old.seconds
+    assert reference.wait(timeout=120) == 0
+    assert_same(resumed, load(reference_dir))
+    assert len(resumed.records) == 8
+
+
+def test_a_long_job_killed_mid_way_continues_from_its_checkpoint_bit_identically(script, tmp_path):
+    flags = ["--MAX_ITER", "200", "--NUM_TRIALS", "1", "--CHECKPOINT_EVERY", "0.2",
+             "--OPTIMIZER", "Adam", "--LR", "0.003", "--ONLYTHRESHOLDS", "False",
+             "--EVAL_EVERY", "7"]  # fmt: skip
+    reference_dir = tmp_path / "reference"
+    reference = start(script, reference_dir, *flags, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "run"
+    proc = start(script, run_dir, *flags)
+    checkpoints = run_dir / "checkpoints"
+    wait_for(lambda: len(list(checkpoints.glob("*.pt"))) == 1, proc)
+    time.sleep(0.3)  # a few more checkpoints: the kill lands between (or during) saves
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert n_stored(run_dir) == 0
+
+    err = finish(script, run_dir, *flags)
+    steps = [int(s) for s in re.findall(r"from its checkpoint at step (\d+)", err)]
+    assert len(steps) == 1 and 0 < steps[0] < 199, err
+    assert not list(checkpoints.glob("*")), "checkpoints of finished jobs are removed"
+    assert reference.wait(timeout=120) == 0
+    resumed = load(run_dir)
+    assert_same(resumed, load(reference_dir))
+    # the job ran past the checkpoint: what it resumed from was not the end
+    assert resumed.records[0].steps == 200
