@@ -43,7 +43,7 @@ def coord_check(
     seeds: int = 2,
     batch_size: int = 64,
     in_shape: Sequence[int] = (16,),
-    d_out: int = 1,
+    d_out: int = 4,
     depth: int = 2,
     nonlinearity: str = "relu",
     bias: bool = False,
@@ -250,7 +250,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged per width")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--in-shape", nargs="+", type=int, default=[16], help="e.g. 3 8 8 for a CNN")
-    p.add_argument("--d-out", type=int, default=1)
+    p.add_argument("--d-out", type=int, default=4, help="outputs (more average out noise)")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--nonlinearity", default="relu")
     p.add_argument("--bias", action="store_true", help="layers with biases")
