@@ -1,0 +1,117 @@
+"""EXECUTOR="ray": each group of jobs is a Ray task, on a cluster or a local Ray instance.
+
+Install with ``pip install 'modelscape[ray]'``. The executor connects to the cluster at
+``RAY_ADDRESS`` when that is set, uses the Ray instance this process already started with
+``ray.init(...)`` if there is one, and otherwise starts (and afterwards stops) a local instance.
+
+A task asks for one CPU, or, when DEVICES lists CUDA ids, ``1 / WORKERS_PER_DEVICE`` of a GPU
+(so WORKERS_PER_DEVICE tasks share a GPU) plus one CPU; Ray decides which machine and GPU each
+task uses. The sweep is cloudpickled once and shared through Ray's object store. Records come
+back to this process, which stays the only writer of SAVE_DIR; checkpoints are written by the
+tasks under SAVE_DIR/checkpoints, so resuming a killed job on another machine needs that folder
+on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from modelscape import serialization
+from modelscape.checkpoint import Checkpoints
+from modelscape.engine import failed_record
+from modelscape.executors import Executor, OnRecord
+from modelscape.jobs import Job, SweepError
+from modelscape.results import JobRecord
+from modelscape.sweep import SweepSpec
+
+
+def _train_group_task(
+    spec_blob: bytes,
+    group_blob: bytes,
+    use_gpu: bool,
+    checkpoints: Checkpoints | None,
+    sys_path: list[str],
+) -> list[JobRecord]:
+    """The body of one Ray task: train a group on the device Ray assigned."""
+    import torch
+
+    from modelscape.engine import train_group
+
+    sys.path[:] = sys_path + [p for p in sys.path if p not in sys_path]
+    torch.set_num_threads(1)  # the task holds one CPU
+    # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU, so it is always cuda:0 here
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    spec = serialization.loads(spec_blob)
+    group = serialization.loads(group_blob)
+    return list(train_group(group, spec, device, checkpoints))
+
+
+class RayExecutor(Executor):
+    """Train each group as a Ray task; see the module docstring for resources and addresses."""
+
+    def __init__(
+        self,
+        devices: Sequence[int | str],
+        workers_per_device: int = 1,
+        checkpoints: Checkpoints | None = None,
+    ):
+        self.use_gpu = any(d != "cpu" for d in devices)
+        self.gpu_fraction = 1.0 / workers_per_device
+        self.checkpoints = checkpoints
+
+    def placement(self) -> list[str]:
+        if self.use_gpu:
+            return [f"ray GPU/{round(1 / self.gpu_fraction)} per task"]
+        return ["ray CPU"]
+
+    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
+        ray = _import_ray()
+        spec_blob = serialization.dumps(spec, "the sweep's functions and data")
+        blobs = [serialization.dumps(list(g), "a job") for g in groups]
+        started_here = not ray.is_initialized()
+        if started_here:
+            address = os.environ.get("RAY_ADDRESS") or None
+            options: dict[str, Any] = {} if address else {"include_dashboard": False}
+            ray.init(address=address, **options)
+        pending: dict[Any, Sequence[Job]] = {}
+        try:
+            task = ray.remote(_train_group_task).options(
+                num_cpus=1,
+                num_gpus=self.gpu_fraction if self.use_gpu else 0,
+                max_retries=0,  # a job that crashes its worker is recorded as failed, not rerun
+            )
+            spec_ref = ray.put(spec_blob)
+            for group, blob in zip(groups, blobs):
+                ref = task.remote(spec_ref, blob, self.use_gpu, self.checkpoints, list(sys.path))
+                pending[ref] = group
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    group = pending.pop(ref)
+                    for record in _records(ray, ref, group):
+                        on_record(record)
+        finally:
+            for ref in pending:  # Ctrl-C or an error: stop what is still queued or running
+                ray.cancel(ref, force=True)
+            if started_here:
+                ray.shutdown()
+
+
+def _records(ray: Any, ref: Any, group: Sequence[Job]) -> list[JobRecord]:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:  # the task's worker died, or the task raised
+        return [failed_record(job, err, "ray") for job in group]
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise SweepError(
+            "EXECUTOR='ray' needs Ray: pip install 'modelscape[ray]' (or EXECUTOR='local')."
+        ) from None
+    return ray

@@ -1,0 +1,60 @@
+"""EXECUTOR="ray" on a real local Ray instance with 2 CPUs: same records as training locally."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.store import load
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_results_and_store_equal_local_training(local_ray, tmp_path):
+    offset = 0.25  # a closure value: the batch function travels by value
+
+    def bfn(bsz, gen, X=None, y=None, **kwargs):
+        def batch_fn(step):
+            Xb = torch.randn(bsz, 4, generator=gen)
+            return Xb, Xb[:, 0] * Xb[:, 1] + offset
+
+        return batch_fn
+
+    def grabs():
+        return {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.readout.weight}
+
+    cfg = vars(base_args(WIDTH=16, MAX_ITER=40, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"],
+                         LOSS_CHECKPOINTS=[0.5, 1e-9], BATCHED="off"))  # fmt: skip
+    iterators, names = [range(3), [1.0, 0.5]], ["trial", "GAMMA"]
+    run_dir = tmp_path / "ray-run"
+    on_ray = run_job_iterator(
+        iterators,
+        names,
+        {**cfg, "EXECUTOR": "ray", "SAVE_DIR": str(run_dir), "otherreturns": grabs()},
+        {"base_bfn": bfn},
+        progress=False,
+    )
+    assert ray.is_initialized()  # the executor leaves a Ray instance it did not start running
+    local = run_job_iterator(
+        iterators, names, {**cfg, "otherreturns": grabs()}, {"base_bfn": bfn}, progress=False
+    )
+    stored = load(run_dir)
+    for ra, rl, rs in zip(on_ray.records, local.records, stored.records):
+        assert ra.key == rl.key == rs.key and ra.status == rl.status == "ok"
+        assert ra.train_loss == rl.train_loss == rs.train_loss
+        assert ra.test_loss == rl.test_loss == rs.test_loss
+        np.testing.assert_array_equal(ra.timekeys, rl.timekeys)
+        assert ra.grabs["w"].tobytes() == rl.grabs["w"].tobytes() == rs.grabs["w"].tobytes()
+    ray_pids = {int(r.grabs["pid"]) for r in on_ray.records}
+    assert os.getpid() not in ray_pids  # trained in Ray's worker processes
+    assert len({r.test_loss for r in local.records}) == 6
