@@ -170,7 +170,7 @@ def plot_coord_check(df: pd.DataFrame, quantity: str = "change", title: str | No
     layers = list(dict.fromkeys(sub["layer"]))
     steps = sorted(sub["step"].unique())
     fig = Figure(figsize=(2.8 * len(layers), 2.5 * len(row_keys)))
-    axes = fig.subplots(len(row_keys), len(layers), squeeze=False, sharex=True)
+    axes = fig.subplots(len(row_keys), len(layers), squeeze=False, sharex=True, sharey="col")
     colors = colormaps["viridis"](np.linspace(0.0, 0.9, len(steps)))
     for i, (param, opt_name) in enumerate(row_keys):
         rows = sub[(sub["param"] == param) & (sub["optimizer"] == opt_name)]

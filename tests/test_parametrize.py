@@ -1,6 +1,9 @@
 """Parametrizations: mupify parity, the Adam table, equivalences, weight decay, entry points."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +274,18 @@ def test_post_init_mupify_equals_the_native_parametrization():
     assert legacy.test_loss == pytest.approx(native.test_loss, rel=1e-6)
     twice = run({**cfg, "PARAMETRIZATION": "mup", "post_init_fn": post_init}).record(0)
     assert twice.status == "failed" and "already parametrized" in twice.error
+
+
+def test_lr_transfer_example_prints_best_lrs_and_saves_its_plot(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "lr_transfer.py"
+    png = tmp_path / "lrt.png"
+    cmd = [sys.executable, str(example), "--WIDTH", "16", "32", "--LR", "0.01", "0.1",
+           "--MAX_ITER", "5", "--N_TEST", "64", "--OUT", str(png)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [
+        line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["sp"], ["mup"])
+    ]
+    assert [(p, int(w)) for p, w, *_ in lines] == [("sp", 16), ("sp", 32), ("mup", 16), ("mup", 32)]
+    assert all(float(best) in (0.01, 0.1) for *_, best, _ in lines)
+    assert png.read_bytes()[:4] == b"\x89PNG"
