@@ -1,0 +1,134 @@
+"""HEA learning order: a feature-learning MLP learns Hermite monomials in HEA order.
+
+Karkada, Turnbull, Liu & Simon (ICLR 2026, arXiv:2510.14878) find that MLPs in the rich regime
+learn the Hermite monomials of the data's principal coordinates in the order of their HEA
+eigenvalues ``lambda = c_degree * prod_i gamma_i^alpha_i``. This example trains one MLP per
+target monomial (an iterator axis) with online SGD, muP and a large GAMMA on power-law Gaussian
+data, records the step at which the EMA train loss first falls below LOSS_CHECKPOINTS, plots that
+time against 1/lambda on log-log axes with a fitted slope, and prints the Spearman correlation.
+
+    python examples/hea_learning_order.py                       # CPU, well under 2 minutes
+    python examples/hea_learning_order.py --WIDTH 1024 --N_TARGETS 14 --NUM_TRIALS 4 --DEVICES 0
+
+Targets are chosen automatically (degree <= MAX_DEGREE, spread evenly in log eigenvalue over a
+factor SPREAD below the top mode) unless --TARGETS "x0,x0^2,x1*x2" lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+from modelscape import parse_args, plotting, run_sweep
+from modelscape.data import (
+    Monomial,
+    hea_eigenvalues,
+    monomial_bfn,
+    powerlaw_eigenvalues,
+    relu_ntk_level_coefficients,
+    top_hea_monomials,
+)
+
+DEFAULTS = [
+    "--PARAMETRIZATION", "mup",
+    "--GAMMA", "10",
+    "--LR", "0.05",
+    "--WIDTH", "256",
+    "--DEPTH", "2",
+    "--BIAS", "True",
+    "--ONLINE", "True",
+    "--N_SAMPLES", "256",
+    "--N_TEST", "2000",
+    "--MAX_ITER", "5000",
+    "--LOSS_CHECKPOINTS", "0.5",
+    "--NUM_TRIALS", "2",
+    "--DEVICES", "cpu",
+]  # fmt: skip
+
+EXTRA = {
+    "DIM": (64, "input dimension d of the power-law Gaussian data"),
+    "ALPHA": (1.7, "covariance eigenvalues decay like (i + OFFSET)^-ALPHA"),
+    "OFFSET": (6.0, "offset of the power law"),
+    "N_TARGETS": (9, "number of target monomials chosen automatically"),
+    "MAX_DEGREE": (2, "largest degree of the automatically chosen targets"),
+    "SPREAD": (64.0, "ratio between the largest and smallest HEA eigenvalue of the targets"),
+    "TARGETS": ("", "comma-separated target monomials, e.g. 'x0,x0^2,x1*x2' (overrides)"),
+    "KERNEL_DEPTH": (1, "hidden layers of the ReLU NTK whose HEA eigenvalues rank the targets"),
+    "BIAS_VARIANCE": (1.0, "bias variance of that NTK (0 for a bias-free network)"),
+    "OUT": ("runs/hea_learning_order.png", "where to save the plot"),
+}
+
+
+def choose_targets(
+    gamma: np.ndarray, coeffs: np.ndarray, n: int, max_degree: int, spread: float
+) -> list[Monomial]:
+    """``n`` monomials of degree 1..max_degree (taken in turn), whose HEA eigenvalues are spread
+    evenly in log over a factor ``spread`` below the largest."""
+    monomials, values = top_hea_monomials(gamma, 400, coeffs)
+    top = max(v for m, v in zip(monomials, values) if m.degree >= 1)
+    pool = [(m, v) for m, v in zip(monomials, values) if 1 <= m.degree <= max_degree]
+    pool = [(m, v) for m, v in pool if v >= top / spread]
+    chosen: list[Monomial] = []
+    for i, goal in enumerate(np.geomspace(top, top / spread, n)):
+        free = [(m, v) for m, v in pool if m not in chosen]
+        same_degree = [(m, v) for m, v in free if m.degree == 1 + i % max_degree]
+        candidates = same_degree or free
+        if not candidates:
+            break
+        chosen.append(min(candidates, key=lambda mv: abs(np.log(mv[1] / goal)))[0])
+    return chosen
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    gamma = powerlaw_eigenvalues(args.DIM, args.ALPHA, args.OFFSET).numpy()
+    coeffs = relu_ntk_level_coefficients(
+        gamma, args.MAX_DEGREE + 2, depth=args.KERNEL_DEPTH, bias_variance=args.BIAS_VARIANCE
+    )
+    if args.TARGETS:
+        targets = [Monomial(t) for t in args.TARGETS.split(",")]
+    else:
+        targets = choose_targets(gamma, coeffs, args.N_TARGETS, args.MAX_DEGREE, args.SPREAD)
+    bfn_config = {
+        "base_bfn": monomial_bfn,
+        "d": args.DIM,
+        "alpha": args.ALPHA,
+        "offset": args.OFFSET,
+    }
+    result = run_sweep([targets, range(args.NUM_TRIALS)], ["target", "trial"], args, bfn_config)
+
+    eigvals = hea_eigenvalues(targets, gamma, coeffs)
+    ds = result.to_xarray()
+    threshold = max(args.LOSS_CHECKPOINTS)
+    steps = ds["timekeys"].sel(threshold=threshold).median("trial").values
+    reached = np.isfinite(steps)
+    print(
+        f"{'target':>10} {'HEA eigenvalue':>15} {'steps to loss < ' + format(threshold, 'g'):>20}"
+    )
+    for m, lam, t in zip(targets, eigvals, steps):
+        print(f"{str(m):>10} {lam:15.4g} {t:20.0f}")
+    if (~reached).any():
+        missed = [str(m) for m, r in zip(targets, reached) if not r]
+        print(f"not reached within MAX_ITER={args.MAX_ITER}: {missed}")
+    rho = spearman(1 / eigvals[reached], steps[reached])
+
+    ax, slope = plotting.loglog_fit(1 / eigvals, steps, labels=targets)
+    ax.set_xlabel("1 / HEA eigenvalue")
+    ax.set_ylabel(f"steps to EMA train loss < {threshold:g}")
+    ax.set_title(f"{args.PARAMETRIZATION}, GAMMA={args.GAMMA:g}: Spearman {rho:.3f}")
+    path = plotting.save(ax, args.OUT)
+    print(f"Spearman correlation (time vs 1/eigenvalue) over {reached.sum()} monomials: {rho:.3f}")
+    print(f"log-log slope: {slope:.2f}; plot saved to {path}")
+    return rho
+
+
+if __name__ == "__main__":
+    main()
