@@ -11,26 +11,24 @@ convention), so ``mup`` at any width is not SP and LR values do not carry over f
 With ``a = sqrt(n)`` for mup, mfp and mup-lr (``a = 1`` for ntp, ntp-lr), fan-in ``k`` and
 ``q = a**2 / k`` (``1 / k`` for the readout), the tables are mupify's:
 
-============  ==============  =========  ===========
-param         multiplier g    init std   SGD lr scale
-============  ==============  =========  ===========
-mup           sqrt(q)         1/a        1
-mfp, ntp      sqrt(q)/a       1          a**2
-mup-lr, ntp-lr  1             sqrt(q)/a  q
-============  ==============  =========  ===========
+    param            multiplier g    init std     SGD lr scale
+    mup              sqrt(q)         1/a          1
+    mfp, ntp         sqrt(q)/a       1            a**2
+    mup-lr, ntp-lr   1               sqrt(q)/a    q
 
 In every row the *effective* weights ``g W`` start with std ``sqrt(q)/a`` and take SGD steps of
 size ``q``: mup, mfp and mup-lr are one parametrization written three ways, and so are ntp and
 ntp-lr. Adam's update is ``lr * sign(grad)`` to first order, so its LR does not pick up the
-gradient's size; the Adam LR scale is ``q * d / g`` where ``d`` is the gradient's scale at the
+gradient's size; the Adam LR scale is ``q * D / g`` where ``D`` is the gradient's scale at the
 layer (1 at the readout, ``1/(a sqrt(n))`` below it). For mup this is Tensor Programs V's Adam
 column: effective LR 1/fan_in for hidden and readout (and 1/d_in, a width-independent constant,
 for the readin).
 
 Weight decay is decoupled from those scales: each group's ``weight_decay`` is divided by its LR
-scale, so every layer's effective weights shrink by ``1 - LR * WEIGHT_DECAY`` per step under
-every parametrization, as under SP. ``nn.ReLU`` modules become ``ScaledReLU`` (``sqrt(2) *
-relu``), as mupify does, so that preactivations keep unit variance through ReLU layers.
+scale, so with SGD or AdamW every layer's effective weights shrink by ``1 - LR * WEIGHT_DECAY``
+per step under every parametrization, as under SP. ``nn.ReLU`` modules become ``ScaledReLU``
+(``sqrt(2) * relu``), as mupify does, so that preactivations keep unit variance through ReLU
+layers.
 
 Only the model's layer types and the optimizer's param groups change: multipliers are buffers of
 ``ParametrizedLinear``/``ParametrizedConv2d`` (subclasses of the torch layers, with the same
@@ -237,6 +235,18 @@ def layer_scales(
         g, std, lr_scale = scales(role, param, fan_in, width, rule)
         out.append(LayerScale(name, role, fan_in, g, std, lr_scale))
     return out
+
+
+def check_applicable(
+    model: nn.Module, param: str, optimizer_cls: type[torch.optim.Optimizer]
+) -> None:
+    """Raise ``ParametrizationError`` now if ``apply`` would refuse this combination.
+
+    Changes nothing and draws no random numbers, so a sweep can call it on a model built on the
+    ``meta`` device before any job trains.
+    """
+    if param != "sp":
+        layer_scales(model, param, optimizer_cls)
 
 
 def mupify(

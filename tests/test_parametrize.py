@@ -199,6 +199,11 @@ def test_attention_is_refused_with_the_reason():
     model = Transformer(in_shape=(5, 3), d_out=1, width=16, depth=1)
     with pytest.raises(P.ParametrizationError, match="attention .MultiheadAttention.*1/d_head"):
         P.apply(model, "mup", torch.optim.SGD, 0.1, {})
+    with torch.device("meta"):  # what a sweep can check before any job trains
+        P.check_applicable(MLP(4, 1, 8, 2), "mup", torch.optim.AdamW)
+        P.check_applicable(Transformer((5, 3), 1, 16, 1), "sp", torch.optim.SGD)
+        with pytest.raises(P.ParametrizationError, match="is attention"):
+            P.check_applicable(Transformer((5, 3), 1, 16, 1), "ntp", torch.optim.SGD)
     norm_net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
     with pytest.raises(P.ParametrizationError, match="'1' .LayerNorm. has its own parameters"):
         P.apply(norm_net, "ntp", torch.optim.SGD, 0.1, {})
