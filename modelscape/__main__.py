@@ -14,6 +14,9 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "run": "modelscape.demo",
     "coord-check": "modelscape.coord_check",
+    "show": "modelscape.analysis_cli",
+    "plot": "modelscape.analysis_cli",
+    "export": "modelscape.analysis_cli",
 }
 
 
