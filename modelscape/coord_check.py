@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modelscape import parametrize
-from modelscape.models import constructor_kwargs, resolve_model_class
+from modelscape.models import ACTIVATIONS, constructor_kwargs, resolve_model_class
 
 DEFAULT_WIDTHS = (128, 256, 512, 1024, 2048)
 FEATURES = "features"  # role of the readout's input, the last hidden activations
@@ -252,7 +252,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--in-shape", nargs="+", type=int, default=[16], help="e.g. 3 8 8 for a CNN")
     p.add_argument("--d-out", type=int, default=4, help="outputs (more average out noise)")
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--nonlinearity", default="relu")
+    p.add_argument("--nonlinearity", default="relu", choices=list(ACTIVATIONS))
     p.add_argument("--bias", action="store_true", help="layers with biases")
     p.add_argument("--quantity", default="change", choices=["change", "activation"])
     p.add_argument("--out", default="coord_check.png", help="where to write the plot")

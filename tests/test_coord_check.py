@@ -1,5 +1,6 @@
 """Coordinate checks: the slopes that tell muP from SP and NTP, the table, the CLI."""
 
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,16 @@ from torch import nn
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 
 WIDTHS = (128, 256, 512, 1024, 2048)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: on a busy 2-core machine, torch's thread pool makes them several
+    times slower than one thread does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def slopes(params, optimizer, lr):
@@ -69,7 +80,8 @@ def test_cli_writes_the_plot_and_table(tmp_path):
     cmd = [sys.executable, "-m", "modelscape", "coord-check", "--widths", "32", "64",
            "--steps", "2", "--seeds", "1", "--params", "sp", "mup", "--out", str(png),
            "--csv", str(csv)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny run: threads only add start-up
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "slope" in out.stdout and "readout" in out.stdout

@@ -1,6 +1,7 @@
 """Parametrizations: mupify parity, the Adam table, equivalences, weight decay, entry points."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -286,7 +287,8 @@ def test_lr_transfer_example_prints_best_lrs_and_saves_its_plot(tmp_path):
     png = tmp_path / "lrt.png"
     cmd = [sys.executable, str(example), "--WIDTH", "16", "32", "--LR", "0.01", "0.1",
            "--MAX_ITER", "5", "--N_TEST", "64", "--OUT", str(png)]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny run: threads only add start-up
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     lines = [
         line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["sp"], ["mup"])
