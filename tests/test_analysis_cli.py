@@ -1,0 +1,116 @@
+"""``modelscape show | plot | export`` on a real run folder written by a sweep."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from modelscape import base_args, run_sweep
+from modelscape.__main__ import main
+from modelscape.data import monomial_bfn
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs") / "monomials"
+    args = base_args(
+        WIDTH=16,
+        DEPTH=1,
+        LR=0.2,
+        ONLINE=False,
+        MAX_ITER=30,
+        N_TEST=200,
+        LOSS_CHECKPOINTS=[0.9, 0.5],
+        DEVICES=["cpu"],
+        SAVE_DIR=str(folder),
+    )
+    result = run_sweep(
+        [["x0", "x0^2"], [8, 32], [1.0, 0.5], range(2)],
+        ["target", "ntrain", "GAMMA", "trial"],
+        args,
+        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
+        progress=False,
+    )
+    return folder, result
+
+
+def test_show_counts_jobs_and_lists_axes(run_dir, capsys):
+    folder, result = run_dir
+    assert main(["show", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "jobs: 16 total, 16 done (16 ok, 0 diverged, 0 failed), 0 missing" in out
+    assert "target (2): x0, x0^2" in out and "GAMMA (2): 1.0, 0.5" in out
+    assert "thresholds: 0.9, 0.5" in out
+    first = result.records[0]
+    assert f"{first.test_loss:.4g}" in out  # the summary table
+
+
+def test_show_reports_missing_jobs_of_a_partial_run(run_dir, tmp_path, capsys):
+    _, result = run_dir
+    partial = type(result)(result.axes, result.axis_values, result.records[:5])
+    path = tmp_path / "partial.pkl"
+    path.write_bytes(pickle.dumps(partial))
+    assert main(["show", str(path)]) == 0
+    assert "16 total, 5 done (5 ok, 0 diverged, 0 failed), 11 missing" in capsys.readouterr().out
+
+
+def test_plot_writes_png(run_dir, tmp_path):
+    folder, _ = run_dir
+    out = tmp_path / "fig.png"
+    argv = ["plot", str(folder), "--x", "N_SAMPLES", "--y", "test_loss", "--hue", "GAMMA"]
+    assert main(argv + ["--sel", "target=x0^2", "-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 2000
+    out2 = tmp_path / "tk.png"
+    argv = ["plot", str(folder), "--x", "ntrain", "--y", "timekeys", "--threshold", "0.9"]
+    assert main(argv + ["--sel", "target=x0", "--sel", "GAMMA=1", "-o", str(out2)]) == 0
+    assert out2.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_names_the_axis_to_select(run_dir, tmp_path):
+    folder, _ = run_dir
+    with pytest.raises(SystemExit, match="GAMMA"):
+        main(
+            ["plot", str(folder), "--x", "ntrain", "--hue", "target", "-o", str(tmp_path / "x.png")]
+        )
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_table(run_dir, tmp_path, fmt):
+    folder, result = run_dir
+    out = tmp_path / f"results.{fmt}"
+    assert main(["export", str(folder), "--format", fmt, "-o", str(out)]) == 0
+    df = pd.read_csv(out) if fmt == "csv" else pd.read_parquet(out)
+    assert len(df) == 16
+    assert set(df["target"]) == {"x0", "x0^2"}
+    np.testing.assert_allclose(df["test_loss"], [r.test_loss for r in result.records])
+    assert "timekey_0.9" in df.columns
+
+
+def test_export_netcdf_next_to_the_run(run_dir):
+    folder, result = run_dir
+    assert main(["export", str(folder), "--format", "netcdf"]) == 0
+    with xr.open_dataset(folder / "results.nc") as ds:
+        assert dict(ds.sizes) == {"target": 2, "ntrain": 2, "GAMMA": 2, "trial": 2, "threshold": 2}
+        expected = result.to_xarray()["test_loss"]
+        np.testing.assert_allclose(ds["test_loss"].values, expected.values)
+
+
+def test_the_modelscape_command_runs_show(run_dir):
+    folder, _ = run_dir
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelscape", "show", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "16 done" in proc.stdout
