@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -250,7 +251,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds averaged per width")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--in-shape", nargs="+", type=int, default=[16], help="e.g. 3 8 8 for a CNN")
-    p.add_argument("--d-out", type=int, default=4, help="outputs (more average out noise)")
+    p.add_argument(
+        "--d-out", type=int, default=4, help="outputs per sample (more of them average out noise)"
+    )
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--nonlinearity", default="relu", choices=list(ACTIVATIONS))
     p.add_argument("--bias", action="store_true", help="layers with biases")
@@ -262,21 +265,26 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if rest:
         raise SystemExit(f"coord-check: unknown arguments {' '.join(rest)}")
-    df = coord_check(
-        args.model,
-        args.widths,
-        params=args.params,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        steps=args.steps,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        in_shape=args.in_shape,
-        d_out=args.d_out,
-        depth=args.depth,
-        nonlinearity=args.nonlinearity,
-        bias=args.bias,
-    )
+    try:
+        df = coord_check(
+            args.model,
+            args.widths,
+            params=args.params,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            steps=args.steps,
+            seeds=args.seeds,
+            batch_size=args.batch_size,
+            in_shape=args.in_shape,
+            d_out=args.d_out,
+            depth=args.depth,
+            nonlinearity=args.nonlinearity,
+            bias=args.bias,
+        )
+    except (parametrize.ParametrizationError, ValueError) as err:
+        # a model the parametrization does not cover, or inputs of the wrong shape
+        print(f"coord-check: {err}", file=sys.stderr)
+        return 2
     if args.csv:
         df.to_csv(args.csv, index=False)
     fig = plot_coord_check(df, args.quantity)

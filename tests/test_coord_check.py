@@ -86,3 +86,13 @@ def test_cli_writes_the_plot_and_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "slope" in out.stdout and "readout" in out.stdout
     assert len(csv.read_text().splitlines()) == 1 + 2 * 2 * 4 * 5
+
+
+def test_cli_explains_a_model_the_parametrization_does_not_cover(tmp_path, capsys):
+    from modelscape.__main__ import main
+
+    argv = ["coord-check", "--model", "Transformer", "--in-shape", "5", "3", "--params", "mup",
+            "--widths", "16", "32", "--out", str(tmp_path / "x.png")]  # fmt: skip
+    assert main(argv) == 2
+    assert "is attention (MultiheadAttention)" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
