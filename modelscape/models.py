@@ -47,10 +47,11 @@ class MLP(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLP depth must be >= 1 hidden layer, got {depth}.")
+        act = _activation(nonlinearity)  # a bad name fails before any weight is allocated
         dims = [d_in] + [width] * depth
         self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims, dims[1:]))
         self.readout = nn.Linear(width, d_out, bias=bias)
-        self.act = _activation(nonlinearity)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

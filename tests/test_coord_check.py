@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelscape.__main__ import main
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 
 WIDTHS = (128, 256, 512, 1024, 2048)
@@ -89,8 +90,6 @@ def test_cli_writes_the_plot_and_table(tmp_path):
 
 
 def test_cli_explains_a_model_the_parametrization_does_not_cover(tmp_path, capsys):
-    from modelscape.__main__ import main
-
     argv = ["coord-check", "--model", "Transformer", "--in-shape", "5", "3", "--params", "mup",
             "--widths", "16", "32", "--out", str(tmp_path / "x.png")]  # fmt: skip
     assert main(argv) == 2
