@@ -116,7 +116,9 @@ def group_jobs(jobs: Sequence[Job]) -> list[list[Job]]:
     buckets: dict[tuple, list[list[Job]]] = {}
     order: list[list[Job]] = []
     for job in jobs:
-        if _optimizer_name(job) not in OPTIMIZERS:
+        name = _optimizer_name(job)
+        if name not in OPTIMIZERS:
+            _fall_back(job, f"OPTIMIZER={name!r} has no stacked version ({', '.join(OPTIMIZERS)})")
             order.append([job])
             continue
         cap = max(1, min(MAX_GROUP, GROUP_BYTES // max(1, job_bytes(job))))
@@ -141,7 +143,7 @@ def can_batch(jobs: Sequence[Job], spec: SweepSpec) -> bool:
     reason = None
     name = _optimizer_name(jobs[0])
     if name not in OPTIMIZERS:
-        reason = f"OPTIMIZER={name!r} has no stacked version (stacked: {', '.join(OPTIMIZERS)})"
+        reason = f"OPTIMIZER={name!r} has no stacked version ({', '.join(OPTIMIZERS)})"
     else:
         key = group_key(jobs[0])
         for job in jobs[1:]:

@@ -1,0 +1,239 @@
+"""The batched engine against the one-job reference loop (``engine.run_job``).
+
+Every test trains the same jobs both ways and asserts the numbers agree: losses (and curves)
+to a relative 1e-5, timekeys and step counts exactly. Thresholds are chosen so that jobs exit
+at different steps, which exercises the replay of a window for a job that exits inside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import modelscape
+from modelscape import batched, engine
+from modelscape.backend.job_iterator import plan
+from modelscape.checkpoint import Checkpoints
+from modelscape.jobs import SweepError
+
+CPU = torch.device("cpu")
+
+
+def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, d, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1] + 0.5 * Xb[:, 2]
+
+    return batch_fn
+
+
+BASE = {
+    "WIDTH": 16,
+    "DEPTH": 2,
+    "N_SAMPLES": 32,
+    "N_TEST": 100,
+    "MAX_ITER": 150,
+    "LR": 0.1,
+    "ONLINE": False,
+    "LOSS_CHECKPOINTS": [0.9, 0.5],
+    "DTYPE": "float64",
+    "DEVICES": ["cpu"],
+}
+
+
+def make_jobs(overrides=None, axes=None):
+    config = {**BASE, **(overrides or {})}
+    axes = axes or {"trial": range(3), "GAMMA": [1.0, 0.5], "LR": [0.05, 0.2]}
+    _, _, jobs, spec = plan(list(axes.values()), list(axes), config, {"base_bfn": quadratic_bfn})
+    return jobs, spec
+
+
+def reference(jobs, spec):
+    return {job.key: engine.run_job(job, spec, CPU) for job in jobs}
+
+
+def batched_records(jobs, spec, checkpoints=None):
+    groups = batched.group_jobs(jobs)
+    assert len(groups) < len(jobs), "the jobs should share groups"
+    out = {}
+    for group in groups:
+        assert batched.can_batch(group, spec)
+        for record in batched.train_batched(group, spec, CPU, checkpoints):
+            out[record.key] = record
+    return out
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    m = ~np.isnan(a)
+    return float(np.max(np.abs(a[m] - b[m]) / np.maximum(np.abs(a[m]), 1e-300), initial=0.0))
+
+
+def assert_same(ref, got, tol=1e-5):
+    assert set(ref) == set(got)
+    for key, r in ref.items():
+        g = got[key]
+        assert g.status == r.status, (key, r.error, g.error, g.traceback)
+        assert g.steps == r.steps, key
+        np.testing.assert_array_equal(g.timekeys, r.timekeys)
+        if r.status == "ok":
+            assert rel(r.train_loss, g.train_loss) <= tol
+            assert rel(r.test_loss, g.test_loss) <= tol
+        assert set(g.grabs) == set(r.grabs)
+        for name in r.grabs:
+            assert rel(r.grabs[name], g.grabs[name]) <= tol, name
+        assert (r.curves is None) == (g.curves is None)
+        for name in r.curves or {}:
+            assert r.curves[name].shape == g.curves[name].shape
+            assert rel(r.curves[name], g.curves[name]) <= tol, name
+
+
+def exit_steps(records):
+    return sorted({r.steps for r in records.values()})
+
+
+def test_offline_mixed_lr_and_gamma_with_early_exit_matches_reference():
+    jobs, spec = make_jobs({"CENTER": True})
+    ref = reference(jobs, spec)
+    # the jobs stop at many different steps, most of them inside a sync window
+    assert len(exit_steps(ref)) >= 6 and max(exit_steps(ref)) < BASE["MAX_ITER"]
+    got = batched_records(jobs, spec)
+    assert len(batched.group_jobs(jobs)) == 1
+    assert_same(ref, got)
+
+
+def test_online_with_centering_matches_reference():
+    jobs, spec = make_jobs({"ONLINE": True, "CENTER": True})
+    ref = reference(jobs, spec)
+    assert len(exit_steps(ref)) >= 3
+    assert_same(ref, batched_records(jobs, spec))
+
+
+def test_curves_and_grabs_match_reference():
+    def weight_norm(model, **kw):
+        return torch.stack([p.norm() for p in model.parameters()])
+
+    def train_fit(model, X_tr, y_tr, **kw):
+        return ((model(X_tr).squeeze(-1) - y_tr) ** 2).mean()
+
+    def momentum_norm(opt, model, step, **kw):
+        state = opt.state[next(model.parameters())]
+        return state["momentum_buffer"].norm() + step
+
+    grabs = {"weight_norm": weight_norm, "train_fit": train_fit, "momentum": momentum_norm}
+    for online in (False, True):
+        jobs, spec = make_jobs(
+            {
+                "ONLINE": online,
+                "ONLYTHRESHOLDS": False,
+                "EVAL_EVERY": 9,
+                "MOMENTUM": 0.5,
+                "MAX_ITER": 60,
+                "otherreturns": grabs,
+            }
+        )
+        ref = reference(jobs, spec)
+        assert all(r.status == "ok" for r in ref.values())
+        assert "momentum" in next(iter(ref.values())).curves
+        assert_same(ref, batched_records(jobs, spec))
+
+
+def test_float32_matches_reference():
+    jobs, spec = make_jobs({"DTYPE": "float32", "MAX_ITER": 100})
+    ref = reference(jobs, spec)
+    assert_same(ref, batched_records(jobs, spec))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"MOMENTUM": 0.9, "WEIGHT_DECAY": 0.01, "NONLINEARITY": "tanh", "BIAS": True},
+        {"OPTIMIZER": "Adam", "LR": 0.01, "NONLINEARITY": "gelu"},
+        {"OPTIMIZER": "AdamW", "LR": 0.01, "WEIGHT_DECAY": 0.1, "NONLINEARITY": "silu"},
+        # a parametrized model: the torch.func path, per-layer LRs from the param groups
+        {"PARAMETRIZATION": "mup", "LR": 1.0, "ONLINE": True},
+    ],
+)
+def test_optimizers_activations_and_parametrizations_match_reference(overrides):
+    jobs, spec = make_jobs({**overrides, "MAX_ITER": 80})
+    ref = reference(jobs, spec)
+    assert_same(ref, batched_records(jobs, spec))
+
+
+def test_diverging_jobs_match_reference():
+    jobs, spec = make_jobs(
+        {"MAX_ITER": 60, "LOSS_CHECKPOINTS": [0.0], "NONLINEARITY": "linear"},
+        axes={"trial": range(2), "LR": [0.05, 5.0]},
+    )
+    ref = reference(jobs, spec)
+    assert {r.status for r in ref.values()} == {"ok", "diverged"}
+    assert_same(ref, batched_records(jobs, spec))
+
+
+def test_sweep_results_equal_with_batching_on_and_off():
+    config = {**BASE, "ONLINE": True, "MAX_ITER": 80}
+    iterators, names = [[16, 32], range(3), [1.0, 0.3]], ["ntrain", "trial", "GAMMA"]
+    results = {}
+    for mode in ("off", "auto"):
+        results[mode] = modelscape.run_sweep(
+            iterators,
+            names,
+            {**config, "BATCHED": mode},
+            {"base_bfn": quadratic_bfn},
+            progress=False,
+        )
+    off, auto = results["off"], results["auto"]
+    assert rel(off.to_xarray()["test_loss"], auto.to_xarray()["test_loss"]) <= 1e-5
+    np.testing.assert_array_equal(off.to_xarray()["timekeys"], auto.to_xarray()["timekeys"])
+
+
+def test_grouping_and_fallbacks(capsys):
+    jobs, spec = make_jobs(
+        axes={"trial": range(2), "ntrain": [16, 32], "OPTIMIZER": ["SGD", "RMSprop"]}
+    )
+    groups = batched.group_jobs(jobs)
+    # SGD jobs group by sample count; RMSprop has no stacked version and trains alone
+    sizes = sorted(len(g) for g in groups)
+    assert sizes == [1, 1, 1, 1, 2, 2]
+    assert "RMSprop" in capsys.readouterr().err
+    widths, spec = make_jobs(axes={"WIDTH": [8, 16]})
+    assert not batched.can_batch(widths, spec)
+    assert "WIDTH" in capsys.readouterr().err
+    on, spec = make_jobs({"BATCHED": "on"}, axes={"WIDTH": [8, 16]})
+    with pytest.raises(SweepError, match="BATCHED='on'"):
+        batched.can_batch(on, spec)
+    off, spec = make_jobs({"BATCHED": "off"})
+    assert not batched.can_batch(off, spec)
+
+
+def test_group_size_is_capped_by_memory_budget():
+    jobs, _ = make_jobs({"WIDTH": 2048, "N_SAMPLES": 2048}, axes={"trial": range(20)})
+    per_job = batched.job_bytes(jobs[0])
+    groups = batched.group_jobs(jobs)
+    assert 2 <= max(len(g) for g in groups) == batched.GROUP_BYTES // per_job < 20
+    assert sum(len(g) for g in groups) == 20
+
+
+def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
+    jobs, spec = make_jobs({"MAX_ITER": 120, "LOSS_CHECKPOINTS": [0.3]})
+    ref = reference(jobs, spec)
+    assert len(exit_steps(ref)) >= 2
+    ckpt = Checkpoints(tmp_path, every_seconds=0.0)  # save at every window end
+    (group,) = batched.group_jobs(jobs)
+    finished = {}
+    for record in batched.train_batched(group, spec, CPU, ckpt):
+        finished[record.key] = record
+        if record.steps > batched.SYNC_EVERY + 5:
+            break  # "killed" here, after the first windows were saved
+    rest = [job for job in jobs if job.key not in finished]
+    saved = [ckpt.load(job.key) for job in rest]
+    assert rest and all(state is not None and state["step"] > 0 for state in saved)
+    # half resume stacked, the other half in the one-job loop: the checkpoint format is shared
+    half = len(rest) // 2
+    for record in batched.train_batched(rest[:half], spec, CPU, ckpt):
+        finished[record.key] = record
+    for job in rest[half:]:
+        finished[job.key] = engine.run_job(job, spec, CPU, ckpt)
+    assert_same(ref, finished)
