@@ -37,7 +37,8 @@ from modelscape.results import JobRecord
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
-N_SUB_SEEDS = 4  # model init, training data, test data, the global RNG while training
+# model init, training data, test data, the global RNG while training, centering offsets
+N_SUB_SEEDS = 5
 
 
 def lr_gamma_factor(gamma: float) -> float:
@@ -186,7 +187,7 @@ def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
 def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     """Draw the job's data, build its model and optimizer, and cache what centering needs."""
     hp = job.hp
-    init_seed, train_seed, test_seed = sub_seeds(job.seed, N_SUB_SEEDS)[:3]
+    init_seed, train_seed, test_seed, _, center_seed = sub_seeds(job.seed, N_SUB_SEEDS)
     config = job_config(job, spec)
 
     if spec.X_te is not None:
@@ -263,7 +264,10 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     )
     if hp.CENTER:
         model0 = copy.deepcopy(model).requires_grad_(False)
-        with torch.no_grad():
+        devices = [device] if device.type == "cuda" else []
+        # seeded: a model with dropout draws here, and must not depend on the process's RNG
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(center_seed)
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)

@@ -165,7 +165,7 @@ class LocalExecutor(Executor):
     def _replace(self, w: _Worker, spec_blob: bytes, on_record: OnRecord) -> _Worker:
         """Record the dead worker's unfinished jobs as failed and start another on its device."""
         code = w.proc.wait()
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         for job in w.left:
             err = WorkerDied(
                 f"the worker process on {w.device} died ({how}) while training this job: it "
@@ -242,6 +242,13 @@ def _shutdown(workers: Sequence[_Worker], grace: float = 5.0) -> None:
             w.proc.kill()
             w.proc.wait()
         _close(w)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def available_cores() -> int:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.store import load
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -107,7 +110,9 @@ def assert_same(a, b):
             rb.test_loss,
         )
         np.testing.assert_array_equal(ra.timekeys, rb.timekeys)
-        assert ra.grabs["w"].tobytes() == rb.grabs["w"].tobytes()
+        for name in ra.grabs:
+            assert ra.grabs[name].tobytes() == rb.grabs[name].tobytes()
+        assert ra.curves.keys() == rb.curves.keys() if ra.curves else rb.curves is None
         for name in ra.curves or {}:
             assert ra.curves[name].tobytes() == rb.curves[name].tobytes()
 
@@ -166,3 +171,65 @@ def test_a_long_job_killed_mid_way_continues_from_its_checkpoint_bit_identically
     assert_same(resumed, load(reference_dir))
     # the job ran past the checkpoint: what it resumed from was not the end
     assert resumed.records[0].steps == 200
+
+
+class DropoutMLP(torch.nn.Module):
+    """Dropout draws from the global RNG, whose state the checkpoint must carry."""
+
+    def __init__(self, d_in, d_out, width):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d_in, width), torch.nn.ReLU(), torch.nn.Dropout(0.3)
+        )
+        self.readout = torch.nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.readout(self.net(x))
+
+
+INTERRUPT_AT = []  # the evaluation step at which the grab raises KeyboardInterrupt, once
+
+
+def plain_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 4, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1]
+
+    return batch_fn
+
+
+def interrupting_grab(model, step, **kwargs):
+    if INTERRUPT_AT and step == INTERRUPT_AT[0]:
+        INTERRUPT_AT.clear()
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a job
+    return model.readout.weight.detach().sum()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(ONLINE=True, OPTIMIZER="SGD", MOMENTUM=0.9, MODEL_CLASS=DropoutMLP),
+        dict(ONLINE=False, OPTIMIZER="Adam", LR=0.003),
+    ],
+    ids=["online-sgd-momentum-dropout", "offline-adam"],
+)
+def test_an_interrupted_job_resumes_from_its_checkpoint_in_process(settings, tmp_path, capsys):
+    cfg = vars(base_args(WIDTH=16, MAX_ITER=60, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"],
+                         LOSS_CHECKPOINTS=[1e-12], ONLYTHRESHOLDS=False, EVAL_EVERY=9,
+                         CHECKPOINT_EVERY=1e-9, BATCHED="off", **settings))  # fmt: skip
+
+    cfg["otherreturns"] = {"w": interrupting_grab}
+
+    def sweep(run_dir):
+        config = {**cfg, "SAVE_DIR": str(run_dir)}
+        return run_job_iterator(
+            [[0, 1]], ["trial"], config, {"base_bfn": plain_bfn}, progress=False
+        )
+
+    INTERRUPT_AT[:] = [36]  # an evaluation step (EVAL_EVERY=9): the last checkpoint is 35
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tmp_path / "run")
+    assert "rerun the same sweep to continue" in capsys.readouterr().err
+    resumed = sweep(tmp_path / "run")
+    assert "job (trial=0) from its checkpoint at step 35" in capsys.readouterr().err
+    assert_same(resumed, sweep(tmp_path / "reference"))

@@ -211,7 +211,8 @@ def _open_store(
 
 def _tensor_digest(t: torch.Tensor) -> str:
     data = t.detach().cpu().contiguous()
-    digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+    raw = data.flatten().view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+    digest = hashlib.sha256(raw).hexdigest()[:16]
     return f"tensor{tuple(data.shape)} {data.dtype} sha256:{digest}"
 
 
