@@ -82,9 +82,11 @@ def test_one_and_two_workers_in_any_order_give_bit_identical_results():
     assert len({r.test_loss for r in here.records}) == len(here.records)
 
 
-def test_a_worker_killed_mid_job_fails_that_job_and_a_replacement_carries_on():
+def test_a_worker_killed_mid_job_fails_that_job_and_a_replacement_carries_on(tmp_path, capfd):
+    # checkpoints every step, so that RETRY_FAILED can continue the killed job
+    cfg = config(SAVE_DIR=str(tmp_path / "run"), CHECKPOINT_EVERY=1e-9)
     # one worker process: only a replacement can train the jobs after the killed one
-    result = sweep(config(), trials=range(4), bfn=make_bfn(5, kill=(0, 0.5)), use_mp=True)
+    result = sweep(cfg, trials=range(4), bfn=make_bfn(5, kill=(0, 0.5)), use_mp=True)
     killed = [r for r in result.records if r.status == "failed"]
     assert [r.key for r in killed] == [(0, 0.5)]
     assert "died (killed by SIGKILL)" in killed[0].error and "RETRY_FAILED" in killed[0].error
@@ -92,6 +94,13 @@ def test_a_worker_killed_mid_job_fails_that_job_and_a_replacement_carries_on():
     assert_bit_identical(reference, result, skip={(0, 0.5)})
     pids = [int(r.grabs["pid"]) for r in result.records if r.status == "ok"]
     assert pids[0] != pids[1] and len(set(pids[1:])) == 1 and os.getpid() not in pids
+
+    capfd.readouterr()
+    retried = sweep({**cfg, "RETRY_FAILED": True}, trials=range(4), bfn=make_bfn(5))
+    # the step-5 batch killed it, so its last checkpoint is after step 4
+    assert "job (trial=0, GAMMA=0.5) from its checkpoint at step 4" in capfd.readouterr().err
+    assert_bit_identical(reference, retried)
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_an_unpicklable_closure_variable_is_named_before_any_worker_starts():

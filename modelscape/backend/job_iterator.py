@@ -155,8 +155,10 @@ def _train(
 
     def on_record(record: JobRecord) -> None:
         store.add(record)
-        if checkpoints is not None:
-            checkpoints.clear(record.key)  # only once the record is stored
+        # Only once the record is stored. A failed job keeps its checkpoint: a worker killed by
+        # the OOM killer, say, then continues from it under RETRY_FAILED.
+        if checkpoints is not None and record.status != "failed":
+            checkpoints.clear(record.key)
         bar.update(record)
 
     try:
