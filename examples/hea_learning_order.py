@@ -35,7 +35,7 @@ DEFAULTS = [
     "--PARAMETRIZATION", "mup",
     "--GAMMA", "10",
     "--LR", "0.05",
-    "--WIDTH", "256",
+    "--WIDTH", "128",
     "--DEPTH", "2",
     "--BIAS", "True",
     "--ONLINE", "True",
