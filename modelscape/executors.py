@@ -135,7 +135,12 @@ class LocalExecutor(Executor):
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    workers[workers.index(w)] = self._replace(w, spec_blob, on_record)
+                    self._bury(w, on_record)
+                    i = workers.index(w)
+                    if pending:  # a replacement carries on with the remaining groups
+                        workers[i] = self._connect(self._spawn(), w.device, spec_blob)
+                    else:
+                        del workers[i]
                     continue
                 self._handle(w, message, on_record)
 
@@ -162,9 +167,13 @@ class LocalExecutor(Executor):
                 "instead to send them by value."
             )
 
-    def _replace(self, w: _Worker, spec_blob: bytes, on_record: OnRecord) -> _Worker:
-        """Record the dead worker's unfinished jobs as failed and start another on its device."""
-        code = w.proc.wait()
+    def _bury(self, w: _Worker, on_record: OnRecord) -> None:
+        """Record the unfinished jobs of a worker whose connection broke as failed."""
+        try:
+            code = w.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # alive but unreachable: it cannot be used again
+            w.proc.kill()
+            code = w.proc.wait()
         how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
         for job in w.left:
             err = WorkerDied(
@@ -172,10 +181,10 @@ class LocalExecutor(Executor):
                 "was killed (out of memory?) or crashed. RETRY_FAILED=True reruns it."
             )
             on_record(failed_record(job, err, w.device))
+        w.gid, w.left = None, []
         if not w.ready:
             self._startup_died(how)
         _close(w)
-        return self._connect(self._spawn(), w.device, spec_blob)
 
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
