@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
     targets = [Monomial(t) for t in args.TARGETS]
     gamma = powerlaw_eigenvalues(args.DIM, args.ALPHA, args.OFFSET)
+    max_degree = max(t.degree for t in targets)
+    bias_variance = 1.0 if args.BIAS else 0.0
     coeffs = relu_ntk_level_coefficients(
-        gamma, max(t.degree for t in targets), depth=args.DEPTH, bias_variance=1.0 if args.BIAS else 0.0
+        gamma, max_degree, depth=args.DEPTH, bias_variance=bias_variance
     )
     for t, lam in zip(targets, hea_eigenvalues(targets, gamma, coeffs)):
         print(f"target {t}: HEA eigenvalue {lam:.3g}")
