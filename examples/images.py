@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         "classes": tuple(args.CLASSES),
         "to_grayscale": args.GRAYSCALE,
     }
-    data = load_image_data(args.DATASET, **options)
+    try:
+        data = load_image_data(args.DATASET, **options)
+    except FileNotFoundError as err:
+        raise SystemExit(f"images.py: {err}") from None
     print(
         f"{args.DATASET} classes {args.CLASSES}: {len(data.y_train)} training and "
         f"{len(data.y_test)} test images of shape {tuple(data.X_train.shape[1:])}"

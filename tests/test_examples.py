@@ -45,6 +45,33 @@ def test_example_runs_and_saves_its_plot(name, tmp_path):
     assert "jobs:" in out and " ok" in out  # the summary's status counts
 
 
+def test_images_example_reads_cifar10_from_datasetpath(tmp_path):
+    from test_data import _write_fake_cifar  # the real pickle format, tiny
+
+    _write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py", n_per_batch=60, n_test=50)
+    flags = ["--DATASET", "cifar10", "--DATASETPATH", str(tmp_path / "data"), "--SIZES", "8", "16"]
+    out = run_example("images.py", tmp_path / "cifar.png", *flags)
+    assert "cifar10 classes [0, 6]: 70 training and 13 test images of shape (3, 32, 32)" in out
+
+
+def test_images_example_without_cifar10_says_where_to_put_it(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "images.py"),
+            "--DATASET",
+            "cifar10",
+            "--DATASETPATH",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "cifar-10-batches-py" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_hea_example_prints_a_positive_spearman_correlation(tmp_path):
     out = run_example("hea_learning_order.py", tmp_path / "hea.png")
     match = re.search(r"Spearman correlation .* over (\d+) monomials: (-?[\d.]+)", out)
