@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
+
+from modelscape.hparams import HParamError
+from modelscape.jobs import SweepError
 
 # subcommand name -> module providing add_parser(subparsers) and run(args)
 SUBCOMMANDS = {
@@ -29,7 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.add_parser(sub, name)
         modules[name] = module
     args, rest = parser.parse_known_args(argv)
-    return int(modules[args.command].run(args, rest) or 0)
+    try:
+        return int(modules[args.command].run(args, rest) or 0)
+    except (HParamError, SweepError) as err:
+        # bad input: the message says what to fix, a traceback would only bury it
+        print(f"modelscape {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -149,12 +149,18 @@ class Problem:
 
     @torch.no_grad()
     def test_loss(self) -> float:
-        outs = []
-        for start in range(0, self.X_te.shape[0], EVAL_CHUNK):
-            sl = slice(start, start + EVAL_CHUNK)
-            f0 = None if self.f0_te is None else self.f0_te[sl]
-            outs.append(self.output(self.X_te[sl], f0))
-        return float(self.loss_fn(torch.cat(outs), self.y_te))
+        """The loss on the test set, in eval mode (no dropout), the model's mode restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = []
+            for start in range(0, self.X_te.shape[0], EVAL_CHUNK):
+                sl = slice(start, start + EVAL_CHUNK)
+                f0 = None if self.f0_te is None else self.f0_te[sl]
+                outs.append(self.output(self.X_te[sl], f0))
+            return float(self.loss_fn(torch.cat(outs), self.y_te))
+        finally:
+            self.model.train(was_training)
 
 
 def to_device(X: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str):
@@ -263,9 +269,11 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         grabs=spec.grabs,
     )
     if hp.CENTER:
-        model0 = copy.deepcopy(model).requires_grad_(False)
+        # f_init is the initial network as a function: eval mode, so dropout does not make it
+        # random
+        model0 = copy.deepcopy(model).requires_grad_(False).eval()
         devices = [device] if device.type == "cuda" else []
-        # seeded: a model with dropout draws here, and must not depend on the process's RNG
+        # seeded: a user model may still draw random numbers in eval mode
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(center_seed)
             problem.f0_te = _chunked(model0, X_te)

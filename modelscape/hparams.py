@@ -72,7 +72,9 @@ class HParams:
         [0.15, 0.1], "EMA train-loss thresholds; a job stops once all are crossed."
     )
     EMA_SMOOTHER: float = hp(0.9, "EMA constant s: ema = s*ema + (1-s)*loss.")
-    DETERMINISTIC: bool = hp(True, "Seed every job from SEED (True) or fresh entropy (False).")
+    DETERMINISTIC: bool = hp(
+        True, "Seed jobs from SEED and use torch's deterministic algorithms (True), or not."
+    )
     VERBOSE: bool = hp(False, "Print the loss as training goes.", scope="sweep")
 
     # --- training loop ---
@@ -95,7 +97,9 @@ class HParams:
     BIAS: bool = hp(False, "Biases in the built-in models' layers.")
 
     # --- execution and storage ---
-    WORKERS_PER_DEVICE: int = hp(1, "Worker processes per device.", scope="sweep")
+    WORKERS_PER_DEVICE: int = hp(
+        1, "Worker processes per device (several pack small jobs on one GPU).", scope="sweep"
+    )
     EXECUTOR: str = hp(
         "local",
         "Where jobs run: local processes or a Ray cluster.",
