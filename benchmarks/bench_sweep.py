@@ -7,7 +7,9 @@ ONLYTHRESHOLDS True, CENTER False. Three cases: width 64 offline, width 256 offl
 online (LR 0.05, a fresh batch of N_SAMPLES every step).
 
 The baseline trains the same sweep in this process the way a researcher writes it: one model at
-a time, ``opt.zero_grad(); loss.backward(); opt.step()``, the test loss only at the end.
+a time, ``opt.zero_grad(); loss.backward(); opt.step()``, the test loss only at the end. It
+takes each job's data and initial weights from ``engine.setup_job``, so both sides train the
+same models on the same numbers and their median test losses agree to float rounding.
 
 Printed per case: time(plain) / time(modelscape), the achieved GFLOP/s of each (6 x samples x
 weights per step) as a fraction of this machine's float32 GEMM peak (measured here), and the
@@ -29,6 +31,8 @@ import torch
 from torch import nn
 
 import modelscape
+from modelscape import engine
+from modelscape.backend.job_iterator import plan
 from modelscape.demo import quadratic_bfn
 
 D = 32
@@ -73,9 +77,8 @@ def gemm_peak() -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def run_modelscape(case: Case, steps: int) -> tuple[float, float]:
-    """(seconds, median test loss) of the sweep through modelscape's public API."""
-    config = {
+def sweep_config(case: Case, steps: int) -> dict:
+    return {
         "ONLINE": case.online,
         "WIDTH": case.width,
         "DEPTH": 2,
@@ -90,49 +93,46 @@ def run_modelscape(case: Case, steps: int) -> tuple[float, float]:
         "CENTER": False,
         "DEVICES": ["cpu"],
     }
+
+
+AXES = ([list(SAMPLES), range(TRIALS)], ["ntrain", "trial"])
+BFN = {"base_bfn": quadratic_bfn, "d": D}
+
+
+def run_modelscape(case: Case, steps: int) -> tuple[float, float]:
+    """(seconds, median test loss) of the sweep through modelscape's public API."""
     start = time.perf_counter()
-    result = modelscape.run_sweep(
-        [list(SAMPLES), range(TRIALS)],
-        ["ntrain", "trial"],
-        config,
-        {"base_bfn": quadratic_bfn, "d": D},
-        progress=False,
-    )
+    result = modelscape.run_sweep(*AXES, sweep_config(case, steps), BFN, progress=False)
     seconds = time.perf_counter() - start
     assert all(r.steps == steps and r.status == "ok" for r in result.records)
     return seconds, statistics.median(r.test_loss for r in result.records)
 
 
 def run_plain(case: Case, steps: int) -> tuple[float, float]:
-    """(seconds, median test loss) of the same sweep as a hand-written loop."""
+    """(seconds, median test loss) of the same sweep as a hand-written loop.
+
+    Each job's data and initial weights come from ``engine.setup_job``, exactly as modelscape
+    draws them, so both sides train the same models on the same numbers and their test losses
+    must agree to float rounding; the training loop itself is plain PyTorch.
+    """
     start = time.perf_counter()
+    _, _, jobs, spec = plan(*AXES, sweep_config(case, steps), BFN)
     losses = []
-    for n in SAMPLES:
-        for trial in range(TRIALS):
-            gen = torch.Generator().manual_seed(1000 * n + trial)
-            torch.manual_seed(1000 * n + trial)
-            model = nn.Sequential(
-                nn.Linear(D, case.width, bias=False),
-                nn.ReLU(),
-                nn.Linear(case.width, case.width, bias=False),
-                nn.ReLU(),
-                nn.Linear(case.width, 1, bias=False),
-            )
-            opt = torch.optim.SGD(model.parameters(), lr=case.lr)
-            X_te = torch.randn(N_TEST, D, generator=gen)
-            y_te = X_te[:, 0] * X_te[:, 1]
-            X = torch.randn(n, D, generator=gen)
-            y = X[:, 0] * X[:, 1]
-            for _ in range(steps):
-                if case.online:
-                    X = torch.randn(n, D, generator=gen)
-                    y = X[:, 0] * X[:, 1]
-                loss = nn.functional.mse_loss(model(X).squeeze(-1), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                losses.append(nn.functional.mse_loss(model(X_te).squeeze(-1), y_te).item())
+    for job in jobs:
+        problem = engine.setup_job(job, spec, torch.device("cpu"))
+        model = problem.model
+        opt = torch.optim.SGD(model.parameters(), lr=case.lr)
+        X, y = problem.X_tr, problem.y_tr
+        for step in range(steps):
+            if case.online:
+                X, y = problem.batch_fn(step)
+            loss = nn.functional.mse_loss(model(X).squeeze(-1), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            test = nn.functional.mse_loss(model(problem.X_te).squeeze(-1), problem.y_te)
+        losses.append(test.item())
     return time.perf_counter() - start, statistics.median(losses)
 
 

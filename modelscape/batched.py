@@ -267,10 +267,7 @@ class MLPKernel:
             saved.append(h)
         wi, bi = self.readout
         W = params[wi]
-        # A (n, w) x (w, 1) product is a poor fit for bmm; multiply-and-sum is several times faster.
-        f = (h * W).sum(-1, keepdim=True) if W.shape[1] == 1 else torch.bmm(h, W.mT)
-        if bi is not None:
-            f = f + params[bi][:, None]
+        f = torch.bmm(h, W.mT) if bi is None else torch.baddbmm(params[bi][:, None], h, W.mT)
         return f, (saved if keep else None)
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
@@ -291,12 +288,9 @@ class MLPKernel:
         grads: list[torch.Tensor | None] = [None] * len(params)
         wi, bi = self.readout
         W, h = params[wi], saved[-1]
-        if W.shape[1] == 1:
-            grads[wi] = (g * h).sum(1, keepdim=True)
-            gh = g * W
-        else:
-            grads[wi] = torch.bmm(g.mT, h)
-            gh = torch.bmm(g, W)
+        grads[wi] = torch.bmm(g.mT, h)
+        # an outer product (one output) is faster as a broadcast multiply than as a bmm
+        gh = g * W if W.shape[1] == 1 else torch.bmm(g, W)
         if bi is not None:
             grads[bi] = g.sum(1)
         for k in range(len(self.layers) - 1, -1, -1):
@@ -443,6 +437,7 @@ class FunctionalOptimizer:
         flat = {k: [v for per_param in vs for v in per_param] for k, vs in settings.items()}
         self.has_wd = any(flat["weight_decay"])
         self.has_momentum = kind == "sgd" and any(flat["momentum"])
+        self._cache: tuple | None = None
 
     def build(self, settings, like: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """The settings as tensors that broadcast against each stacked parameter."""
@@ -500,15 +495,21 @@ class FunctionalOptimizer:
             else:
                 self._adam(stack, grads, n_done + 1)
 
+    def _trained(self, stack: Stack) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The trained parameters and their settings (cached: this runs every step)."""
+        if self._cache is None or self._cache[0] is not stack:
+            idx = self.trained
+            hy = {k: [v[i] for i in idx] for k, v in stack.hyper.items()}
+            self._cache = (stack, [stack.params[i] for i in idx], hy)
+        return self._cache[1], self._cache[2]
+
     def _sgd(self, stack: Stack, grads, n_done: int) -> None:
-        idx = self.trained
-        ps = [stack.params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        hy = {k: [v[i] for i in idx] for k, v in stack.hyper.items()}
+        ps, hy = self._trained(stack)
+        gs = [grads[i] for i in self.trained]
         if self.has_wd:
             gs = [g + p * wd for g, p, wd in zip(gs, ps, hy["weight_decay"])]
         if self.has_momentum:
-            bufs = [stack.slots["momentum_buffer"][i] for i in idx]
+            bufs = [stack.slots["momentum_buffer"][i] for i in self.trained]
             if n_done == 0:
                 torch._foreach_copy_(bufs, gs)
             else:
@@ -860,12 +861,12 @@ class Run:
             t1 = self._window_end(t)
             snapshot = stack.mutable()
             cache: list | None = [] if self.online else None
-            dtype = stack.params[0].dtype
-            buf = torch.empty(t1 - t, len(stack.rows), dtype=dtype, device=self.device)
+            window = []
             for step in range(t, t1):
                 X, y, f0 = self._batch(stack, step, cache)
-                buf[step - t] = self._train_step(stack, X, y, f0, step)
-            losses = buf.T.to("cpu", torch.float64).tolist()  # the window's one host sync
+                window.append(self._train_step(stack, X, y, f0, step))
+            # the window's one host sync
+            losses = torch.stack(window, 1).to("cpu", torch.float64).tolist()
             self.first_window = False
             last = (X, y)
             exits: list[int] = []
