@@ -648,30 +648,40 @@ def train_batched(
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        loops = _restore(problems, checkpoints)
-        starts = [0 if loop is None else loop.step + 1 for loop in loops]
+        resumes = _restore(problems, checkpoints)
+        starts = [0 if r is None else r.loop.step + 1 for r in resumes]
         for start in sorted(set(starts)):
-            part = [(p, loop) for p, loop, s in zip(problems, loops, starts) if s == start]
+            part = [(p, r) for p, r, s in zip(problems, resumes, starts) if s == start]
             yield from _train_part(part, spec, device, checkpoints, start)
 
 
-def _restore(problems: list[engine.Problem], checkpoints: Checkpoints | None) -> list[Any]:
-    """Load each job's checkpoint (if any) into its problem; its loop state, or None."""
-    loops = []
+@dataclass
+class Resume:
+    """Where a job's checkpoint left it: the loop state and the job's global RNG state."""
+
+    loop: Any  # engine._LoopState
+    rng: torch.Tensor
+
+
+def _restore(
+    problems: list[engine.Problem], checkpoints: Checkpoints | None
+) -> list[Resume | None]:
+    """Load each job's checkpoint (if any) into its problem; a ``Resume`` or None per job."""
+    resumes: list[Resume | None] = []
     for p in problems:
         saved = None if checkpoints is None else checkpoints.load(p.job.key)
         if saved is not None and saved["seed"] == p.job.seed:
-            loop = engine._restore(p, saved)
+            resume = Resume(engine._restore(p, saved), saved["torch_rng"])
             _say(
                 f"modelscape: resuming job ({p.job.label()}) from its checkpoint "
-                f"at step {loop.step}"
+                f"at step {resume.loop.step}"
             )
-            loops.append(loop)
+            resumes.append(resume)
         else:
-            loops.append(None)
+            resumes.append(None)
     if checkpoints is not None:
         checkpoints.reset_clock()
-    return loops
+    return resumes
 
 
 def _train_alone(problem: engine.Problem, checkpoints: Checkpoints | None) -> JobRecord:
@@ -750,8 +760,9 @@ class Run:
         if self.online and self.hp.CENTER and p0.model0 is None:
             raise Unbatchable("online centering without an initial model")
 
-    def _track(self, p: engine.Problem, loop: Any) -> Track:
+    def _track(self, p: engine.Problem, resume: Resume | None) -> Track:
         hp = p.job.hp
+        loop = None if resume is None else resume.loop
         thresholds = sorted(hp.LOSS_CHECKPOINTS, reverse=True)
         track = Track(
             problem=p,
@@ -768,7 +779,9 @@ class Run:
             # batch function draws from it (checked at the first draw).
             if loop is None:
                 torch.manual_seed(sub_seeds(p.job.seed, engine.N_SUB_SEEDS)[3])
-            track.rng = torch.get_rng_state()
+                track.rng = torch.get_rng_state()
+            else:
+                track.rng = resume.rng
         return track
 
     def _stack(self, settings) -> Stack:
