@@ -71,6 +71,19 @@ OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
 _ACT_FROM_OUTPUT = {nn.ReLU, nn.Tanh, nn.Identity}  # backward needs only the activation's output
 _ACT_FROM_INPUT = {nn.GELU, nn.SiLU}  # backward needs the pre-activation
+# Modules whose training step is random or updates buffers: replaying a window from a snapshot of
+# the parameters would not reproduce them, so their models train one job at a time.
+STATEFUL_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
 _NOTICED: set[str] = set()
 BUFFER = "buffer:"  # prefix of a module buffer's name in Stack.data
 
@@ -749,6 +762,9 @@ class Run:
 
     def _check_shapes(self) -> None:
         p0 = self.problems[0]
+        stateful = {type(m).__name__ for m in p0.model.modules() if isinstance(m, STATEFUL_MODULES)}
+        if stateful:
+            raise Unbatchable(f"the model has {', '.join(sorted(stateful))} layers")
         names = [(n, t.shape, t.dtype) for n, t in p0.model.named_parameters()]
         for p in self.problems[1:]:
             if [(n, t.shape, t.dtype) for n, t in p.model.named_parameters()] != names:
