@@ -731,7 +731,8 @@ def _train_part(part, spec, device, checkpoints, start) -> Iterator[JobRecord]:
                 yield engine.run_job(p.job, spec, device, checkpoints)
             return
         for r in run.stack.rows if run.stack is not None else []:
-            yield engine.failed_record(problems[r].job, err, device)
+            if run.tracks[r].exit is None:  # not reported yet
+                yield engine.failed_record(problems[r].job, err, device)
 
 
 class Run:
@@ -915,7 +916,12 @@ class Run:
                 elif track.exit == t1 - 1:
                     yield self._finish(stack, pos, track, last, t1 - 1)
                 elif track.exit is None and self._eval_due(track, t1 - 1):
-                    self._eval(stack, pos, track, last, t1 - 1)
+                    try:
+                        self._eval(stack, pos, track, last, t1 - 1)
+                    except Exception as err:  # noqa: BLE001 - a failing grab fails its job only
+                        track.exit = t1 - 1
+                        exits.append(pos)
+                        yield engine.failed_record(track.problem.job, err, self.device)
             if replay:
                 yield from self._replay(stack, snapshot, replay, cache, t)
             keep = [pos for pos in range(len(stack.rows)) if pos not in exits]

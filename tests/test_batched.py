@@ -285,3 +285,26 @@ def test_model_with_dropout_trains_one_job_at_a_time(capsys):
     assert "Dropout" in capsys.readouterr().err
     for key, r in ref.items():  # the one-job loop itself: bit-identical
         assert got[key].test_loss == r.test_loss and got[key].steps == r.steps
+
+
+def test_a_failing_grab_fails_only_its_job():
+    def picky(model, trial, step, **kw):
+        if trial == 1 and step >= 20:
+            raise ValueError("trial 1 refuses")
+        return step
+
+    for only in (True, False):
+        jobs, spec = make_jobs(
+            {"ONLYTHRESHOLDS": only, "EVAL_EVERY": 10, "MAX_ITER": 50, "otherreturns": {"s": picky}}
+        )
+        ref = reference(jobs, spec)
+        got = batched_records(jobs, spec)
+        assert {r.key[0] for r in got.values() if r.status == "failed"} == {1}
+        assert "trial 1 refuses" in next(r for r in got.values() if r.status == "failed").error
+        assert_same(
+            {k: r for k, r in ref.items() if r.status != "failed"},
+            {k: r for k, r in got.items() if r.status != "failed"},
+        )
+        assert {k for k, r in ref.items() if r.status == "failed"} == {
+            k for k, r in got.items() if r.status == "failed"
+        }
