@@ -190,6 +190,48 @@ def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
     return int(np.prod(y.shape[1:])), False
 
 
+def model_spec(
+    job: Job, config: Mapping[str, Any], in_shape: tuple[int, ...], d_out: int
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The job's model class and its constructor arguments, matched by name."""
+    hp = job.hp
+    model_cls = resolve_model_class(hp.MODEL_CLASS)
+    provided = {
+        "d_in": int(np.prod(in_shape)),
+        "d_out": d_out,
+        "width": hp.WIDTH,
+        "depth": hp.DEPTH,
+        "in_shape": in_shape,
+        "nonlinearity": hp.NONLINEARITY,
+        "bias": hp.BIAS,
+    }
+    return model_cls, constructor_kwargs(model_cls, provided, config)
+
+
+def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> None:
+    """Before training: the model can be built and its parametrization applies.
+
+    The model is built on the meta device (no memory, no random numbers). A constructor that
+    cannot run there is left for the job itself to report.
+    """
+    config = job_config(job, spec)
+    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, config)[0])
+    opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
+    optimizer_kwargs(opt_cls, job, config)
+    resolve_class(job.hp.LOSS, nn, "LOSS")
+    if job.hp.PARAMETRIZATION == "sp":
+        return
+    try:
+        with torch.device("meta"):
+            model = model_cls(**kwargs)
+    except Exception:  # noqa: BLE001 - the job reports a real construction error itself
+        return
+    try:
+        parametrize.check_applicable(model, job.hp.PARAMETRIZATION, opt_cls)
+    except parametrize.ParametrizationError as err:
+        raise SweepError(f"job ({job.label()}): {err}") from None
+
+
 def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     """Draw the job's data, build its model and optimizer, and cache what centering needs."""
     hp = job.hp
@@ -221,18 +263,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
 
     d_out, squeeze = _output_dim(y_te, config)
-    in_shape = tuple(X_te.shape[1:])
-    model_cls = resolve_model_class(hp.MODEL_CLASS)
-    provided = {
-        "d_in": int(np.prod(in_shape)),
-        "d_out": d_out,
-        "width": hp.WIDTH,
-        "depth": hp.DEPTH,
-        "in_shape": in_shape,
-        "nonlinearity": hp.NONLINEARITY,
-        "bias": hp.BIAS,
-    }
-    kwargs = constructor_kwargs(model_cls, provided, config)
+    model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
     opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     opt_kwargs = optimizer_kwargs(opt_cls, job, config)
     gamma = hp.GAMMA

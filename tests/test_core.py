@@ -223,8 +223,8 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
 
     run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2, otherreturns={"g": grab}))
     assert seen == [("Poly", 2, 16)]
-    missing = run([[0]], ["trial"], config(MODEL_CLASS=Poly))
-    assert "needs degree" in missing["errors"][(0,)]["message"]
+    with pytest.raises(SweepError, match="needs degree: add DEGREE"):
+        run([[0]], ["trial"], config(MODEL_CLASS=Poly))
     path = tmp_path / "mymodel.py"
     path.write_text("import torch\nclass Lin(torch.nn.Linear):\n"
                     "    def __init__(self, d_in, d_out):\n"
@@ -236,8 +236,10 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
 def test_optimizer_and_loss_by_name_with_extra_arguments():
     ok = run([[0]], ["trial"], config(OPTIMIZER="Adam", betas=(0.8, 0.9), LOSS="L1Loss"))
     assert ok["status"][(0,)] == "ok"
-    bad = run([[0]], ["trial"], config(OPTIMIZER="Adam", MOMENTUM=0.9))
-    assert "takes no momentum" in bad["errors"][(0,)]["message"]
+    with pytest.raises(SweepError, match="takes no momentum"):
+        run([[0]], ["trial"], config(OPTIMIZER="Adam", MOMENTUM=0.9))
+    with pytest.raises(SweepError, match="Choices: .*SGD"):
+        run([[0]], ["trial"], config(OPTIMIZER="Sgd"))
 
 
 def test_bfn_file_protocol(tmp_path):

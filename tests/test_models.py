@@ -8,6 +8,7 @@ import torch
 from modelscape import parametrize as P
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.jobs import SweepError
 from modelscape.models import BUILTIN_MODELS, CNN, MLP, ResNet, Transformer
 
 WIDTH = 8
@@ -102,11 +103,9 @@ def test_builtin_model_trains_under_each_parametrization(name):
             assert record.grabs["readout_mult"] == pytest.approx(expected[param]), param
 
 
-def test_transformer_under_mup_fails_with_the_reason():
-    result = sweep("Transformer", ["mup"], sequence_bfn)
-    record = result.record("mup")
-    assert record.status == "failed"
-    assert "attention" in record.error and "PARAMETRIZATION='sp'" in record.error
+def test_transformer_under_mup_fails_before_training_with_the_reason():
+    with pytest.raises(SweepError, match=r"attention.*PARAMETRIZATION='sp'"):
+        sweep("Transformer", ["sp", "mup"], sequence_bfn)
 
 
 def test_models_check_their_input_shapes():

@@ -18,6 +18,7 @@ import torch
 from modelscape import batched
 from modelscape import hparams as H
 from modelscape.checkpoint import Checkpoints
+from modelscape.engine import check_model
 from modelscape.executors import Executor, executor_for
 from modelscape.jobs import Job, SweepError, axis_target, build_jobs, job_fingerprint, materialize
 from modelscape.progress import Progress, placement_text
@@ -51,8 +52,10 @@ def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[s
     return axes
 
 
-def _preflight(job: Job, spec: SweepSpec) -> None:
-    """Call the batch function once, before training, so a broken one fails the sweep early."""
+def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
+    """Before training: call the batch function once, and check that every distinct model,
+    optimizer and parametrization of the sweep can be built, so bad input fails early."""
+    job = jobs[0]
     gen = torch.Generator().manual_seed(0)
     try:
         fn = spec.make_batch_fn(
@@ -67,6 +70,13 @@ def _preflight(job: Job, spec: SweepSpec) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    seen = set()
+    for job in jobs:
+        hp = job.hp
+        combo = (repr(hp.MODEL_CLASS), hp.PARAMETRIZATION, repr(hp.OPTIMIZER), repr(hp.LOSS))
+        if combo not in seen:
+            seen.add(combo)
+            check_model(job, spec, X, y)
 
 
 def plan(
@@ -84,7 +94,7 @@ def plan(
         values.append(extra_values)
     jobs = build_jobs(values, names, hps)
     spec = SweepSpec.from_configs(bfn_config, user)
-    _preflight(jobs[0], spec)
+    _preflight(jobs, spec)
     return names, values, jobs, spec
 
 
