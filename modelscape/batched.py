@@ -286,7 +286,10 @@ class MLPKernel:
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
         return self._forward(params, X, keep=False)[0]
 
-    def loss_and_grads(self, stack: Stack, X, y, f0):
+    def loss_and_grads(
+        self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
         params = stack.params
         f, saved = self._forward(params, X, keep=True)
         gamma = stack.data["gamma_b"]
@@ -309,20 +312,16 @@ class MLPKernel:
         for k in range(len(self.layers) - 1, -1, -1):
             wi, bi = self.layers[k]
             h_out = saved.pop()  # this layer's output; below it, its input (and pre-activation)
-            if self.act in _ACT_FROM_INPUT:
-                z = saved.pop()
-                gz = (
-                    torch.ops.aten.gelu_backward(gh, z, approximate=self.approximate)
-                    if self.act is nn.GELU
-                    else torch.ops.aten.silu_backward(gh, z)
-                )
+            if self.act is nn.GELU:
+                gz = torch.ops.aten.gelu_backward(gh, saved.pop(), approximate=self.approximate)
+            elif self.act is nn.SiLU:
+                gz = torch.ops.aten.silu_backward(gh, saved.pop())
+            elif self.act is nn.ReLU:
+                gz = torch.ops.aten.threshold_backward(gh, h_out, 0)
+            elif self.act is nn.Tanh:
+                gz = torch.ops.aten.tanh_backward(gh, h_out)
             else:
-                if self.act is nn.ReLU:
-                    gz = torch.ops.aten.threshold_backward(gh, h_out, 0)
-                elif self.act is nn.Tanh:
-                    gz = torch.ops.aten.tanh_backward(gh, h_out)
-                else:
-                    gz = gh
+                gz = gh
             h_in = saved[-1]
             grads[wi] = torch.bmm(gz.mT, h_in)
             if bi is not None:
@@ -360,7 +359,10 @@ class FuncKernel:
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
         return torch.func.vmap(self._apply)(tuple(params), self._buffers(stack), X)
 
-    def loss_and_grads(self, stack: Stack, X, y, f0):
+    def loss_and_grads(
+        self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
         leaves = [p.detach().requires_grad_(True) for p in stack.params]
 
         def one(params, buffers, x, yy, f0j, gamma):
@@ -377,6 +379,9 @@ class FuncKernel:
             tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"]
         )
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        if any(g is None for g in grads):
+            # torch optimizers skip a parameter without a gradient; the stacked ones cannot
+            raise RuntimeError("a parameter of the model gets no gradient")
         return losses.detach(), list(grads)
 
 
