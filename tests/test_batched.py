@@ -308,3 +308,17 @@ def test_a_failing_grab_fails_only_its_job():
         assert {k for k, r in ref.items() if r.status == "failed"} == {
             k for k, r in got.items() if r.status == "failed"
         }
+
+
+def test_mixed_max_iter_ema_and_thresholds_in_one_group():
+    axes = {
+        "trial": range(2),
+        "MAX_ITER": [30, 70],
+        "EMA_SMOOTHER": [0.5, 0.9],
+        "LOSS_CHECKPOINTS": [(0.5,), (0.9, 0.3, 0.2)],
+    }
+    jobs, spec = make_jobs({"ONLYTHRESHOLDS": False, "EVAL_EVERY": 13}, axes=axes)
+    assert len(batched.group_jobs(jobs)) == 1
+    ref = reference(jobs, spec)
+    assert {30, 70} & set(exit_steps(ref)) and len(exit_steps(ref)) >= 6
+    assert_same(ref, batched_records(jobs, spec))
