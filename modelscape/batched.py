@@ -677,7 +677,7 @@ def train_batched(
 class Resume:
     """Where a job's checkpoint left it: the loop state and the job's global RNG state."""
 
-    loop: Any  # engine._LoopState
+    loop: Any  # engine.LoopState
     rng: torch.Tensor
 
 
@@ -689,7 +689,7 @@ def _restore(
     for p in problems:
         saved = None if checkpoints is None else checkpoints.load(p.job.key)
         if saved is not None and saved["seed"] == p.job.seed:
-            resume = Resume(engine._restore(p, saved), saved["torch_rng"])
+            resume = Resume(engine.restore_state(p, saved), saved["torch_rng"])
             _say(
                 f"modelscape: resuming job ({p.job.label()}) from its checkpoint "
                 f"at step {resume.loop.step}"
@@ -1018,7 +1018,7 @@ class Run:
             self._load_job(stack, pos, track, step, with_opt=True)
             if track.rng is not None:
                 torch.set_rng_state(track.rng)
-            loop = engine._LoopState(
+            loop = engine.LoopState(
                 step, track.ema, track.timekeys, track.curves, track.seconds + share
             )
-            self.checkpoints.save(track.problem.job.key, engine._snapshot(track.problem, loop))
+            self.checkpoints.save(track.problem.job.key, engine.snapshot(track.problem, loop))

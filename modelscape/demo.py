@@ -63,7 +63,12 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
         iterators, ["ntrain", "trial", "GAMMA"], vars(hp), {"base_bfn": quadratic_bfn, "d": 16}
     )
     print(learning_curve_table(result))
-    print(f"results written to {hp.SAVE_DIR}")
+    from modelscape import plotting
+
+    ax = plotting.learning_curve(result, x="N_SAMPLES", y="test_loss", hue="GAMMA")
+    ax.set_title("MLP on x0*x1: test loss against sample size")
+    figure = plotting.save(ax, f"{hp.SAVE_DIR}/learning_curve.png")
+    print(f"results written to {hp.SAVE_DIR} (plot: {figure})")
     return 0
 
 

@@ -399,14 +399,14 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
     hp = problem.job.hp
     start = time.perf_counter()
     thresholds = sorted(hp.LOSS_CHECKPOINTS, reverse=True)
-    loop = _LoopState(
+    loop = LoopState(
         timekeys=np.full(len(thresholds), np.nan),
         curves=None if hp.ONLYTHRESHOLDS else Curves(hp.MAX_ITER),
     )
     if checkpoints is not None:
         saved = checkpoints.load(problem.job.key)
         if saved is not None and saved["seed"] == problem.job.seed:
-            loop = _restore(problem, saved)
+            loop = restore_state(problem, saved)
             _say(
                 f"modelscape: resuming job ({problem.job.label()}) from its checkpoint "
                 f"at step {loop.step}",
@@ -445,8 +445,8 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
             break
         if checkpoints is not None and step < hp.MAX_ITER - 1 and checkpoints.due():
             elapsed = loop.seconds + time.perf_counter() - start
-            state = _LoopState(step, ema, timekeys, curves, elapsed)
-            checkpoints.save(problem.job.key, _snapshot(problem, state))
+            state = LoopState(step, ema, timekeys, curves, elapsed)
+            checkpoints.save(problem.job.key, snapshot(problem, state))
     record = JobRecord(
         key=problem.job.key,
         seed=problem.job.seed,
@@ -469,7 +469,7 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
 
 
 @dataclass
-class _LoopState:
+class LoopState:
     """Where the training loop stands after ``step`` (-1: before the first step)."""
 
     step: int = -1
@@ -479,7 +479,7 @@ class _LoopState:
     seconds: float = 0.0
 
 
-def _snapshot(problem: Problem, loop: _LoopState) -> dict[str, Any]:
+def snapshot(problem: Problem, loop: LoopState) -> dict[str, Any]:
     """Everything needed to continue the job bit-identically from after ``loop.step``."""
     state: dict[str, Any] = {
         "seed": problem.job.seed,
@@ -498,7 +498,8 @@ def _snapshot(problem: Problem, loop: _LoopState) -> dict[str, Any]:
     return state
 
 
-def _restore(problem: Problem, state: Mapping[str, Any]) -> _LoopState:
+def restore_state(problem: Problem, state: Mapping[str, Any]) -> LoopState:
+    """Load a ``snapshot`` into a freshly set-up ``problem``; returns where the loop stood."""
     problem.model.load_state_dict(state["model"])
     problem.opt.load_state_dict(state["opt"])
     if problem.gen is not None:
@@ -510,7 +511,7 @@ def _restore(problem: Problem, state: Mapping[str, Any]) -> _LoopState:
     if state["curves"] is not None:
         curves = Curves(problem.job.hp.MAX_ITER)
         curves.load_state(state["curves"])
-    return _LoopState(
+    return LoopState(
         state["step"], state["ema"], state["timekeys"].copy(), curves, state["seconds"]
     )
 
