@@ -14,14 +14,7 @@ from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 WIDTHS = (128, 256, 512, 1024, 2048)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy 2-core machine, torch's thread pool makes them several
-    times slower than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slopes(params, optimizer, lr):

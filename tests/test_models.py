@@ -14,14 +14,7 @@ from modelscape.models import BUILTIN_MODELS, CNN, MLP, ResNet, Transformer
 WIDTH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy 2-core machine, torch's thread pool makes them several
-    times slower than one thread does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flat_bfn(bsz, gen, X=None, y=None, **kwargs):
