@@ -151,7 +151,7 @@ def _optimizer_name(job: Job) -> str:
 def can_batch(jobs: Sequence[Job], spec: SweepSpec) -> bool:
     """True when this group can be trained by ``train_batched`` (checked from the jobs alone;
     what only the built models reveal is checked in ``train_batched``, which falls back)."""
-    if len(jobs) < 2 or jobs[0].hp.BATCHED == "off":
+    if not jobs or jobs[0].hp.BATCHED == "off":
         return False
     reason = None
     name = _optimizer_name(jobs[0])
@@ -227,6 +227,26 @@ class Stack:
 # ----------------------------------------------------------------------------- model kernels
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm`` whose result for a job does not depend on how many jobs are stacked.
+
+    With a single job torch computes the product on another path (``mm``/``gemv``), whose
+    rounding differs; computing a stack of one as a (broadcast) pair keeps every job's numbers
+    the same in any group, so results do not depend on workers, placement or resumption.
+    """
+    if a.shape[0] == 1:
+        return torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
+    return torch.bmm(a, b)
+
+
+def _baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.baddbmm`` with the same stack-size independence as ``_bmm``."""
+    if a.shape[0] == 1:
+        pair = torch.baddbmm(bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
+        return pair[:1]
+    return torch.baddbmm(bias, a, b)
+
+
 class MLPKernel:
     """The built-in MLP with MSE loss as batched matmuls, with its backward pass written out.
 
@@ -264,7 +284,7 @@ class MLPKernel:
         saved = [h]
         for wi, bi in self.layers:
             W = params[wi]
-            z = torch.bmm(h, W.mT) if bi is None else torch.baddbmm(params[bi][:, None], h, W.mT)
+            z = _bmm(h, W.mT) if bi is None else _baddbmm(params[bi][:, None], h, W.mT)
             if self.act in _ACT_FROM_INPUT:
                 saved.append(z)
                 if self.act is nn.GELU:
@@ -280,7 +300,7 @@ class MLPKernel:
             saved.append(h)
         wi, bi = self.readout
         W = params[wi]
-        f = torch.bmm(h, W.mT) if bi is None else torch.baddbmm(params[bi][:, None], h, W.mT)
+        f = _bmm(h, W.mT) if bi is None else _baddbmm(params[bi][:, None], h, W.mT)
         return f, (saved if keep else None)
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
@@ -304,9 +324,9 @@ class MLPKernel:
         grads: list[torch.Tensor | None] = [None] * len(params)
         wi, bi = self.readout
         W, h = params[wi], saved[-1]
-        grads[wi] = torch.bmm(g.mT, h)
+        grads[wi] = _bmm(g.mT, h)
         # an outer product (one output) is faster as a broadcast multiply than as a bmm
-        gh = g * W if W.shape[1] == 1 else torch.bmm(g, W)
+        gh = g * W if W.shape[1] == 1 else _bmm(g, W)
         if bi is not None:
             grads[bi] = g.sum(1)
         for k in range(len(self.layers) - 1, -1, -1):
@@ -323,11 +343,11 @@ class MLPKernel:
             else:
                 gz = gh
             h_in = saved[-1]
-            grads[wi] = torch.bmm(gz.mT, h_in)
+            grads[wi] = _bmm(gz.mT, h_in)
             if bi is not None:
                 grads[bi] = gz.sum(1)
             if k > 0:
-                gh = torch.bmm(gz, params[wi])
+                gh = _bmm(gz, params[wi])
         return losses, grads
 
 
@@ -357,7 +377,9 @@ class FuncKernel:
         return torch.func.functional_call(self.module, mapping, (x,))
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-        return torch.func.vmap(self._apply)(tuple(params), self._buffers(stack), X)
+        n = X.shape[0]
+        args = _as_pair((tuple(params), self._buffers(stack), X), n)
+        return torch.func.vmap(self._apply)(*args)[:n]
 
     def loss_and_grads(
         self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
@@ -375,14 +397,28 @@ class FuncKernel:
             return self.loss_fn(out, yy)
 
         in_dims = (0, 0, 0, 0, None if f0 is None else 0, 0)
-        losses = torch.func.vmap(one, in_dims=in_dims)(
-            tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"]
-        )
+        n = X.shape[0]
+        args = _as_pair((tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"]), n)
+        losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         if any(g is None for g in grads):
             # torch optimizers skip a parameter without a gradient; the stacked ones cannot
             raise RuntimeError("a parameter of the model gets no gradient")
         return losses.detach(), list(grads)
+
+
+def _as_pair(tree: Any, n_jobs: int) -> Any:
+    """A stack of one job as a broadcast pair (see ``_bmm``); other stacks unchanged. Only the
+    first copy's outputs are used, so the second adds exactly zero to every gradient."""
+    if n_jobs != 1:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.expand(2, *tree.shape[1:])
+    if isinstance(tree, dict):
+        return {k: _as_pair(v, n_jobs) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(_as_pair(v, n_jobs) for v in tree)
+    return tree  # None
 
 
 def _has_hooks(model: nn.Module) -> bool:
@@ -713,8 +749,6 @@ def _train_part(part, spec, device, checkpoints, start) -> Iterator[JobRecord]:
     """Train jobs that all start at ``start``: stacked if they can be, else one at a time."""
     problems = [p for p, _ in part]
     try:
-        if len(part) == 1:
-            raise Unbatchable("")
         run = Run(part, device, checkpoints, start)
     except Unbatchable as why:
         if str(why):

@@ -553,14 +553,15 @@ def train_group(
 ) -> Iterator[JobRecord]:
     """Train a group of jobs on one device, yielding each job's record as it finishes.
 
-    A group the batched engine can stack trains as one model; otherwise jobs train one by one.
+    A group the batched engine can stack trains as one model, even a group of one, so that a
+    job's numbers never depend on which jobs share its group; otherwise jobs train one by one.
     With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
     (ops without a deterministic version warn instead of failing).
     """
     from modelscape import batched
 
     with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
-        if len(jobs) > 1 and batched.can_batch(jobs, spec):
+        if batched.can_batch(jobs, spec):
             yield from batched.train_batched(jobs, spec, device, checkpoints)
             return
         for job in jobs:

@@ -322,3 +322,29 @@ def test_mixed_max_iter_ema_and_thresholds_in_one_group():
     ref = reference(jobs, spec)
     assert {30, 70} & set(exit_steps(ref)) and len(exit_steps(ref)) >= 6
     assert_same(ref, batched_records(jobs, spec))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"DTYPE": "float32"},
+        {"DTYPE": "float32", "ONLINE": True, "BIAS": True},
+        {"DTYPE": "float32", "PARAMETRIZATION": "mup", "OPTIMIZER": "Adam", "LR": 0.01},
+    ],
+)
+def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
+    """Bit-identical whether a job trains in the full group, in a part of it or alone: what
+    makes results independent of workers, placement and resumption with batching on."""
+    jobs, spec = make_jobs(overrides)
+    full = {}
+    for record in batched.train_batched(jobs, spec, CPU):
+        full[record.key] = record
+    assert len({r.steps for r in full.values()}) > 2  # jobs exit at different steps
+    parts = [jobs[::3], jobs[1:4], [jobs[5]], [jobs[-1]]]
+    for part in parts:
+        assert batched.can_batch(part, spec)
+        for record in batched.train_batched(part, spec, CPU):
+            ref = full[record.key]
+            assert (record.steps, record.status) == (ref.steps, ref.status)
+            assert record.test_loss == ref.test_loss and record.train_loss == ref.train_loss
+            np.testing.assert_array_equal(record.timekeys, ref.timekeys)

@@ -70,8 +70,9 @@ def assert_bit_identical(a, b, skip=()):
         assert ra.grabs["w_norm"].tobytes() == rb.grabs["w_norm"].tobytes()
 
 
-def test_one_and_two_workers_in_any_order_give_bit_identical_results():
-    cfg = config()
+@pytest.mark.parametrize("batched", ["off", "auto"])
+def test_one_and_two_workers_in_any_order_give_bit_identical_results(batched):
+    cfg = config(BATCHED=batched)
     here = sweep(cfg)  # one worker: this process
     two = sweep({**cfg, "WORKERS_PER_DEVICE": 2}, trials=[3, 2, 1, 0], gammas=[0.5, 1.0])
     assert_bit_identical(here, two)
