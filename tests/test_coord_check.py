@@ -33,10 +33,12 @@ def test_mup_sgd_changes_are_flat_in_width(sgd_slopes):
     assert abs(sgd_slopes[("mup", "features")]) < 0.2
 
 
-def test_mup_adam_changes_are_flat_in_width():
-    s = slopes(["mup"], "Adam", lr=0.01)
+def test_mup_adam_changes_are_flat_in_width_and_ntp_adam_features_freeze():
+    s = slopes(["mup", "ntp"], "Adam", lr=0.01)
     assert abs(s[("mup", "readout")]) < 0.2
     assert abs(s[("mup", "features")]) < 0.2
+    # the README's claim for ntp under Adam: the kernel regime, hidden features move ~1/sqrt(n)
+    assert s[("ntp", "features")] < -0.3
 
 
 def test_sp_sgd_output_change_grows_with_width(sgd_slopes):

@@ -67,13 +67,44 @@ def _relu_ntk_closed_form(t: np.ndarray, rho: float, depth: int, w: float, b: fl
     return theta
 
 
-@pytest.mark.parametrize("depth,bias", [(1, 0.0), (2, 0.0), (3, 0.5)])
-def test_level_coefficients_sum_back_to_the_kernel(depth, bias):
-    gamma = powerlaw_eigenvalues(8, 1.0)
-    c = relu_ntk_level_coefficients(gamma, 30, depth=depth, bias_variance=bias)
-    t = np.linspace(-0.4, 0.4, 9)
+@pytest.mark.parametrize(
+    "depth,bias,rho,w", [(1, 0.0, 1.0, 1.0), (2, 0.0, 1.0, 1.0), (3, 0.5, 1.0, 1.0),
+                         (1, 1.0, 2.5, 2.0), (2, 0.3, 0.4, 1.5)]
+)  # fmt: skip
+def test_level_coefficients_sum_back_to_the_kernel(depth, bias, rho, w):
+    # rho = |x|^2 = sum(gamma) and the weight variance w enter only through q and c = sigma/q;
+    # spectra that do not sum to 1 check that they are used where they belong
+    gamma = rho * powerlaw_eigenvalues(8, 1.0).numpy()
+    c = relu_ntk_level_coefficients(gamma, 30, depth=depth, weight_variance=w, bias_variance=bias)
+    t = np.linspace(-0.4, 0.4, 9) * rho
     series = sum(c[k] * t**k / math.factorial(k) for k in range(c.size))
-    np.testing.assert_allclose(series, _relu_ntk_closed_form(t, 1.0, depth, 1.0, bias), rtol=1e-6)
+    np.testing.assert_allclose(series, _relu_ntk_closed_form(t, rho, depth, w, bias), rtol=1e-6)
+
+
+def test_hea_eigenvalues_match_the_empirical_ntk_spectrum():
+    """The ansatz itself: eigendecompose the one-hidden-layer ReLU NTK Gram matrix of Gaussian
+    samples (their norms vary, as real inputs' do) and compare with c_l * prod gamma_i^alpha_i.
+    A wrong 1/l! convention or Hermite normalization would be off by 2x at degree 2."""
+    d, n, b = 40, 2000, 1.0
+    gamma = powerlaw_eigenvalues(d, 1.5, offset=3.0)
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = (z * gamma.sqrt()).numpy()
+    sq = (X**2).sum(1)
+    q = sq + b
+    norm = np.sqrt(np.outer(q, q))
+    sigma = X @ X.T + b
+    cos = np.clip(sigma / norm, -1, 1)
+    k0 = (np.pi - np.arccos(cos)) / np.pi
+    k1 = (np.sqrt(1 - cos**2) + (np.pi - np.arccos(cos)) * cos) / np.pi
+    K = (norm / 2 * k1 + b + sigma * k0 / 2) / n  # Sigma2 + Theta1 * Sigma2_dot
+    coeffs = relu_ntk_level_coefficients(gamma, 4, depth=1, bias_variance=b)
+    _, predicted = top_hea_monomials(gamma, 9, coeffs)  # the constant and x0..x7
+    empirical = np.linalg.eigvalsh(K)[::-1][:9]
+    np.testing.assert_allclose(empirical, predicted, rtol=0.1)
+    for m in ("x0^2", "x0*x1", "x1*x2"):  # degree 2: Rayleigh quotients of the targets
+        f = Monomial(m)(z).numpy()
+        f = (f - f.mean()) / np.linalg.norm(f - f.mean())
+        assert f @ K @ f == pytest.approx(hea_eigenvalue(m, gamma, coeffs), rel=0.25)
 
 
 def test_hea_eigenvalue_is_level_coefficient_times_eigenvalue_product():

@@ -109,11 +109,39 @@ def test_equivalent_parametrizations_train_identically_with_momentum_and_decay(g
     assert (outs[0] - untrained).abs().mean() > 1e-2  # training did move the function
 
 
-def test_equivalent_parametrizations_agree_under_adamw():
+@pytest.mark.parametrize("group", [("mup", "mfp", "mup-lr"), ("ntp", "ntp-lr")])
+def test_equivalent_parametrizations_agree_under_adamw(group):
     kw = dict(betas=(0.8, 0.95), weight_decay=0.1)
-    outs = [outputs_after_training(p, torch.optim.AdamW, **kw) for p in ("mup", "mfp", "mup-lr")]
+    outs = [outputs_after_training(p, torch.optim.AdamW, **kw) for p in group]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-3, atol=1e-4)
+
+
+def adam_reference(param, d, n):
+    """The Adam LR factors (readin, hidden, readout) of the README's written-out table for a
+    2-hidden-layer MLP, typed in from the table, not computed by the implementation's rule."""
+    return {
+        "ntp": (1 / math.sqrt(d * n), 1 / n, 1 / math.sqrt(n)),
+        "ntp-lr": (1 / (d * math.sqrt(n)), n**-1.5, 1 / n),
+        "mup": (1 / math.sqrt(d * n), 1 / n, 1 / math.sqrt(n)),
+        "mfp": (1 / math.sqrt(d), 1 / math.sqrt(n), 1.0),
+        "mup-lr": (1 / d, 1 / n, 1 / n),
+    }[param]
+
+
+@pytest.mark.parametrize("param", ["mup", "ntp", "mfp", "ntp-lr", "mup-lr"])
+def test_adam_lr_factors_match_the_written_out_table(param):
+    """Every row of the Adam table, and the effective LR (multiplier x LR) it implies: TP-V's
+    muP Adam column (1/d_in, 1/n, 1/n) for mup, mfp and mup-lr; (1/(d_in sqrt n), n^-1.5, 1/n),
+    hidden features moving by 1/sqrt(n), for ntp and ntp-lr."""
+    table = P.layer_scales(mlp(), param, torch.optim.AdamW)
+    d, n = D_IN, WIDTH
+    assert [r.lr_scale for r in table] == pytest.approx(adam_reference(param, d, n), rel=1e-12)
+    if param.startswith("mup") or param == "mfp":
+        effective = (1 / d, 1 / n, 1 / n)
+    else:
+        effective = (1 / (d * math.sqrt(n)), n**-1.5, 1 / n)
+    assert [r.multiplier * r.lr_scale for r in table] == pytest.approx(effective, rel=1e-12)
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])

@@ -104,7 +104,9 @@ def relu_ntk_level_coefficients(
     weights of variance ``weight_variance`` (per unit input norm) and biases of variance
     ``bias_variance`` in every layer, evaluated for inputs with ``|x|^2 = sum(data_eigvals)``.
     ``bias_variance=0`` matches the built-in ``MLP`` with ``BIAS=False`` (then, for depth 1,
-    odd levels above 1 vanish). Only ratios of the returned values matter for learning order.
+    odd levels above 1 vanish). The readout's bias counts too: it adds ``bias_variance`` to
+    ``c_0`` only (the HEA authors' ``ReluNTK`` leaves it out), so it moves the constant mode and
+    no other. Only ratios of the returned values matter for learning order.
     """
     if max_degree < 0:
         raise ValueError(f"max_degree must be >= 0, got {max_degree}.")

@@ -58,6 +58,10 @@ def principal_coordinates(
     they feed ``hea_eigenvalue`` directly); ``z = (X - mean) @ basis / sqrt(gamma_raw)`` has unit
     variance in every direction, which is what ``Monomial`` and ``hermite`` expect. Directions
     with eigenvalue below ``eps`` times the largest are dropped.
+
+    The normalized ``gamma`` describes the network's inputs only if they are centered and scaled
+    to ``E|x|^2 = 1`` (divide ``X - mean`` by the square root of the covariance trace): a ReLU
+    NTK with biases is not scale-invariant, so its level coefficients depend on ``|x|^2``.
     """
     flat = X.reshape(X.shape[0], -1).to(torch.float64)
     flat = flat - flat.mean(0)
