@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -38,7 +39,9 @@ from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
 # model init, training data, test data, the global RNG while training, centering offsets
-N_SUB_SEEDS = 5
+# model init, train data, test data, global RNG while training, centering, global RNG while the
+# test set and the training set are drawn (for batch functions that ignore `gen`)
+N_SUB_SEEDS = 7
 
 
 def lr_gamma_factor(gamma: float) -> float:
@@ -76,29 +79,26 @@ def resolve_class(spec: Any, module: Any, what: str) -> type:
 
 
 def optimizer_kwargs(opt_cls: type, job: Job, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The optimizer's extra arguments, matched by name from the hyperparameters and config."""
-    import inspect
+    """The optimizer's extra arguments.
 
+    ``momentum`` and ``weight_decay`` come from MOMENTUM and WEIGHT_DECAY; any other argument
+    (``betas``, ``eps``, ``nesterov``...) from a user key or iterator value of exactly its name.
+    """
     params = inspect.signature(opt_cls.__init__).parameters
-    from_hp = {"momentum": job.hp.MOMENTUM, "weight_decay": job.hp.WEIGHT_DECAY}
-    kwargs = {}
-    for name in params:
-        if name in ("self", "params", "lr"):
-            continue
-        for source in (config, {n.lower(): v for n, v in config.items() if isinstance(n, str)}):
-            if name in source:
-                kwargs[name] = source[name]
-                break
-        else:
-            if name in from_hp and (from_hp[name] != 0.0 or name == "weight_decay"):
-                kwargs[name] = from_hp[name]
-    if "momentum" in kwargs and "momentum" not in params:
-        kwargs.pop("momentum")
     if job.hp.MOMENTUM and "momentum" not in params:
         raise SweepError(
             f"MOMENTUM={job.hp.MOMENTUM} but {opt_cls.__name__} takes no momentum "
             "argument; set MOMENTUM=0 or use betas for Adam."
         )
+    from_hp = {"momentum": job.hp.MOMENTUM, "weight_decay": job.hp.WEIGHT_DECAY}
+    kwargs = {}
+    for name in params:
+        if name in ("self", "params", "lr"):
+            continue
+        if name in config:
+            kwargs[name] = config[name]
+        elif name in from_hp:
+            kwargs[name] = from_hp[name]
     return kwargs
 
 
@@ -232,33 +232,47 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
         raise SweepError(f"job ({job.label()}): {err}") from None
 
 
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded to ``seed``, restoring the caller's state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     """Draw the job's data, build its model and optimizer, and cache what centering needs."""
     hp = job.hp
-    init_seed, train_seed, test_seed, _, center_seed = sub_seeds(job.seed, N_SUB_SEEDS)
+    seeds = sub_seeds(job.seed, N_SUB_SEEDS)
+    init_seed, train_seed, test_seed, center_seed = seeds[0], seeds[1], seeds[2], seeds[4]
     config = job_config(job, spec)
 
+    # A batch function may draw from the global RNG instead of `gen`; seed it per draw so that
+    # the data still depend only on the job.
     if spec.X_te is not None:
         X_te, y_te = spec.X_te, spec.y_te
     else:
         gen_te = torch.Generator(device).manual_seed(test_seed)
-        draw = spec.make_batch_fn(bsz=hp.N_TEST, gen=gen_te, X=None, y=None, job_values=job.values)
-        X_te, y_te = draw(0)
+        with seeded_global_rng(seeds[5], device):
+            draw = spec.make_batch_fn(
+                bsz=hp.N_TEST, gen=gen_te, X=None, y=None, job_values=job.values
+            )
+            X_te, y_te = draw(0)
         check_batch(X_te, y_te, hp.N_TEST, "test set (batch_fn with bsz=N_TEST)")
     X_te, y_te = to_device(X_te, y_te, device, hp.DTYPE)
 
     gen_tr = torch.Generator(device).manual_seed(train_seed)
     batch_fn = None
     X_tr = y_tr = None
-    if hp.ONLINE:
-        batch_fn = spec.make_batch_fn(
-            bsz=hp.N_SAMPLES, gen=gen_tr, X=None, y=None, job_values=job.values
-        )
-    else:
+    with seeded_global_rng(seeds[6], device):
         draw = spec.make_batch_fn(
             bsz=hp.N_SAMPLES, gen=gen_tr, X=None, y=None, job_values=job.values
         )
-        X_tr, y_tr = draw(job.trial)
+        if hp.ONLINE:
+            batch_fn = draw
+        else:
+            X_tr, y_tr = draw(job.trial)
+    if not hp.ONLINE:
         check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
 
@@ -368,7 +382,8 @@ class Curves:
 
     def finish(self, last_step: int, diverged: bool) -> dict[str, np.ndarray]:
         n = self.train.shape[0]
-        out = {"train_loss": self.train.copy()}
+        # a job that diverged at its first step was never evaluated: its test curve is all NaN
+        out = {"train_loss": self.train.copy(), "test_loss": np.full(n, np.nan)}
         if not diverged:
             out["train_loss"][last_step + 1 :] = self.train[last_step]
         for k, points in self.evals.items():

@@ -18,10 +18,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 Scope = Literal["job", "sweep"]
 
@@ -60,7 +63,9 @@ class HParams:
     N_TRAIN: int = hp(4000, "Size of the pool a batch function may draw from (data option).")
     N_TEST: int = hp(10_000, "Test-set size, drawn once per job from the batch function.")
     ONLYTHRESHOLDS: bool = hp(True, "Record only final values (True) or whole curves.")
-    NUM_TRIALS: int = hp(1, "Number of trials (use range(NUM_TRIALS) as the trial axis).")
+    NUM_TRIALS: int = hp(
+        1, "Number of trials (use range(NUM_TRIALS) as the trial axis).", scope="sweep"
+    )
     MAX_ITER: int = hp(100_000, "Maximum number of optimizer steps per job.")
     LR: float = hp(1e-2, "Base learning rate, before GAMMA and parametrization rescaling.")
     DEPTH: int = hp(2, "Hidden layers of the built-in models (must be > 0).")
@@ -184,24 +189,23 @@ def coerce(name: str, value: Any) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if type(value).__name__ == "bool_":  # numpy bool
+        if isinstance(value, np.bool_):
             return bool(value)
         raise bad("bool (True/False)")
     if kind == "int":
         if isinstance(value, bool):
             raise bad("int")
-        if isinstance(value, int) or type(value).__name__.startswith("int"):
+        if isinstance(value, numbers.Integral):
             return int(value)
         if isinstance(value, float) and math.isfinite(value) and value == int(value):
             return int(value)
         raise bad("int")
     if kind == "float":
-        if isinstance(value, bool):
+        if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
             raise bad("float")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise bad("float") from None
+        if not math.isfinite(value):
+            raise bad("finite float")
+        return float(value)
     if kind == "str":
         if not isinstance(value, str):
             raise bad("string")
@@ -213,10 +217,10 @@ def coerce(name: str, value: Any) -> Any:
             value = [value]
         value = list(value)
         if name == "LOSS_CHECKPOINTS":
-            try:
-                return [float(v) for v in value]
-            except (TypeError, ValueError):
-                raise bad("list of floats") from None
+            ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+            if not ok or not all(math.isfinite(v) for v in value):
+                raise bad("list of finite floats")
+            return [float(v) for v in value]
         return value
     if kind == "path":
         if value is None or isinstance(value, str):
@@ -235,16 +239,8 @@ def coerce(name: str, value: Any) -> Any:
 
 def check_ranges(h: HParams) -> None:
     """Value checks that a type alone does not catch."""
-    positive = [
-        "N_SAMPLES",
-        "N_TEST",
-        "NUM_TRIALS",
-        "MAX_ITER",
-        "DEPTH",
-        "WIDTH",
-        "EVAL_EVERY",
-        "WORKERS_PER_DEVICE",
-    ]
+    positive = ["N_SAMPLES", "N_TRAIN", "N_TEST", "NUM_TRIALS", "MAX_ITER", "DEPTH", "WIDTH",
+                "EVAL_EVERY", "WORKERS_PER_DEVICE"]  # fmt: skip
     for name in positive:
         if getattr(h, name) <= 0:
             raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")

@@ -113,9 +113,22 @@ def materialize(iterators: Sequence[Iterable], names: Sequence[str]) -> list[lis
         raise SweepError(f"iterator_names has duplicates: {list(names)}.")
     axes = []
     for it, name in zip(iterators, names):
-        values = list(it)
+        # a list value (a class pair, a threshold list) becomes a tuple, so it can key results
+        values = [tuple(v) if isinstance(v, list) else v for v in it]
         if not values:
             raise SweepError(f"iterator {name!r} is empty; a sweep axis needs at least one value.")
+        seen: dict[str, Any] = {}
+        for v in values:
+            try:
+                text = stable_repr(v)
+            except SweepError:  # no stable repr: the job seed reports it when it matters
+                text = repr(v)
+            if text in seen:
+                raise SweepError(
+                    f"iterator {name!r} lists {v!r} twice; each value of an axis names one job, "
+                    "so give each value once (use a 'trial' axis for repeats)."
+                )
+            seen[text] = v
         axes.append(values)
     return axes
 
@@ -148,6 +161,12 @@ def build_jobs(
                 index=index,
                 values=dict(zip(names, key)),
             )
+        )
+    counts = {len(job.hp.LOSS_CHECKPOINTS) for job in jobs}
+    if len(counts) > 1:
+        raise SweepError(
+            f"jobs have different numbers of LOSS_CHECKPOINTS ({sorted(counts)}); timekeys of "
+            "one sweep must share a shape, so give every job the same number of thresholds."
         )
     return jobs
 

@@ -85,12 +85,22 @@ class Result(Mapping):
                 t[r.key] = _nan_like(shape) if v is None else v
             return t.serialize()
 
+        # jobs with different MAX_ITER: shorter curves are padded with their last value, as
+        # every curve is after its job's exit
+        length = max((len(c) for r in self.records for c in (r.curves or {}).values()), default=0)
+
+        def curve(r: JobRecord, name: str) -> np.ndarray | None:
+            c = (r.curves or {}).get(name)
+            if c is None or len(c) == length:
+                return c
+            return np.concatenate([c, np.repeat(c[-1:], length - len(c), axis=0)])
+
         if self.only_thresholds:
             losses = trace(lambda r: r.test_loss)
             train = trace(lambda r: r.train_loss)
         else:
-            losses = trace(lambda r: r.curves["test_loss"] if r.curves else None)
-            train = trace(lambda r: r.curves["train_loss"] if r.curves else None)
+            losses = trace(lambda r: curve(r, "test_loss"))
+            train = trace(lambda r: curve(r, "train_loss"))
         grab_names = sorted({g for r in self.records for g in r.grabs})
         if not self.only_thresholds:
             grab_names = sorted(
@@ -98,8 +108,7 @@ class Result(Mapping):
             )
 
         def grab_value(r: JobRecord, name: str):
-            source = r.grabs if self.only_thresholds else (r.curves or {})
-            return source.get(name)
+            return r.grabs.get(name) if self.only_thresholds else curve(r, name)
 
         extras = {g: trace(lambda r, g=g: grab_value(r, g)) for g in grab_names}
         errors = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import torch
 
 from modelscape.jobs import SweepError
@@ -33,6 +34,8 @@ def load_from_file(path: str | Path, name: str, what: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     spec.loader.exec_module(module)
+    # worker processes cannot import this module by name: ship its functions by value
+    cloudpickle.register_pickle_by_value(module)
     if not hasattr(module, name):
         public = [n for n in vars(module) if not n.startswith("_")]
         raise SweepError(f"{what}: {path} defines no {name!r}. It defines: {', '.join(public)}.")

@@ -123,3 +123,10 @@ def test_readme_table_is_current():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert H.markdown_table() in readme, "run `python tools/update_readme_table.py`"
+
+
+def test_yaml_numbers_in_scientific_notation(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("LR: 1e-2\nMAX_ITER: 1e4\n")  # YAML reads both as strings
+    args = parse_args(["--config", str(f)])
+    assert args.LR == 0.01 and args.MAX_ITER == 10_000

@@ -295,3 +295,127 @@ def test_result_accessors_are_labelled():
     serial = result["losses"]
     assert set(serial) == {"var_names", "config2outcome", "outcome_shape"}
     assert serial["var_names"] == ["ntrain", "trial"] and (16, 0) in serial["config2outcome"]
+
+
+def global_rng_bfn(bsz, gen, X=None, y=None, **kwargs):
+    """Ignores `gen` (common in research code): draws from torch's global RNG."""
+
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 6)
+        return Xb, Xb[:, 0] * Xb[:, 1]
+
+    return batch_fn
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_a_batch_function_ignoring_gen_is_still_reproducible(online):
+    cfg = config(ONLINE=online)
+    first = run([range(3)], ["trial"], cfg, bfn=global_rng_bfn)
+    torch.randn(7)  # move the caller's global RNG: results must not care
+    second = run([range(3)], ["trial"], cfg, bfn=global_rng_bfn)
+    losses = [r.test_loss for r in first.records]
+    assert losses == [r.test_loss for r in second.records]
+    assert len(set(losses)) == 3  # trials still differ
+
+
+def test_bfn_file_works_on_worker_processes(tmp_path):
+    f = tmp_path / "mydata.py"
+    f.write_text("import torch\n"
+                 "def bfn(bsz, gen, X=None, y=None, **kw):\n"
+                 "    def batch_fn(step):\n"
+                 "        X = torch.randn(bsz, 3, generator=gen)\n"
+                 "        return X, X[:, 0] - X[:, 1]\n"
+                 "    return batch_fn\n")  # fmt: skip
+    bfn_config = {"bfn_file": str(f), "bfn_name": "bfn"}
+    here = run_job_iterator([range(2)], ["trial"], config(), bfn_config, progress=False)
+    two = run_job_iterator([range(2)], ["trial"], config(WORKERS_PER_DEVICE=2), bfn_config,
+                           progress=False)  # fmt: skip
+    assert [r.status for r in two.records] == ["ok", "ok"]
+    assert [r.test_loss for r in here.records] == [r.test_loss for r in two.records]
+
+
+def test_divergence_at_the_first_step_with_curves_keeps_the_sweep():
+    def bfn(bsz, gen, X=None, y=None, target=None, **kwargs):
+        def batch_fn(step):
+            Xb = torch.randn(bsz, 6, generator=gen)
+            yb = Xb[:, 0] * (float("nan") if target == "nan" else 1.0)
+            return Xb, yb
+
+        return batch_fn
+
+    cfg = config(ONLYTHRESHOLDS=False, otherreturns={"xsum": batch_sum})
+    result = run([["ok", "nan"]], ["target"], cfg, bfn=bfn)
+    assert result["status"] == {("ok",): "ok", ("nan",): "diverged"}
+    curves = ExptTrace.deserialize(result["losses"])
+    assert np.isnan(curves["nan"]).all() and np.isfinite(curves["ok"]).all()
+    assert np.isnan(ExptTrace.deserialize(result["extras"]["xsum"])["nan"]).all()
+
+
+def test_list_valued_iterator_values_become_tuples():
+    result = run([[[0.9, 0.5], [0.8, 0.4]]], ["LOSS_CHECKPOINTS"], config())
+    assert set(result["jobs"]) == {((0.9, 0.5),), ((0.8, 0.4),)}
+    assert result.record((0.8, 0.4)).timekeys.shape == (2,)
+    with pytest.raises(SweepError, match="same number of thresholds"):
+        run([[[0.9, 0.5], [0.8]]], ["LOSS_CHECKPOINTS"], config())
+
+
+def test_duplicate_iterator_values_are_refused():
+    with pytest.raises(SweepError, match="lists 0.1 twice"):
+        run([[0.1, 0.1, 0.2]], ["LR"], config())
+
+
+def test_optimizer_arguments_come_by_exact_name_only():
+    seen = {}
+
+    def grab(opt, **kwargs):
+        seen.update(opt.defaults)
+        return 0.0
+
+    cfg = config(OPTIMIZER="RMSprop", ALPHA=1.5, otherreturns={"g": grab})
+    run([[0]], ["trial"], cfg)
+    assert seen["alpha"] == 0.99  # the user key ALPHA (data) is not RMSprop's alpha
+    run([[0]], ["trial"], config(OPTIMIZER="RMSprop", alpha=0.9, otherreturns={"g": grab}))
+    assert seen["alpha"] == 0.9
+
+
+def test_more_trials_extend_a_stored_sweep(tmp_path):
+    def sweep(n):
+        cfg = config(SAVE_DIR=str(tmp_path / "run"), NUM_TRIALS=n)
+        return run([range(cfg["NUM_TRIALS"])], ["trial"], cfg)
+
+    two = sweep(2)
+    three = sweep(3)
+    assert len(three.records) == 3
+    for key in [(0,), (1,)]:
+        assert three.record(*key).seconds == two.record(*key).seconds  # not retrained
+
+
+def test_a_batch_function_ignoring_bsz_fails_before_training():
+    def fixed_size(bsz, gen, X=None, y=None, **kwargs):
+        return lambda step: (torch.ones(32, 6), torch.ones(32))
+
+    with pytest.raises(SweepError, match="honour bsz, or give a fixed test set"):
+        run([[0]], ["trial"], config(N_SAMPLES=32, N_TEST=64), bfn=fixed_size)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"LR": "0.1"}, {"LR": float("nan")}, {"GAMMA": float("inf")},
+            {"LOSS_CHECKPOINTS": [float("nan")]}],
+)  # fmt: skip
+def test_non_finite_or_mistyped_numbers_are_refused(bad):
+    with pytest.raises(HParamError):
+        base_args(**bad)
+
+
+def test_out_of_range_values_are_refused_before_training():
+    with pytest.raises(HParamError, match="N_TRAIN must be > 0"):
+        run([[0]], ["trial"], config(N_TRAIN=-5))
+
+
+def test_curves_of_jobs_with_different_max_iter_are_padded_with_their_last_value():
+    cfg = config(ONLYTHRESHOLDS=False, LOSS_CHECKPOINTS=[1e-9], EVAL_EVERY=5)
+    result = run([[10, 25]], ["MAX_ITER"], cfg)
+    curves = ExptTrace.deserialize(result["train_losses"])
+    short, long = curves[10], curves[25]
+    assert short.shape == long.shape == (25,)
+    assert np.all(short[10:] == short[9]) and len(np.unique(long[:25])) == 25

@@ -94,24 +94,15 @@ def test_rerun_trains_only_missing_jobs_and_extends_the_sweep(tmp_path):
     seen = SEEN
     seen.clear()
     first = run(cfg, [0, 1])
-    assert sorted(seen) == [
-        0,
-        0,
-        0,
-        0,
-        0,
-        1,
-        1,
-        1,
-        1,
-    ]  # 1 preflight + 2 draws (test, train) per job
+    # 2 preflight calls (training and test batch) + 2 draws (test, train) per job
+    assert sorted(seen) == [0] * 6 + [1] * 4
     seen.clear()
     again = run(cfg, [0, 1])
-    assert seen == [0]  # only the preflight call: every job was already stored
+    assert seen == [0, 0]  # only the preflight calls: every job was already stored
     assert_same_records(first, again)
     seen.clear()
     extended = run(cfg, [0, 1, 2])
-    assert sorted(seen) == [0, 2, 2, 2, 2]
+    assert sorted(seen) == [0, 0, 2, 2, 2, 2]
     assert [r.key for r in extended.records] == [(t, g) for t in (0, 1, 2) for g in (1.0, 0.5)]
     fresh = run(config(tmp_path, SAVE_DIR=str(tmp_path / "fresh")), [0, 1, 2])
     assert_same_records(extended, fresh)
@@ -124,10 +115,10 @@ def test_failed_jobs_rerun_only_with_retry_failed(tmp_path):
     run(cfg, [0, 99])
     seen.clear()
     run(cfg, [0, 99])
-    assert seen == [0]
+    assert seen == [0, 0]
     seen.clear()
     run({**cfg, "RETRY_FAILED": True}, [0, 99])
-    assert sorted(seen) == [0, 99, 99]  # preflight, then each failed job (its test draw raises)
+    assert sorted(seen) == [0, 0, 99, 99]  # preflight, then each failed job (test draw raises)
 
 
 def test_changed_job_hyperparameter_is_refused_with_what_differs(tmp_path):
@@ -174,3 +165,17 @@ def test_a_second_writer_is_refused(tmp_path):
 def test_load_names_the_fix_for_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a modelscape run folder"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("to_array", [lambda t: t, lambda t: t.numpy()], ids=["tensor", "ndarray"])
+def test_changed_row_of_an_array_user_key_is_refused(tmp_path, to_array):
+    # a repr of a 2000-row pool elides its middle, so only a digest of the bytes sees this row
+    pool = torch.randn(2000, 5, generator=torch.Generator().manual_seed(0))
+    cfg = config(tmp_path)
+    run(cfg, [0], POOL=to_array(pool.clone()))
+    changed = pool.clone()
+    changed[1000] += 1.0
+    with pytest.raises(SweepError, match=r"POOL: '(tensor|ndarray)\(2000, 5\) .*sha256:"):
+        run(cfg, [0], POOL=to_array(changed))
+    resumed = run(cfg, [0], POOL=to_array(pool.clone()))
+    assert len(resumed.records) == 2

@@ -157,7 +157,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise H.HParamError(
             f"{path} must hold a mapping of NAME: value, got {type(data).__name__}."
         )
-    return data
+    return {key: _from_text(key, value) for key, value in data.items()}
+
+
+def _from_text(key: str, value: Any) -> Any:
+    """YAML reads ``1e-2`` as a string: numbers written as text parse as on the command line."""
+    name = H.DEPRECATED_NAMES.get(key, key)
+    if isinstance(value, str) and name in H.FIELDS and H.kind_of(name) in ("int", "float"):
+        try:
+            return _PARSERS[H.kind_of(name)](value)
+        except (ValueError, argparse.ArgumentTypeError):
+            return value  # the schema check reports it with the expected type
+    return value
 
 
 def _defaults(extra: Extra | None) -> dict[str, Any]:

@@ -55,8 +55,14 @@ def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[s
 def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
     """Before training: call the batch function once, and check that every distinct model,
     optimizer and parametrization of the sweep can be built, so bad input fails early."""
-    job = jobs[0]
     gen = torch.Generator().manual_seed(0)
+    # the probe must not move the caller's global RNG (a batch function may draw from it)
+    with torch.random.fork_rng(devices=[]):
+        _probe(jobs, spec, gen)
+
+
+def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
+    job = jobs[0]
     try:
         fn = spec.make_batch_fn(
             bsz=job.hp.N_SAMPLES, gen=gen, X=None, y=None, job_values=job.values
@@ -70,6 +76,15 @@ def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    if spec.X_te is None:
+        X_te, y_te = spec.make_batch_fn(
+            bsz=job.hp.N_TEST, gen=gen, X=None, y=None, job_values=job.values
+        )(0)
+        check_batch(
+            X_te, y_te, job.hp.N_TEST,
+            "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
+            "set as X_te/y_te in global_config",
+        )  # fmt: skip
     seen = set()
     for job in jobs:
         hp = job.hp
