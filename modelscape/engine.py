@@ -434,6 +434,7 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
     step = loop.step
     X = y = None
     model, opt, loss_fn = problem.model, problem.opt, problem.loss_fn
+    crossed = int(np.count_nonzero(~np.isnan(timekeys)))
     model.train()
     for step in range(loop.step + 1, hp.MAX_ITER):
         X, y, f0 = problem.batch(step)
@@ -446,9 +447,11 @@ def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
             diverged = True
             break
         ema = value if step == 0 else s * ema + (1 - s) * value
-        newly = np.isnan(timekeys) & (ema < np.asarray(thresholds))
-        timekeys[newly] = step
-        done = not np.isnan(timekeys).any()
+        # thresholds descend, so they are crossed in order: only the next one needs a look
+        while crossed < len(thresholds) and ema < thresholds[crossed]:
+            timekeys[crossed] = step
+            crossed += 1
+        done = crossed == len(thresholds)
         if curves is not None:
             curves.train[step] = ema
             if step % hp.EVAL_EVERY == 0 or done or step == hp.MAX_ITER - 1:
