@@ -116,13 +116,13 @@ def _select(ds, selections: Sequence[str]):
 
     for item in selections:
         if "=" not in item:
-            raise SystemExit(f"--sel takes AXIS=VALUE, got {item!r}.")
+            raise ValueError(f"--sel takes AXIS=VALUE, got {item!r}.")
         name, text = item.split("=", 1)
         dim = resolve_dim(ds, name)
         values = ds[dim].values
         matches = [i for i, v in enumerate(values) if str(v) == text or _same_number(v, text)]
         if not matches:
-            raise SystemExit(f"--sel {item}: {dim} has values {', '.join(map(str, values))}.")
+            raise ValueError(f"--sel {item}: {dim} has values {', '.join(map(str, values))}.")
         ds = ds.isel({dim: matches[0]})
     return ds
 
@@ -135,12 +135,15 @@ def _same_number(value, text: str) -> bool:
 
 
 def plot(result: Result, args: argparse.Namespace) -> int:
-    """Draw ``--y`` against ``--x`` (learning curve, time to threshold, or curve vs step)."""
+    """Draw ``--y`` against ``--x`` (learning curve, time to threshold, or curve vs step).
+
+    A bad axis, variable, selection or threshold exits with status 2 and the message alone.
+    """
     from modelscape import plotting
 
-    ds = _select(result.to_xarray(), args.sel)
     log = not args.linear
     try:
+        ds = _select(result.to_xarray(), args.sel)
         if args.x == "step":
             ax = plotting.loss_vs_step(ds, y=args.y, hue=args.hue, logy=log)
         elif args.y in ("timekeys", "timekey") or args.y.startswith("timekey_"):
@@ -152,9 +155,11 @@ def plot(result: Result, args: argparse.Namespace) -> int:
             )
         else:
             ax = plotting.learning_curve(ds, x=args.x, y=args.y, hue=args.hue, logx=log, logy=log)
+        # saving draws the figure, which is where matplotlib rejects what it cannot show
+        path = plotting.save(ax, args.out)
     except (KeyError, ValueError) as err:
-        raise SystemExit(f"modelscape plot: {err.args[0] if err.args else err}") from None
-    path = plotting.save(ax, args.out)
+        print(f"modelscape plot: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

@@ -54,6 +54,17 @@ def resolve_variable(ds: xr.Dataset, name: str) -> str:
     return name
 
 
+def _plotted_dims(ds: xr.Dataset, *names: str | None) -> list[str | None]:
+    """The dims drawn as x axis or hue; the trial axis is averaged, so it cannot be one."""
+    dims = [resolve_dim(ds, n) if n is not None else None for n in names]
+    if TRIAL_AXIS in dims:
+        raise ValueError(
+            f"the {TRIAL_AXIS} axis cannot be the x axis or hue: trials are averaged for error "
+            "bars; choose another axis."
+        )
+    return dims
+
+
 def _reduce(da: xr.DataArray, keep: Sequence[str], what: str) -> tuple[xr.DataArray, xr.DataArray]:
     """Mean and std over trials, after checking that only ``keep`` dims remain."""
     stray = [d for d in da.dims if d not in keep and d != TRIAL_AXIS and da.sizes[d] > 1]
@@ -122,8 +133,8 @@ def learning_curve(
 ) -> Axes:
     """``y`` (a loss or a scalar grab) against the axis ``x``, mean +- std over trials."""
     ds = as_dataset(data)
-    xdim, var = resolve_dim(ds, x), resolve_variable(ds, y)
-    hdim = resolve_dim(ds, hue) if hue is not None else None
+    var = resolve_variable(ds, y)
+    xdim, hdim = _plotted_dims(ds, x, hue)
     da = ds[var]
     if "step" in da.dims:
         da = da.isel(step=-1)  # whole curves were recorded: the final value
@@ -161,10 +172,14 @@ def time_to_threshold(
         tk = tk.sel(threshold=threshold, method="nearest")
     else:
         tk = tk.isel(threshold=0)
-    xdim = resolve_dim(ds, x)
-    hdim = resolve_dim(ds, hue) if hue is not None else None
+    xdim, hdim = _plotted_dims(ds, x, hue)
     keep = [xdim] + ([hdim] if hdim else [])
     mean, err = _reduce(tk, keep, f"time_to_threshold(x={x!r})")
+    if not np.isfinite(mean.values).any():  # else matplotlib fails on an empty log scale
+        reached = f"threshold {threshold:g}" if threshold is not None else "the threshold"
+        raise ValueError(
+            f"no job reached {reached}: there are no times to plot; choose a larger threshold."
+        )
     ax = _new_axes(ax)
     _draw_lines(ax, mean, err, xdim, hdim, logx, logy)
     ax.set_xlabel(xdim)
@@ -189,7 +204,7 @@ def loss_vs_step(
         raise ValueError(
             f"{var} has no step axis: run the sweep with ONLYTHRESHOLDS=False to record curves."
         )
-    hdim = resolve_dim(ds, hue) if hue is not None else None
+    (hdim,) = _plotted_dims(ds, hue)
     keep = ["step"] + ([hdim] if hdim else [])
     mean, err = _reduce(da, keep, "loss_vs_step")
     ax = _new_axes(ax)

@@ -1,9 +1,11 @@
-"""The one progress bar of a sweep: jobs done over all jobs, ETA, jobs/s, failures, workers."""
+"""The one progress bar of a sweep: jobs done over all jobs, ETA, jobs/s, the latest job's
+losses, failures, workers."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -17,11 +19,23 @@ def placement_text(devices: Sequence[str]) -> str:
 
 
 class Progress:
-    """A tqdm bar over every job of the sweep; jobs finished in an earlier run count as done."""
+    """A tqdm bar over every job of the sweep; jobs finished in an earlier run count as done.
 
-    def __init__(self, total: int, done: int, placement: str, *, enabled: bool = True):
+    The bar writes to ``file`` (stderr by default).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        done: int,
+        placement: str,
+        *,
+        enabled: bool = True,
+        file: TextIO | None = None,
+    ):
         self.failures = 0
         self.placement = placement
+        self.latest: JobRecord | None = None  # the latest job that trained (ok or diverged)
         self._bar = tqdm(
             total=total,
             initial=done,
@@ -29,14 +43,22 @@ class Progress:
             unit="job",
             disable=not enabled,
             dynamic_ncols=True,
+            file=file,
         )
         self._bar.set_postfix_str(self._postfix(), refresh=False)
 
     def _postfix(self) -> str:
-        return f"failed={self.failures}, workers: {self.placement}"
+        counts = f"failed={self.failures}, workers: {self.placement}"
+        if self.latest is None:
+            return counts
+        # a failed job has no losses, so the bar keeps showing the latest job that had some
+        return f"train={self.latest.train_loss:.3g} test={self.latest.test_loss:.3g}, {counts}"
 
     def update(self, record: JobRecord) -> None:
-        self.failures += record.status == "failed"
+        if record.status == "failed":
+            self.failures += 1
+        else:
+            self.latest = record
         self._bar.set_postfix_str(self._postfix(), refresh=False)
         self._bar.update(1)
 

@@ -6,10 +6,11 @@ Install with ``pip install 'modelscape[ray]'``. The executor connects to the clu
 
 A task asks for one CPU, or, when DEVICES lists CUDA ids, ``1 / WORKERS_PER_DEVICE`` of a GPU
 (so WORKERS_PER_DEVICE tasks share a GPU) plus one CPU; Ray decides which machine and GPU each
-task uses. The sweep is cloudpickled once and shared through Ray's object store. Records come
-back to this process, which stays the only writer of SAVE_DIR; checkpoints are written by the
-tasks under SAVE_DIR/checkpoints, so resuming a killed job on another machine needs that folder
-on a shared filesystem.
+task uses. On a cluster without GPUs, CUDA ids fall back to the CPU with a one-line notice (a
+task asking for a GPU there would wait forever). The sweep is cloudpickled once and shared
+through Ray's object store. Records come back to this process, which stays the only writer of
+SAVE_DIR; checkpoints are written by the tasks under SAVE_DIR/checkpoints, so resuming a killed
+job on another machine needs that folder on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class RayExecutor(Executor):
         workers_per_device: int = 1,
         checkpoints: Checkpoints | None = None,
     ):
+        self.devices = list(devices)
         self.use_gpu = any(d != "cpu" for d in devices)
         self.gpu_fraction = 1.0 / workers_per_device
         self.checkpoints = checkpoints
@@ -78,14 +80,15 @@ class RayExecutor(Executor):
             ray.init(address=address, **options)
         pending: dict[Any, Sequence[Job]] = {}
         try:
+            use_gpu = self.use_gpu and self._cluster_has_gpus(ray)
             task = ray.remote(_train_group_task).options(
                 num_cpus=1,
-                num_gpus=self.gpu_fraction if self.use_gpu else 0,
+                num_gpus=self.gpu_fraction if use_gpu else 0,
                 max_retries=0,  # a job that crashes its worker is recorded as failed, not rerun
             )
             spec_ref = ray.put(spec_blob)
             for group, blob in zip(groups, blobs):
-                ref = task.remote(spec_ref, blob, self.use_gpu, self.checkpoints, list(sys.path))
+                ref = task.remote(spec_ref, blob, use_gpu, self.checkpoints, list(sys.path))
                 pending[ref] = group
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -98,6 +101,15 @@ class RayExecutor(Executor):
                 ray.cancel(ref, force=True)
             if started_here:
                 ray.shutdown()
+
+    def _cluster_has_gpus(self, ray: Any) -> bool:
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return True
+        print(
+            f"modelscape: CUDA is not available; DEVICES={self.devices} runs on the CPU.",
+            file=sys.stderr,
+        )
+        return False
 
 
 def _records(ray: Any, ref: Any, group: Sequence[Job]) -> list[JobRecord]:

@@ -16,6 +16,7 @@ and ``load(run_dir)`` reads a consistent snapshot even while a sweep is still wr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from modelscape.jobs import Job, SweepError, stable_repr
 from modelscape.results import JobRecord, Result
@@ -365,9 +367,15 @@ _UNCOMPARED = "<not compared: "
 
 
 def _describe(value: Any) -> Any:
-    """Plain data as is; a class by name; anything else by a note that it is not compared."""
+    """Plain data as is; a class by name; an array by a digest of its contents; anything else
+    by its repr, or a note that it is not compared."""
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, torch.Tensor) or (
+        isinstance(value, np.ndarray) and not value.dtype.hasobject  # object bytes are pointers
+    ):
+        # a repr truncates large arrays, so it would miss a change in the middle of a data pool
+        return _array_digest(value)
     try:
         json.dumps(value, allow_nan=True)
         if not isinstance(value, tuple):
@@ -378,6 +386,19 @@ def _describe(value: Any) -> Any:
         return stable_repr(value)
     except SweepError:
         return f"{_UNCOMPARED}{type(value).__name__}>"
+
+
+def _array_digest(value: torch.Tensor | np.ndarray) -> str:
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        raw = data.flatten().view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+        kind = "tensor"
+    else:
+        data = np.ascontiguousarray(value)
+        raw = data.tobytes()
+        kind = "ndarray"
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f"{kind}{tuple(data.shape)} {data.dtype} sha256:{digest}"
 
 
 def check_compatible(run_dir: Path, stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:

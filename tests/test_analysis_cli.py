@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -75,12 +76,43 @@ def test_plot_writes_png(run_dir, tmp_path):
     assert out2.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_plot_names_the_axis_to_select(run_dir, tmp_path):
+def plot_error(argv, capsys):
+    """What ``modelscape plot`` prints for bad input; it exits 2 without a traceback."""
+    assert main(["plot", *argv]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and not captured.out
+    return captured.err
+
+
+def test_plot_names_the_axis_to_select(run_dir, tmp_path, capsys):
     folder, _ = run_dir
-    with pytest.raises(SystemExit, match="GAMMA"):
-        main(
-            ["plot", str(folder), "--x", "ntrain", "--hue", "target", "-o", str(tmp_path / "x.png")]
-        )
+    out = tmp_path / "x.png"
+    err = plot_error([str(folder), "--x", "ntrain", "--hue", "target", "-o", str(out)], capsys)
+    assert err.startswith("modelscape plot: ") and "GAMMA" in err
+    err = plot_error([str(folder), "--x", "ntrain", "--sel", "GAMMA=7", "-o", str(out)], capsys)
+    assert "GAMMA has values 1.0, 0.5" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("axis", ["--hue", "--x"])
+def test_plot_refuses_the_averaged_trial_axis(run_dir, tmp_path, capsys, axis):
+    folder, _ = run_dir
+    argv = [str(folder), "--x", "ntrain", "--sel", "target=x0", "--sel", "GAMMA=1"]
+    argv = argv + ([axis, "trial"] if axis == "--hue" else ["--x", "trial", "--sel", "ntrain=8"])
+    err = plot_error(argv + ["-o", str(tmp_path / "x.png")], capsys)
+    assert "trials are averaged for error bars; choose another axis" in err
+
+
+def test_plot_timekeys_says_when_no_job_reached_the_threshold(run_dir, tmp_path, capsys):
+    _, result = run_dir
+    never = [
+        dataclasses.replace(r, timekeys=np.full_like(r.timekeys, np.nan)) for r in result.records
+    ]
+    path = tmp_path / "never.pkl"
+    path.write_bytes(pickle.dumps(type(result)(result.axes, result.axis_values, never)))
+    argv = [str(path), "--x", "ntrain", "--y", "timekeys", "--sel", "target=x0", "--sel", "GAMMA=1"]
+    err = plot_error(argv + ["--threshold", "0.5", "-o", str(tmp_path / "tk.png")], capsys)
+    assert "no job reached threshold 0.5" in err
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

@@ -76,6 +76,27 @@ def test_time_to_threshold(result, tmp_path):
         plotting.time_to_threshold(result, "ntrain", threshold=0.3, hue="target")
 
 
+def test_time_to_threshold_says_when_no_job_reached_it(result):
+    ds = result.to_xarray()
+    ds["timekeys"] = ds["timekeys"].where(ds["threshold"] != 0.5)  # NaN: never reached
+    with pytest.raises(ValueError, match="no job reached threshold 0.5"):
+        plotting.time_to_threshold(ds, "ntrain", threshold=0.5, hue="target")
+    assert plotting.time_to_threshold(ds, "ntrain", threshold=0.9, hue="target").containers
+
+
+def test_the_averaged_trial_axis_is_refused_as_x_or_hue(result, curves):
+    ds = result.to_xarray().sel(target="x0")
+    averaged = "trials are averaged for error bars; choose another axis"
+    with pytest.raises(ValueError, match=averaged):
+        plotting.learning_curve(ds, x="ntrain", hue="trial")
+    with pytest.raises(ValueError, match=averaged):
+        plotting.learning_curve(ds.sel(ntrain=8), x="trial")
+    with pytest.raises(ValueError, match=averaged):
+        plotting.time_to_threshold(ds, "ntrain", hue="trial")
+    with pytest.raises(ValueError, match=averaged):
+        plotting.loss_vs_step(curves.to_xarray().sel(target="x0", ntrain=8), hue="trial")
+
+
 def test_loss_vs_step(curves, tmp_path):
     ds = curves.to_xarray().sel(ntrain=32)
     ax = plotting.loss_vs_step(ds, y="train_loss", hue="target")
