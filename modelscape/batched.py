@@ -20,9 +20,10 @@ loop; the stacked run reproduces ``engine.train`` up to float rounding (timekeys
 - The test loss and grabs run on the job's own module (its ``Problem.model``, with the stacked
   values copied in) only where they are recorded.
 
-``group_jobs`` forms the groups (capped by ``GROUP_BYTES``); ``can_batch`` says whether a group
-can train this way; ``train_batched`` trains it. A group that cannot be stacked trains one job
-at a time, with a one-line notice (BATCHED="auto"), or raises (BATCHED="on").
+``group_jobs`` forms the groups (capped by ``GROUP_BYTES``, see ``group_cap``); ``can_batch``
+says whether a group can train this way; ``train_batched`` trains it. A group that cannot be
+stacked trains one job at a time, with a one-line notice (BATCHED="auto"), or raises
+(BATCHED="on").
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ def job_bytes(job: Job) -> int:
     return itemsize * (6 * weights + 2 * activations)
 
 
+def group_cap(job: Job) -> int:
+    """The most jobs ``group_jobs`` puts in this job's group (``MAX_GROUP``, ``GROUP_BYTES``).
+
+    A function of the job's shape hyperparameters only, so the same in every run and for every
+    job of a group. A job whose cap is 1 always trains alone, which lets its stack skip the
+    pairing that keeps a one-job stack's numbers equal to those of a larger one (``_bmm``).
+    """
+    return max(1, min(MAX_GROUP, GROUP_BYTES // max(1, job_bytes(job))))
+
+
 def group_jobs(jobs: Sequence[Job]) -> list[list[Job]]:
     """Split jobs into groups that can train as one stacked model, in first-seen order.
 
@@ -134,7 +145,7 @@ def group_jobs(jobs: Sequence[Job]) -> list[list[Job]]:
             _fall_back(job, f"OPTIMIZER={name!r} has no stacked version ({', '.join(OPTIMIZERS)})")
             order.append([job])
             continue
-        cap = max(1, min(MAX_GROUP, GROUP_BYTES // max(1, job_bytes(job))))
+        cap = group_cap(job)
         groups = buckets.setdefault(group_key(job), [])
         if not groups or len(groups[-1]) >= cap:
             groups.append([])
@@ -227,23 +238,26 @@ class Stack:
 # ----------------------------------------------------------------------------- model kernels
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _bmm(a: torch.Tensor, b: torch.Tensor, pair: bool) -> torch.Tensor:
     """``torch.bmm`` whose result for a job does not depend on how many jobs are stacked.
 
     With a single job torch computes the product on another path (``mm``/``gemv``), whose
     rounding differs; computing a stack of one as a (broadcast) pair keeps every job's numbers
-    the same in any group, so results do not depend on workers, placement or resumption.
+    the same in any group, so results do not depend on workers, placement or resumption. The
+    pair costs twice the work, so it is made only when ``pair`` (``pair_singletons``: the job
+    could share a stack, ``group_cap`` >= 2); a job that always trains alone is computed as
+    the plain stack of one it always is.
     """
-    if a.shape[0] == 1:
+    if pair and a.shape[0] == 1:
         return torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
     return torch.bmm(a, b)
 
 
-def _baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pair: bool) -> torch.Tensor:
     """``torch.baddbmm`` with the same stack-size independence as ``_bmm``."""
-    if a.shape[0] == 1:
-        pair = torch.baddbmm(bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
-        return pair[:1]
+    if pair and a.shape[0] == 1:
+        out = torch.baddbmm(bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
+        return out[:1]
     return torch.baddbmm(bias, a, b)
 
 
@@ -251,9 +265,11 @@ class MLPKernel:
     """The built-in MLP with MSE loss as batched matmuls, with its backward pass written out.
 
     Autograd is skipped because, for small models, its bookkeeping costs more than the math.
+    ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``_bmm``).
     """
 
-    def __init__(self, model: MLP, names: list[str]):
+    def __init__(self, model: MLP, names: list[str], pair_singletons: bool):
+        self.pair = pair_singletons
         self.act = type(model.act)
         self.approximate = model.act.approximate if isinstance(model.act, nn.GELU) else "none"
         index = {n: i for i, n in enumerate(names)}
@@ -284,7 +300,11 @@ class MLPKernel:
         saved = [h]
         for wi, bi in self.layers:
             W = params[wi]
-            z = _bmm(h, W.mT) if bi is None else _baddbmm(params[bi][:, None], h, W.mT)
+            z = (
+                _bmm(h, W.mT, self.pair)
+                if bi is None
+                else _baddbmm(params[bi][:, None], h, W.mT, self.pair)
+            )
             if self.act in _ACT_FROM_INPUT:
                 saved.append(z)
                 if self.act is nn.GELU:
@@ -300,7 +320,11 @@ class MLPKernel:
             saved.append(h)
         wi, bi = self.readout
         W = params[wi]
-        f = _bmm(h, W.mT) if bi is None else _baddbmm(params[bi][:, None], h, W.mT)
+        f = (
+            _bmm(h, W.mT, self.pair)
+            if bi is None
+            else _baddbmm(params[bi][:, None], h, W.mT, self.pair)
+        )
         return f, (saved if keep else None)
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
@@ -324,9 +348,9 @@ class MLPKernel:
         grads: list[torch.Tensor | None] = [None] * len(params)
         wi, bi = self.readout
         W, h = params[wi], saved[-1]
-        grads[wi] = _bmm(g.mT, h)
+        grads[wi] = _bmm(g.mT, h, self.pair)
         # an outer product (one output) is faster as a broadcast multiply than as a bmm
-        gh = g * W if W.shape[1] == 1 else _bmm(g, W)
+        gh = g * W if W.shape[1] == 1 else _bmm(g, W, self.pair)
         if bi is not None:
             grads[bi] = g.sum(1)
         for k in range(len(self.layers) - 1, -1, -1):
@@ -343,18 +367,22 @@ class MLPKernel:
             else:
                 gz = gh
             h_in = saved[-1]
-            grads[wi] = _bmm(gz.mT, h_in)
+            grads[wi] = _bmm(gz.mT, h_in, self.pair)
             if bi is not None:
                 grads[bi] = gz.sum(1)
             if k > 0:
-                gh = _bmm(gz, params[wi])
+                gh = _bmm(gz, params[wi], self.pair)
         return losses, grads
 
 
 class FuncKernel:
-    """Any model: ``vmap`` over ``torch.func.functional_call``, gradients by autograd."""
+    """Any model: ``vmap`` over ``torch.func.functional_call``, gradients by autograd.
 
-    def __init__(self, problems: list[engine.Problem], names: list[str]):
+    ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``_as_pair``).
+    """
+
+    def __init__(self, problems: list[engine.Problem], names: list[str], pair_singletons: bool):
+        self.pair = pair_singletons
         p0 = problems[0]
         self.module = copy.deepcopy(p0.model).train()
         self.names = names
@@ -378,7 +406,7 @@ class FuncKernel:
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
         n = X.shape[0]
-        args = _as_pair((tuple(params), self._buffers(stack), X), n)
+        args = _as_pair((tuple(params), self._buffers(stack), X), n, self.pair)
         return torch.func.vmap(self._apply)(*args)[:n]
 
     def loss_and_grads(
@@ -398,7 +426,8 @@ class FuncKernel:
 
         in_dims = (0, 0, 0, 0, None if f0 is None else 0, 0)
         n = X.shape[0]
-        args = _as_pair((tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"]), n)
+        data = (tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"])
+        args = _as_pair(data, n, self.pair)
         losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         if any(g is None for g in grads):
@@ -407,17 +436,18 @@ class FuncKernel:
         return losses.detach(), list(grads)
 
 
-def _as_pair(tree: Any, n_jobs: int) -> Any:
-    """A stack of one job as a broadcast pair (see ``_bmm``); other stacks unchanged. Only the
-    first copy's outputs are used, so the second adds exactly zero to every gradient."""
-    if n_jobs != 1:
+def _as_pair(tree: Any, n_jobs: int, pair: bool) -> Any:
+    """With ``pair``, a stack of one job as a broadcast pair (see ``_bmm``); other stacks, and
+    every stack without ``pair``, unchanged. Only the first copy's outputs are used, so the
+    second adds exactly zero to every gradient."""
+    if n_jobs != 1 or not pair:
         return tree
     if isinstance(tree, torch.Tensor):
         return tree.expand(2, *tree.shape[1:])
     if isinstance(tree, dict):
-        return {k: _as_pair(v, n_jobs) for k, v in tree.items()}
+        return {k: _as_pair(v, n_jobs, pair) for k, v in tree.items()}
     if isinstance(tree, tuple):
-        return tuple(_as_pair(v, n_jobs) for v in tree)
+        return tuple(_as_pair(v, n_jobs, pair) for v in tree)
     return tree  # None
 
 
@@ -789,10 +819,17 @@ class Run:
         self.online = self.hp.ONLINE
         self.names = [n for n, _ in p0.model.named_parameters()]
         self._check_shapes()
+        # A job that could share a stack (cap >= 2) computes a stack of one as a pair, so its
+        # numbers are those of any larger stack; one whose cap is 1 always trains alone, in
+        # every run, and skips the pair's second copy. The cap depends on the shape
+        # hyperparameters only, so it is the same for every job of the group.
+        self.pair_singletons = group_cap(p0.job) >= 2
         if MLPKernel.check(p0, self.hp.PARAMETRIZATION):
-            self.kernel: MLPKernel | FuncKernel = MLPKernel(p0.model, self.names)
+            self.kernel: MLPKernel | FuncKernel = MLPKernel(
+                p0.model, self.names, self.pair_singletons
+            )
         else:
-            self.kernel = FuncKernel(problems, self.names)
+            self.kernel = FuncKernel(problems, self.names, self.pair_singletons)
         kind, trained, settings, flags = _read_optimizers(problems, self.names)
         self.opt = FunctionalOptimizer(kind, trained, settings, flags)
         self.tracks = [self._track(p, loop) for p, loop in part]

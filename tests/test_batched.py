@@ -315,7 +315,7 @@ def test_mixed_max_iter_ema_and_thresholds_in_one_group():
         "trial": range(2),
         "MAX_ITER": [30, 70],
         "EMA_SMOOTHER": [0.5, 0.9],
-        "LOSS_CHECKPOINTS": [(0.5,), (0.9, 0.3, 0.2)],
+        "LOSS_CHECKPOINTS": [(0.5, 1e-9), (0.9, 0.3)],
     }
     jobs, spec = make_jobs({"ONLYTHRESHOLDS": False, "EVAL_EVERY": 13}, axes=axes)
     assert len(batched.group_jobs(jobs)) == 1
@@ -348,3 +348,76 @@ def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
             assert (record.steps, record.status) == (ref.steps, ref.status)
             assert record.test_loss == ref.test_loss and record.train_loss == ref.train_loss
             np.testing.assert_array_equal(record.timekeys, ref.timekeys)
+
+
+def _stack_sizes(monkeypatch):
+    """Record the leading (job) dimension of every batched product the stacked run computes:
+    ``torch.bmm``/``torch.baddbmm`` (the MLP kernel) and the inputs ``torch.func.vmap`` maps
+    over (the torch.func path)."""
+    sizes = []
+    bmm, baddbmm, vmap = torch.bmm, torch.baddbmm, torch.func.vmap
+
+    def spy_bmm(a, b):
+        sizes.append(a.shape[0])
+        return bmm(a, b)
+
+    def spy_baddbmm(bias, a, b):
+        sizes.append(a.shape[0])
+        return baddbmm(bias, a, b)
+
+    def spy_vmap(fn, *args, **kwargs):
+        mapped = vmap(fn, *args, **kwargs)
+
+        def call(*inputs):
+            sizes.append(inputs[2].shape[0])  # X
+            return mapped(*inputs)
+
+        return call
+
+    monkeypatch.setattr(torch, "bmm", spy_bmm)
+    monkeypatch.setattr(torch, "baddbmm", spy_baddbmm)
+    monkeypatch.setattr(torch.func, "vmap", spy_vmap)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"DTYPE": "float32", "BIAS": True},
+        {"DTYPE": "float32", "PARAMETRIZATION": "mup", "OPTIMIZER": "Adam", "LR": 0.01},
+    ],
+)
+def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
+    """The pair that keeps a stack of one equal to a larger stack doubles its work; a job whose
+    group cap is 1 always trains alone, so it is computed as the plain stack of one it is."""
+    jobs, spec = make_jobs(overrides, axes={"MAX_ITER": [20, 40]})
+    job = jobs[0]
+    assert batched.group_cap(job) >= 2
+    # a job that could share a stack: alone, it is still computed as a pair
+    sizes = _stack_sizes(monkeypatch)
+    (paired,) = batched.train_batched([job], spec, CPU)
+    assert sizes and set(sizes) == {2}
+    # the same job under a memory budget that leaves it alone in every run
+    monkeypatch.setattr(batched, "GROUP_BYTES", batched.job_bytes(job) * 3 // 2)
+    assert batched.group_cap(job) == 1
+    assert [len(g) for g in batched.group_jobs(jobs)] == [1, 1]
+    sizes.clear()
+    (alone,) = batched.train_batched([job], spec, CPU)
+    assert sizes and set(sizes) == {1}
+    # both compute the same training (they differ only in rounding), and both match the loop
+    ref = reference([job], spec)
+    assert_same(ref, {job.key: paired})
+    assert_same(ref, {job.key: alone})
+    # unpaired is deterministic: a second run (as after a resumption) is bit-identical
+    (again,) = batched.train_batched([job], spec, CPU)
+    assert (again.test_loss, again.train_loss, again.steps) == (
+        alone.test_loss,
+        alone.train_loss,
+        alone.steps,
+    )
+    # with the budget restored, a group whose jobs exit at different steps stays paired once
+    # one job is left in its stack
+    monkeypatch.undo()
+    sizes = _stack_sizes(monkeypatch)
+    both = list(batched.train_batched(jobs, spec, CPU))
+    assert len({r.steps for r in both}) == 2 and set(sizes) == {2}
