@@ -162,7 +162,8 @@ def _optimizer_name(job: Job) -> str:
 def can_batch(jobs: Sequence[Job], spec: SweepSpec) -> bool:
     """True when this group can be trained by ``train_batched`` (checked from the jobs alone;
     what only the built models reveal is checked in ``train_batched``, which falls back)."""
-    if not jobs or jobs[0].hp.BATCHED == "off":
+    # a job alone trains in the one-job loop: stacking one job would cost it a second copy
+    if len(jobs) < 2 or jobs[0].hp.BATCHED == "off":
         return False
     reason = None
     name = _optimizer_name(jobs[0])

@@ -571,8 +571,8 @@ def train_group(
 ) -> Iterator[JobRecord]:
     """Train a group of jobs on one device, yielding each job's record as it finishes.
 
-    A group the batched engine can stack trains as one model, even a group of one, so that a
-    job's numbers never depend on which jobs share its group; otherwise jobs train one by one.
+    A group the batched engine can stack trains as one model (a job's numbers then do not
+    depend on which other jobs share its group); otherwise, and alone, jobs train one by one.
     With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
     (ops without a deterministic version warn instead of failing).
     """

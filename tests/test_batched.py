@@ -342,7 +342,9 @@ def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
     assert len({r.steps for r in full.values()}) > 2  # jobs exit at different steps
     parts = [jobs[::3], jobs[1:4], [jobs[5]], [jobs[-1]]]
     for part in parts:
-        assert batched.can_batch(part, spec)
+        # a lone job trains in the one-job loop in a sweep; here it stands for a stack that
+        # shrank to one job (the others exited), which must not change its numbers either
+        assert batched.can_batch(part, spec) == (len(part) > 1)
         for record in batched.train_batched(part, spec, CPU):
             ref = full[record.key]
             assert (record.steps, record.status) == (ref.steps, ref.status)

@@ -202,11 +202,16 @@ def _train(
 
 
 def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
-    """Split the largest groups until every worker has one (a group trains on one worker)."""
+    """Split the largest groups until every worker has one (a group trains on one worker).
+
+    Halves keep at least two jobs: a job alone trains in the one-job loop, whose rounding differs
+    from the stacked engine's, so splitting off a single job would make results depend on the
+    number of workers.
+    """
     groups = [list(g) for g in groups]
     while len(groups) < n_workers:
         largest = max(range(len(groups)), key=lambda i: len(groups[i]), default=None)
-        if largest is None or len(groups[largest]) < 2:
+        if largest is None or len(groups[largest]) < 4:
             break
         group = groups.pop(largest)
         half = (len(group) + 1) // 2
