@@ -43,7 +43,7 @@ from torch import nn
 from modelscape import engine
 from modelscape import hparams as H
 from modelscape.checkpoint import Checkpoints
-from modelscape.jobs import Job, SweepError, sub_seeds
+from modelscape.jobs import Job, SweepError
 from modelscape.models import MLP
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec, check_batch
@@ -872,7 +872,7 @@ class Run:
             # The one-job loop seeds the global RNG per job; keep a state per job in case the
             # batch function draws from it (checked at the first draw).
             if loop is None:
-                torch.manual_seed(sub_seeds(p.job.seed, engine.N_SUB_SEEDS)[3])
+                torch.manual_seed(engine.training_rng_seed(p.job))
                 track.rng = torch.get_rng_state()
             else:
                 track.rng = resume.rng

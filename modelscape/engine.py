@@ -232,6 +232,11 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
         raise SweepError(f"job ({job.label()}): {err}") from None
 
 
+def training_rng_seed(job: Job) -> int:
+    """The seed of torch's global RNG while the job trains (dropout, user code), in any engine."""
+    return sub_seeds(job.seed, N_SUB_SEEDS)[3]
+
+
 @contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block with torch's global RNG seeded to ``seed``, restoring the caller's state."""
@@ -406,7 +411,7 @@ def train(problem: Problem, checkpoints: Checkpoints | None = None) -> JobRecord
     devices = [problem.device] if problem.device.type == "cuda" else []
     # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(sub_seeds(job.seed, N_SUB_SEEDS)[3])
+        torch.manual_seed(training_rng_seed(job))
         return _train_loop(problem, checkpoints)
 
 
