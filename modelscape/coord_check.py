@@ -16,7 +16,6 @@ The same from the shell: ``python -m modelscape coord-check --params sp mup --ou
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 
 from modelscape import parametrize
-from modelscape.models import ACTIVATIONS, constructor_kwargs, resolve_model_class
+from modelscape.engine import resolve_class
+from modelscape.models import ACTIVATIONS, constructor_kwargs, resolve_model_class, standard_kwargs
 
 DEFAULT_WIDTHS = (128, 256, 512, 1024, 2048)
 FEATURES = "features"  # role of the readout's input, the last hidden activations
@@ -64,7 +64,7 @@ def coord_check(
     is ``"activation"`` (mean |h_t|) or ``"change"`` (mean |h_t - h_0|, from step 1 on);
     ``layer`` is a module path, or ``"<readout>:input"`` for the last hidden features.
     """
-    opt_cls = _optimizer_class(optimizer)
+    opt_cls = resolve_class(optimizer, torch.optim, "optimizer")
     build = _builder(model, in_shape, d_out, depth, nonlinearity, bias, model_kwargs or {})
     rows: list[dict[str, Any]] = []
     for seed in range(seeds):
@@ -196,15 +196,6 @@ def plot_coord_check(df: pd.DataFrame, quantity: str = "change", title: str | No
     return fig
 
 
-def _optimizer_class(spec: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
-    if isinstance(spec, type):
-        return spec
-    cls = getattr(torch.optim, spec, None)
-    if not isinstance(cls, type):
-        raise ValueError(f"optimizer {spec!r} is not in torch.optim (e.g. 'SGD', 'Adam').")
-    return cls
-
-
 def _builder(
     model: Any,
     in_shape: Sequence[int],
@@ -220,15 +211,7 @@ def _builder(
     cls = resolve_model_class(model)
 
     def build(width: int) -> nn.Module:
-        provided = {
-            "d_in": int(math.prod(in_shape)),
-            "in_shape": tuple(in_shape),
-            "d_out": d_out,
-            "width": width,
-            "depth": depth,
-            "nonlinearity": nonlinearity,
-            "bias": bias,
-        }
+        provided = standard_kwargs(in_shape, d_out, width, depth, nonlinearity, bias)
         return cls(**constructor_kwargs(cls, provided, model_kwargs))
 
     return build

@@ -33,7 +33,7 @@ from torch import nn
 from modelscape import parametrize
 from modelscape.checkpoint import Checkpoints
 from modelscape.jobs import Job, SweepError, sub_seeds
-from modelscape.models import constructor_kwargs, resolve_model_class
+from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
 from modelscape.results import JobRecord
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
@@ -196,15 +196,7 @@ def model_spec(
     """The job's model class and its constructor arguments, matched by name."""
     hp = job.hp
     model_cls = resolve_model_class(hp.MODEL_CLASS)
-    provided = {
-        "d_in": int(np.prod(in_shape)),
-        "d_out": d_out,
-        "width": hp.WIDTH,
-        "depth": hp.DEPTH,
-        "in_shape": in_shape,
-        "nonlinearity": hp.NONLINEARITY,
-        "bias": hp.BIAS,
-    }
+    provided = standard_kwargs(in_shape, d_out, hp.WIDTH, hp.DEPTH, hp.NONLINEARITY, hp.BIAS)
     return model_cls, constructor_kwargs(model_cls, provided, config)
 
 

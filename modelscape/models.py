@@ -236,6 +236,21 @@ def resolve_model_class(spec: Any) -> type[nn.Module]:
     )
 
 
+def standard_kwargs(
+    in_shape: Sequence[int], d_out: int, width: int, depth: int, nonlinearity: str, bias: bool
+) -> dict[str, Any]:
+    """The arguments any model may take by name, from the data's shape and the hyperparameters."""
+    return {
+        "d_in": int(math.prod(in_shape)),
+        "in_shape": tuple(in_shape),
+        "d_out": d_out,
+        "width": width,
+        "depth": depth,
+        "nonlinearity": nonlinearity,
+        "bias": bias,
+    }
+
+
 def constructor_kwargs(
     cls: type[nn.Module], provided: Mapping[str, Any], config: Mapping[str, Any]
 ) -> dict[str, Any]:
