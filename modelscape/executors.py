@@ -29,8 +29,7 @@ import torch
 
 from modelscape import hparams as H
 from modelscape import serialization
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record, resolve_device, train_group
+from modelscape.engine import Checkpoints, failed_record, resolve_device, train_group
 from modelscape.jobs import Job, SweepError
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec

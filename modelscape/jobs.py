@@ -18,7 +18,7 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -89,6 +89,27 @@ def job_seed(base_seed: int, axes: Sequence[str], key: Sequence[Any]) -> int:
     """The seed of the job with these iterator values: a hash, independent of placement."""
     text = repr((int(base_seed), tuple((a, stable_repr(v)) for a, v in zip(axes, key))))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+class SubSeeds(NamedTuple):
+    """The independent seeds derived from a job seed, one per random stream of a job.
+
+    The field order is part of the results' reproducibility: a new stream is appended, never
+    inserted.
+    """
+
+    model_init: int  # the model's initial weights (torch's global RNG while it is built)
+    train_data: int  # the training data's generator (``gen`` of the training draw)
+    test_data: int  # the test set's generator
+    training_rng: int  # torch's global RNG while the job trains (dropout, user code)
+    centering: int  # the global RNG while f_init is evaluated for CENTER
+    test_draw_rng: int  # the global RNG while the test set is drawn (batch fns ignoring gen)
+    train_draw_rng: int  # the global RNG while the training set is drawn
+
+    @classmethod
+    def of(cls, seed: int) -> SubSeeds:
+        """The named sub-seeds of job seed ``seed``."""
+        return cls(*sub_seeds(seed, len(cls._fields)))
 
 
 def sub_seeds(seed: int, n: int) -> list[int]:

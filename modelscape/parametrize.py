@@ -300,6 +300,11 @@ def mupify(
     _PARAMETRIZED[model] = param
 
 
+def lr_gamma_factor(gamma: float) -> float:
+    """The seed's richness rule for the learning rate: GAMMA**2 below 1, GAMMA above."""
+    return gamma**2 if gamma < 1 else gamma
+
+
 def rescale(model: nn.Module, gamma: float, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Apply richness ``gamma`` in place, as the engine does for GAMMA: divide the readout's
     output by ``gamma`` and, when ``optimizer`` is given, multiply every group's ``lr`` by
@@ -323,7 +328,7 @@ def rescale(model: nn.Module, gamma: float, optimizer: torch.optim.Optimizer | N
     with torch.no_grad():
         readout.multiplier.div_(gamma)
     if optimizer is not None:
-        factor = gamma**2 if gamma < 1 else gamma
+        factor = lr_gamma_factor(gamma)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * factor
     _RESCALED.add(model)

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from modelscape import serialization
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record
+from modelscape.engine import Checkpoints, failed_record
 from modelscape.executors import Executor, OnRecord
 from modelscape.jobs import Job, SweepError
 from modelscape.results import JobRecord

@@ -42,6 +42,7 @@ class JobRecord:
     device: str = "cpu"
     error: str | None = None
     traceback: str | None = None
+    trained_by: str = ""  # "stacked", "single", or "single: <why the stack was not used>"
 
 
 def _nan_like(shape: tuple[int, ...] | None) -> Any:

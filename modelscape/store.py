@@ -8,7 +8,7 @@ A run folder (``SAVE_DIR``) holds:
   transaction as the job completes. Scalars are SQLite REALs (IEEE doubles, so lossless; NaN is
   stored as NULL), arrays (timekeys, grabs, curves) an ``.npz`` blob, failures keep their
   message and traceback;
-- ``checkpoints/``: the last checkpoint of each running job (see ``modelscape.checkpoint``).
+- ``checkpoints/``: the last checkpoint of each running job (see ``modelscape.engine.state``).
 
 SQLite runs in WAL mode: a SIGKILL at any moment loses at most the jobs that were in flight,
 and ``load(run_dir)`` reads a consistent snapshot even while a sweep is still writing.

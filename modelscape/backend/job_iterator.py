@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 
-from modelscape import batched
 from modelscape import hparams as H
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import check_model
+from modelscape.engine import Checkpoints, check_model, group_jobs
 from modelscape.executors import Executor, executor_for
 from modelscape.jobs import Job, SweepError, axis_target, build_jobs, job_fingerprint, materialize
 from modelscape.progress import Progress, placement_text
@@ -173,7 +171,7 @@ def _train(
     total: int,
     progress: bool,
 ) -> None:
-    groups = batched.group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
+    groups = group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
     placement = executor.placement()
     groups = balance(groups, len(placement))
     bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)

@@ -1,14 +1,10 @@
-"""How a job is trained: the reference training loop, one job at a time.
+"""What a job trains on: ``setup_job`` turns a ``Job`` into a ``Problem``.
 
-``setup_job`` turns a ``Job`` into a ``Problem`` (data, model, optimizer, centering caches);
-``train`` runs the loop on it; ``run_job`` wraps both so that a failing job becomes a failed
-record instead of an exception. ``train_group`` is what executors call: it trains a group of
-jobs and yields one record per job.
-
-Each step: draw the batch; forward, loss, backward, optimizer step; update the EMA of the train
-loss (``ema = s*ema + (1-s)*loss``, starting at the first loss); record the first step whose EMA
-is below each threshold; stop once all are crossed, or at MAX_ITER. Step numbers are 0-based: a
-timekey of 0 means the first step's loss was already below the threshold.
+This module owns drawing a job's data (each stream from its named sub-seed), building its model,
+optimizer (with OPTIMIZER_KWARGS, MOMENTUM and WEIGHT_DECAY) and loss, the centering caches,
+evaluation of the test loss and of grabs, and the checks ``check_model`` runs before a sweep
+trains. Both engines (``loop`` and ``stacked``) start from a ``Problem``, so a job's data and
+initial weights do not depend on which engine trains it.
 """
 
 from __future__ import annotations
@@ -17,36 +13,20 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-import math
-import os
-import sys
-import time
-import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from modelscape import parametrize
-from modelscape.checkpoint import Checkpoints
-from modelscape.jobs import Job, SweepError, sub_seeds
+from modelscape.jobs import Job, SubSeeds, SweepError
 from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
-from modelscape.results import JobRecord
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
-# model init, training data, test data, the global RNG while training, centering offsets
-# model init, train data, test data, global RNG while training, centering, global RNG while the
-# test set and the training set are drawn (for batch functions that ignore `gen`)
-N_SUB_SEEDS = 7
-
-
-def lr_gamma_factor(gamma: float) -> float:
-    """The seed's richness rule for the learning rate: GAMMA**2 below 1, GAMMA above."""
-    return gamma**2 if gamma < 1 else gamma
 
 
 def resolve_device(spec: int | str) -> torch.device:
@@ -226,7 +206,7 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
 
 def training_rng_seed(job: Job) -> int:
     """The seed of torch's global RNG while the job trains (dropout, user code), in any engine."""
-    return sub_seeds(job.seed, N_SUB_SEEDS)[3]
+    return SubSeeds.of(job.seed).training_rng
 
 
 @contextlib.contextmanager
@@ -240,8 +220,7 @@ def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
 def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     """Draw the job's data, build its model and optimizer, and cache what centering needs."""
     hp = job.hp
-    seeds = sub_seeds(job.seed, N_SUB_SEEDS)
-    init_seed, train_seed, test_seed, center_seed = seeds[0], seeds[1], seeds[2], seeds[4]
+    seeds = SubSeeds.of(job.seed)
     config = job_config(job, spec)
 
     # A batch function may draw from the global RNG instead of `gen`; seed it per draw so that
@@ -249,8 +228,8 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     if spec.X_te is not None:
         X_te, y_te = spec.X_te, spec.y_te
     else:
-        gen_te = torch.Generator(device).manual_seed(test_seed)
-        with seeded_global_rng(seeds[5], device):
+        gen_te = torch.Generator(device).manual_seed(seeds.test_data)
+        with seeded_global_rng(seeds.test_draw_rng, device):
             draw = spec.make_batch_fn(
                 bsz=hp.N_TEST, gen=gen_te, X=None, y=None, job_values=job.values
             )
@@ -258,10 +237,10 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         check_batch(X_te, y_te, hp.N_TEST, "test set (batch_fn with bsz=N_TEST)")
     X_te, y_te = to_device(X_te, y_te, device, hp.DTYPE)
 
-    gen_tr = torch.Generator(device).manual_seed(train_seed)
+    gen_tr = torch.Generator(device).manual_seed(seeds.train_data)
     batch_fn = None
     X_tr = y_tr = None
-    with seeded_global_rng(seeds[6], device):
+    with seeded_global_rng(seeds.train_draw_rng, device):
         draw = spec.make_batch_fn(
             bsz=hp.N_SAMPLES, gen=gen_tr, X=None, y=None, job_values=job.values
         )
@@ -281,10 +260,14 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     # Model init uses the global RNG (nn.Module initializers); fork it so that a job's init
     # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+        torch.manual_seed(seeds.model_init)
         model = model_cls(**kwargs).to(getattr(torch, hp.DTYPE))
         opt = parametrize.apply(
-            model, hp.PARAMETRIZATION, opt_cls, hp.LR * lr_gamma_factor(gamma), opt_kwargs
+            model,
+            hp.PARAMETRIZATION,
+            opt_cls,
+            hp.LR * parametrize.lr_gamma_factor(gamma),
+            opt_kwargs,
         )
         if spec.post_init_fn is not None:
             extra = accepted_kwargs(spec.post_init_fn, config)
@@ -317,7 +300,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         devices = [device] if device.type == "cuda" else []
         # seeded: a user model may still draw random numbers in eval mode
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(center_seed)
+            torch.manual_seed(seeds.centering)
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)
@@ -357,244 +340,3 @@ def to_numpy(value: Any, name: str) -> np.ndarray:
             f"grab {name!r} returned {type(value).__name__}; grabs return numbers or arrays."
         )
     return arr
-
-
-class Curves:
-    """Per-step curves for ONLYTHRESHOLDS=False: EMA every step, tests and grabs on a cadence."""
-
-    def __init__(self, max_iter: int):
-        self.train = np.full(max_iter, np.nan)
-        self.evals: dict[str, list[tuple[int, np.ndarray]]] = {}
-
-    def state(self) -> dict[str, Any]:
-        return {"train": self.train.copy(), "evals": copy.deepcopy(self.evals)}
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.train = state["train"].copy()
-        self.evals = copy.deepcopy(state["evals"])
-
-    def add_eval(self, step: int, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            self.evals.setdefault(k, []).append((step, np.asarray(v)))
-
-    def finish(self, last_step: int, diverged: bool) -> dict[str, np.ndarray]:
-        n = self.train.shape[0]
-        # a job that diverged at its first step was never evaluated: its test curve is all NaN
-        out = {"train_loss": self.train.copy(), "test_loss": np.full(n, np.nan)}
-        if not diverged:
-            out["train_loss"][last_step + 1 :] = self.train[last_step]
-        for k, points in self.evals.items():
-            arr = np.full((n,) + points[0][1].shape, np.nan)
-            for (s, v), nxt in zip(points, points[1:] + [(None, None)]):
-                end = nxt[0] if nxt[0] is not None else (last_step + 1 if diverged else n)
-                arr[s:end] = v
-            out[k] = arr
-        return out
-
-
-def train(problem: Problem, checkpoints: Checkpoints | None = None) -> JobRecord:
-    """Run the training loop of one job to its thresholds or MAX_ITER.
-
-    With ``checkpoints``, the job's state is saved every CHECKPOINT_EVERY seconds, and a job
-    with a saved state continues from it: the result is bit-identical (on CPU) to a run that
-    was never interrupted, provided the batch function depends only on ``gen`` and ``step``.
-    """
-    job = problem.job
-    devices = [problem.device] if problem.device.type == "cuda" else []
-    # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(training_rng_seed(job))
-        return _train_loop(problem, checkpoints)
-
-
-def _train_loop(problem: Problem, checkpoints: Checkpoints | None) -> JobRecord:
-    hp = problem.job.hp
-    start = time.perf_counter()
-    thresholds = sorted(hp.LOSS_CHECKPOINTS, reverse=True)
-    loop = LoopState(
-        timekeys=np.full(len(thresholds), np.nan),
-        curves=None if hp.ONLYTHRESHOLDS else Curves(hp.MAX_ITER),
-    )
-    if checkpoints is not None:
-        saved = checkpoints.load(problem.job.key)
-        if saved is not None and saved["seed"] == problem.job.seed:
-            loop = restore_state(problem, saved)
-            _say(
-                f"modelscape: resuming job ({problem.job.label()}) from its checkpoint "
-                f"at step {loop.step}",
-                file=sys.stderr,
-            )
-        checkpoints.reset_clock()
-    s = hp.EMA_SMOOTHER
-    ema, timekeys, curves = loop.ema, loop.timekeys, loop.curves
-    diverged = False
-    step = loop.step
-    X = y = None
-    model, opt, loss_fn = problem.model, problem.opt, problem.loss_fn
-    crossed = int(np.count_nonzero(~np.isnan(timekeys)))
-    model.train()
-    for step in range(loop.step + 1, hp.MAX_ITER):
-        X, y, f0 = problem.batch(step)
-        loss = loss_fn(problem.output(X, f0), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()  # the reference loop syncs each step; the batched engine does not
-        if not math.isfinite(value):
-            diverged = True
-            break
-        ema = value if step == 0 else s * ema + (1 - s) * value
-        # thresholds descend, so they are crossed in order: only the next one needs a look
-        while crossed < len(thresholds) and ema < thresholds[crossed]:
-            timekeys[crossed] = step
-            crossed += 1
-        done = crossed == len(thresholds)
-        if curves is not None:
-            curves.train[step] = ema
-            if step % hp.EVAL_EVERY == 0 or done or step == hp.MAX_ITER - 1:
-                values = {"test_loss": problem.test_loss(), **evaluate_grabs(problem, X, y, step)}
-                curves.add_eval(step, values)
-        if hp.VERBOSE and step % hp.EVAL_EVERY == 0:
-            _say(f"[{problem.job.label()}] step {step}: train loss {value:.4g} (ema {ema:.4g})")
-        if done:
-            break
-        if checkpoints is not None and step < hp.MAX_ITER - 1 and checkpoints.due():
-            elapsed = loop.seconds + time.perf_counter() - start
-            state = LoopState(step, ema, timekeys, curves, elapsed)
-            checkpoints.save(problem.job.key, snapshot(problem, state))
-    record = JobRecord(
-        key=problem.job.key,
-        seed=problem.job.seed,
-        status="diverged" if diverged else "ok",
-        timekeys=timekeys,
-        steps=step + 1,
-        device=str(problem.device),
-    )
-    if diverged:
-        if curves is not None:
-            record.curves = curves.finish(step - 1, diverged=True)
-    else:
-        record.train_loss = ema
-        record.test_loss = problem.test_loss()
-        record.grabs = evaluate_grabs(problem, X, y, step) if problem.grabs else {}
-        if curves is not None:
-            record.curves = curves.finish(step, diverged=False)
-    record.seconds = loop.seconds + time.perf_counter() - start
-    return record
-
-
-@dataclass
-class LoopState:
-    """Where the training loop stands after ``step`` (-1: before the first step)."""
-
-    step: int = -1
-    ema: float = math.nan
-    timekeys: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    curves: Curves | None = None
-    seconds: float = 0.0
-
-
-def snapshot(problem: Problem, loop: LoopState) -> dict[str, Any]:
-    """Everything needed to continue the job bit-identically from after ``loop.step``."""
-    state: dict[str, Any] = {
-        "seed": problem.job.seed,
-        "step": loop.step,
-        "ema": loop.ema,
-        "timekeys": loop.timekeys.copy(),
-        "curves": None if loop.curves is None else loop.curves.state(),
-        "seconds": loop.seconds,
-        "model": problem.model.state_dict(),
-        "opt": problem.opt.state_dict(),
-        "gen": None if problem.gen is None else problem.gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    if problem.device.type == "cuda":
-        state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
-    return state
-
-
-def restore_state(problem: Problem, state: Mapping[str, Any]) -> LoopState:
-    """Load a ``snapshot`` into a freshly set-up ``problem``; returns where the loop stood."""
-    problem.model.load_state_dict(state["model"])
-    problem.opt.load_state_dict(state["opt"])
-    if problem.gen is not None:
-        problem.gen.set_state(state["gen"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
-    curves = None
-    if state["curves"] is not None:
-        curves = Curves(problem.job.hp.MAX_ITER)
-        curves.load_state(state["curves"])
-    return LoopState(
-        state["step"], state["ema"], state["timekeys"].copy(), curves, state["seconds"]
-    )
-
-
-def _say(text: str, file: TextIO | None = None) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(text, file=file)
-
-
-def failed_record(job: Job, err: BaseException, device: torch.device | str) -> JobRecord:
-    """The record of a job that raised: its message and traceback, nothing else."""
-    return JobRecord(
-        key=job.key,
-        seed=job.seed,
-        status="failed",
-        device=str(device),
-        timekeys=np.full(len(job.hp.LOSS_CHECKPOINTS), np.nan),
-        error=f"{type(err).__name__}: {err}",
-        traceback="".join(traceback.format_exception(err)),
-    )
-
-
-def run_job(
-    job: Job, spec: SweepSpec, device: torch.device, checkpoints: Checkpoints | None = None
-) -> JobRecord:
-    """Set up and train one job; an exception becomes a failed record."""
-    try:
-        return train(setup_job(job, spec, device), checkpoints)
-    except Exception as err:  # noqa: BLE001 - isolation: one job never sinks the sweep
-        return failed_record(job, err, device)
-
-
-def train_group(
-    jobs: Sequence[Job],
-    spec: SweepSpec,
-    device: torch.device,
-    checkpoints: Checkpoints | None = None,
-) -> Iterator[JobRecord]:
-    """Train a group of jobs on one device, yielding each job's record as it finishes.
-
-    A group the batched engine can stack trains as one model (a job's numbers then do not
-    depend on which other jobs share its group); otherwise, and alone, jobs train one by one.
-    With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
-    (ops without a deterministic version warn instead of failing).
-    """
-    from modelscape import batched
-
-    with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
-        if batched.can_batch(jobs, spec):
-            yield from batched.train_batched(jobs, spec, device, checkpoints)
-            return
-        for job in jobs:
-            yield run_job(job, spec, device, checkpoints)
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms`` for a window, restoring the caller's setting."""
-    if not enabled:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled()
-    before_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    # cuBLAS is deterministic only with a fixed workspace; this must be set before CUDA starts
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=before_warn_only)
