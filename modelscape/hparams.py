@@ -48,8 +48,8 @@ def hp(
 ) -> Any:
     """Declare one hyperparameter field (``kind`` overrides the type inferred from the default)."""
     meta = {"help": help, "scope": scope, "choices": choices, "kind": kind}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -92,6 +92,11 @@ class HParams:
     LOSS: Any = hp("MSELoss", "A torch.nn loss name or class.", kind="class")
     MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.")
     WEIGHT_DECAY: float = hp(0.0, "Weight decay, passed to optimizers that take it.")
+    OPTIMIZER_KWARGS: dict = hp(
+        {},
+        "Other optimizer arguments by name (betas, eps, nesterov...); an axis named "
+        "OPTIMIZER_KWARGS.<arg> sweeps one.",
+    )
     DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
 
     # --- models and parametrizations ---
@@ -222,6 +227,10 @@ def coerce(name: str, value: Any) -> Any:
                 raise bad("list of finite floats")
             return [float(v) for v in value]
         return value
+    if kind == "dict":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad("dict of argument names to values")
+        return dict(value)
     if kind == "path":
         if value is None or isinstance(value, str):
             return value

@@ -26,6 +26,7 @@ from modelscape import hparams as H
 
 AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
 TRIAL_AXIS = "trial"
+OPTIMIZER_ARG_AXIS = "OPTIMIZER_KWARGS."  # an axis named with this prefix sweeps one argument
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -56,7 +57,12 @@ class Job:
 
 
 def axis_target(name: str) -> str | None:
-    """The hyperparameter an axis overrides, or None for an identity axis."""
+    """The hyperparameter an axis overrides, or None for an identity axis.
+
+    ``OPTIMIZER_KWARGS.<arg>`` overrides one entry of OPTIMIZER_KWARGS.
+    """
+    if name.startswith(OPTIMIZER_ARG_AXIS):
+        return "OPTIMIZER_KWARGS"
     name = AXIS_ALIASES.get(name, name)
     if name in H.DEPRECATED_NAMES:
         name = H.DEPRECATED_NAMES[name]
@@ -164,8 +170,11 @@ def build_jobs(
     jobs = []
     for index, key in enumerate(itertools.product(*axes_values)):
         overrides = dict(hp_overrides)
-        for target, value in zip(targets, key):
-            if target is not None:
+        for name, target, value in zip(names, targets, key):
+            if name.startswith(OPTIMIZER_ARG_AXIS):
+                arg = name[len(OPTIMIZER_ARG_AXIS) :]
+                overrides[target] = {**overrides.get(target, {}), arg: value}
+            elif target is not None:
                 overrides[target] = value
         try:
             hp = H.resolve(overrides)

@@ -157,6 +157,8 @@ def test_float32_matches_reference():
         {"MOMENTUM": 0.9, "WEIGHT_DECAY": 0.01, "NONLINEARITY": "tanh", "BIAS": True},
         {"OPTIMIZER": "Adam", "LR": 0.01, "NONLINEARITY": "gelu"},
         {"OPTIMIZER": "AdamW", "LR": 0.01, "WEIGHT_DECAY": 0.1, "NONLINEARITY": "silu"},
+        {"OPTIMIZER": "RMSprop", "LR": 0.002},
+        {"OPTIMIZER": "RMSprop", "LR": 0.002, "MOMENTUM": 0.5, "WEIGHT_DECAY": 0.01, "BIAS": True},
         # a parametrized model: the torch.func path, per-layer LRs from the param groups
         {"PARAMETRIZATION": "mup", "LR": 1.0, "ONLINE": True},
     ],
@@ -445,3 +447,19 @@ def test_every_record_says_how_its_job_trained(capsys):
     assert "one at a time: the model has Dropout layers" in capsys.readouterr().err
     (alone,) = engine.train_group(jobs[:1], spec, CPU)
     assert alone.trained_by == "single"
+
+
+def test_rmsprop_state_and_mixed_momentum_match_reference():
+    """The stacked RMSprop (registered as one class) exports torch's state for grabs."""
+
+    def square_avg(opt, model, step, **kw):
+        state = opt.state[next(model.parameters())]
+        return state["square_avg"].norm() + float(state["step"]) + step
+
+    axes = {"trial": range(2), "MOMENTUM": [0.0, 0.5], "LR": [0.002, 0.005]}
+    overrides = {"OPTIMIZER": "RMSprop", "ONLYTHRESHOLDS": False, "EVAL_EVERY": 7}
+    jobs, spec = make_jobs({**overrides, "MAX_ITER": 50, "otherreturns": {"sq": square_avg}}, axes)
+    assert len(batched.group_jobs(jobs)) == 1
+    ref = reference(jobs, spec)
+    assert "sq" in next(iter(ref.values())).curves
+    assert_same(ref, batched_records(jobs, spec))

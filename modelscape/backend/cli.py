@@ -109,6 +109,8 @@ def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
             parser.add_argument(f"--{name}", nargs="+", type=float, help=help_)
         elif kind in ("path", "model"):
             parser.add_argument(f"--{name}", type=parse_none_or_str, help=help_)
+        elif kind == "dict":
+            parser.add_argument(f"--{name}", type=json.loads, help=f"{help_} As JSON.")
         elif kind == "class":
             nargs = "+" if f.metadata["scope"] == "job" else None
             parser.add_argument(f"--{name}", nargs=nargs, type=str, help=help_)

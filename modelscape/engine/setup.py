@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -58,28 +59,41 @@ def resolve_class(spec: Any, module: Any, what: str) -> type:
     return cls
 
 
-def optimizer_kwargs(opt_cls: type, job: Job, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The optimizer's extra arguments.
+def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
+    """The optimizer's arguments besides the parameters and ``lr`` (which comes from LR).
 
-    ``momentum`` and ``weight_decay`` come from MOMENTUM and WEIGHT_DECAY; any other argument
-    (``betas``, ``eps``, ``nesterov``...) from a user key or iterator value of exactly its name.
+    ``momentum`` and ``weight_decay`` come from MOMENTUM and WEIGHT_DECAY, every other argument
+    from OPTIMIZER_KWARGS; nothing else (a user key or batch-function option named ``eps`` is
+    not an optimizer argument). A name the optimizer does not take is an error.
     """
     params = inspect.signature(opt_cls.__init__).parameters
-    if job.hp.MOMENTUM and "momentum" not in params:
-        raise SweepError(
-            f"MOMENTUM={job.hp.MOMENTUM} but {opt_cls.__name__} takes no momentum "
-            "argument; set MOMENTUM=0 or use betas for Adam."
-        )
-    from_hp = {"momentum": job.hp.MOMENTUM, "weight_decay": job.hp.WEIGHT_DECAY}
-    kwargs = {}
-    for name in params:
-        if name in ("self", "params", "lr"):
-            continue
-        if name in config:
-            kwargs[name] = config[name]
-        elif name in from_hp:
-            kwargs[name] = from_hp[name]
-    return kwargs
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [
+        n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD
+    ]
+    own = {"lr": "LR", "momentum": "MOMENTUM", "weight_decay": "WEIGHT_DECAY"}
+    for name in job.hp.OPTIMIZER_KWARGS:
+        if name in own:
+            raise SweepError(
+                f"OPTIMIZER_KWARGS has {name!r}: set {own[name]} instead (one name per value)."
+            )
+        if name not in valid and not takes_any:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            others = ", ".join(n for n in valid if n not in own)
+            raise SweepError(
+                f"OPTIMIZER_KWARGS has {name!r}, which {opt_cls.__name__} does not take.{hint} "
+                f"Its arguments: {others}."
+            )
+    for name in ("momentum", "weight_decay"):
+        value = getattr(job.hp, own[name])
+        if value and name not in params:
+            raise SweepError(
+                f"{own[name]}={value} but {opt_cls.__name__} takes no {name} argument; set "
+                f"{own[name]}=0 (arguments it takes: {', '.join(valid)})."
+            )
+    kwargs = {n: getattr(job.hp, own[n]) for n in ("momentum", "weight_decay") if n in params}
+    return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
 
 
 @dataclass
@@ -189,7 +203,7 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     config = job_config(job, spec)
     model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, config)[0])
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
-    optimizer_kwargs(opt_cls, job, config)
+    optimizer_kwargs(opt_cls, job)
     resolve_class(job.hp.LOSS, nn, "LOSS")
     if job.hp.PARAMETRIZATION == "sp":
         return
@@ -255,7 +269,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     d_out, squeeze = _output_dim(y_te, config)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
     opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
-    opt_kwargs = optimizer_kwargs(opt_cls, job, config)
+    opt_kwargs = optimizer_kwargs(opt_cls, job)
     gamma = hp.GAMMA
     # Model init uses the global RNG (nn.Module initializers); fork it so that a job's init
     # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
