@@ -212,7 +212,7 @@ def _builder(
 
     def build(width: int) -> nn.Module:
         provided = standard_kwargs(in_shape, d_out, width, depth, nonlinearity, bias)
-        return cls(**constructor_kwargs(cls, provided, model_kwargs))
+        return cls(**constructor_kwargs(cls, {**provided, **model_kwargs}, {}))
 
     return build
 

@@ -254,7 +254,11 @@ def standard_kwargs(
 def constructor_kwargs(
     cls: type[nn.Module], provided: Mapping[str, Any], config: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Match ``cls``'s constructor arguments by name; a missing required one is an error."""
+    """Match ``cls``'s constructor arguments by name; a missing required one is an error.
+
+    ``provided`` (the standard arguments) wins; any other argument ``name`` comes from the
+    config key ``NAME`` (upper case), the one spelling.
+    """
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {}
     missing = []
@@ -263,10 +267,13 @@ def constructor_kwargs(
             continue
         if name in provided:
             kwargs[name] = provided[name]
-        elif name in config:
-            kwargs[name] = config[name]
         elif name.upper() in config:
             kwargs[name] = config[name.upper()]
+        elif name in config and name != name.upper():
+            raise SweepError(
+                f"{cls.__name__}.__init__ takes {name!r}: give it as {name.upper()} (a model's "
+                f"arguments are upper-case config keys), not {name!r}."
+            )
         elif p.default is inspect.Parameter.empty:
             missing.append(name)
     if missing:

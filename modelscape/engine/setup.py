@@ -172,7 +172,9 @@ def job_config(job: Job, spec: SweepSpec) -> dict[str, Any]:
 
 def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
     if not y.is_floating_point():
-        d_out = config.get("d_out", config.get("D_OUT"))
+        if "d_out" in config and "D_OUT" not in config:
+            raise SweepError("the number of classes is D_OUT; rename the config key d_out.")
+        d_out = config.get("D_OUT")
         if d_out is None:
             raise SweepError(
                 "y holds integer class labels, so the output dimension cannot be "
