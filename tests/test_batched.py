@@ -211,7 +211,7 @@ def test_grouping_and_fallbacks(capsys):
     assert batched.why_single(widths) == "single: jobs differ in WIDTH"
     records = list(batched.train_group(widths, spec, CPU))
     assert {r.trained_by for r in records} == {"single: jobs differ in WIDTH"}
-    assert "one at a time: single: jobs differ in WIDTH" in capsys.readouterr().err
+    assert "2 jobs one at a time: jobs differ in WIDTH" in capsys.readouterr().err
     on, spec = make_jobs({"BATCHED": "on"}, axes={"WIDTH": [8, 16]})
     with pytest.raises(SweepError, match="BATCHED='on'"):
         batched.can_batch(on)
