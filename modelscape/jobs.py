@@ -23,15 +23,12 @@ from typing import Any
 import numpy as np
 
 from modelscape import hparams as H
+from modelscape.errors import SweepError
 
 AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
 TRIAL_AXIS = "trial"
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-class SweepError(ValueError):
-    """The sweep's definition is bad (axes, iterators, functions). The message names the fix."""
 
 
 @dataclass(frozen=True)

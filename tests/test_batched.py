@@ -13,9 +13,9 @@ import torch
 
 import modelscape
 from modelscape import batched, engine
-from modelscape.backend.job_iterator import plan
 from modelscape.checkpoint import Checkpoints
 from modelscape.jobs import SweepError
+from modelscape.runner import plan
 
 CPU = torch.device("cpu")
 
