@@ -148,7 +148,7 @@ def main(
     names, values, jobs, spec = plan(iterators, iterator_names, global_config, bfn_config)
     hp = jobs[0].hp
     store = _open_store(hp, names, values, jobs, spec)
-    trained: list[JobRecord] = []
+    trained_by: Counter[str] = Counter()
     try:
         todo = _unfinished(jobs, store, hp.RETRY_FAILED)
         checkpoints = None
@@ -157,7 +157,7 @@ def main(
         if todo:
             if executor is None:
                 executor = executor_for(hp, use_mp=use_mp, checkpoints=checkpoints)
-            trained = _train(todo, spec, hp, executor, store, checkpoints, len(jobs), progress)
+            trained_by = _train(todo, spec, hp, executor, store, checkpoints, len(jobs), progress)
         records = [store.get(job.key) for job in jobs]
     finally:
         store.close()
@@ -169,7 +169,7 @@ def main(
         config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS},
     )
     if hp.BATCHED != "off":
-        _report_unstacked(trained)
+        _report_unstacked(trained_by)
     _report_failures(result)
     return result
 
@@ -183,17 +183,18 @@ def _train(
     checkpoints: Checkpoints | None,
     total: int,
     progress: bool,
-) -> list[JobRecord]:
-    """Train ``todo`` on ``executor``, storing each record as it arrives; the records."""
+) -> Counter[str]:
+    """Train ``todo`` on ``executor``, storing each record as it arrives; how the jobs trained
+    (``JobRecord.trained_by`` counts)."""
     groups = group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
     placement = executor.placement()
     groups = balance(groups, len(placement))
     bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)
-    trained: list[JobRecord] = []
+    trained_by: Counter[str] = Counter()
 
     def on_record(record: JobRecord) -> None:
         store.add(record)
-        trained.append(record)
+        trained_by[record.trained_by] += 1
         # Only once the record is stored. A failed job keeps its checkpoint: a worker killed by
         # the OOM killer, say, then continues from it under RETRY_FAILED.
         if checkpoints is not None and record.status != "failed":
@@ -213,7 +214,7 @@ def _train(
         raise
     finally:
         bar.close()
-    return trained
+    return trained_by
 
 
 def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
@@ -253,13 +254,13 @@ def _unfinished(jobs: list[Job], store: Store, retry_failed: bool) -> list[Job]:
     return todo
 
 
-def _report_unstacked(records: Sequence[JobRecord]) -> None:
-    """Say once per sweep how many jobs could not train stacked, and why."""
-    reasons = Counter(
-        r.trained_by.split(":", 1)[1].strip() for r in records if r.trained_by.startswith("single:")
-    )
-    for reason, n in reasons.most_common():
-        notice(f"{n} of {len(records)} jobs trained one at a time: {reason}")
+def _report_unstacked(trained_by: Counter[str]) -> None:
+    """Say once per sweep how many of the jobs it trained could not stack, and why."""
+    total = sum(trained_by.values())
+    for way, n in trained_by.most_common():
+        if way.startswith("single:"):
+            reason = way.split(":", 1)[1].strip()
+            notice(f"{n} of {total} jobs trained one at a time: {reason}")
 
 
 def _report_failures(result: Result) -> None:
