@@ -26,11 +26,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modelscape.errors import HParamError
+from modelscape.execution import EXECUTORS
+
 Scope = Literal["job", "sweep"]
 
 PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
-EXECUTORS = ("local", "ray")
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 
@@ -141,10 +143,6 @@ DEFAULTS: dict[str, Any] = {
 }
 JOB_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "job")
 SWEEP_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "sweep")
-
-
-class HParamError(ValueError):
-    """A hyperparameter has a bad name, type or value. The message says how to fix it."""
 
 
 def kind_of(name: str) -> str:

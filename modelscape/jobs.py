@@ -23,16 +23,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from modelscape import hparams as H
+from modelscape.errors import SweepError
 
 AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
 TRIAL_AXIS = "trial"
 OPTIMIZER_ARG_AXIS = "OPTIMIZER_KWARGS."  # an axis named with this prefix sweeps one argument
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-class SweepError(ValueError):
-    """The sweep's definition is bad (axes, iterators, functions). The message names the fix."""
 
 
 @dataclass(frozen=True)

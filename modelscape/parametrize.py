@@ -46,10 +46,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from modelscape.errors import ParametrizationError
+from modelscape.hparams import PARAMETRIZATIONS
+
 Rule = Literal["sgd", "adam"]
 Role = Literal["readin", "hidden", "readout"]
 
-PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 RELU_GAIN = math.sqrt(2.0)
 
 # Optimizers whose step is proportional to the gradient (SGD rule) or invariant to its scale
@@ -67,10 +69,6 @@ ADAM_LIKE: tuple[type[torch.optim.Optimizer], ...] = (
 # `rescale` changed. Weak, so that tracking never keeps a model alive.
 _PARAMETRIZED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 _RESCALED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class ParametrizationError(ValueError):
-    """A parametrization cannot be applied to this model or optimizer; the message says why."""
 
 
 class ParametrizedLinear(nn.Linear):

@@ -1,4 +1,4 @@
-"""Results: one ``JobRecord`` per job, and the ``Result`` a sweep returns.
+"""The ``Result`` a sweep returns, built from one ``JobRecord`` per job (``records.py``).
 
 ``Result`` is dict-like with the original's keys (``jobs``, ``var_axes``, ``losses``,
 ``train_losses``, ``timekeys``, ``extras``, ``errors``); each trace is in expt-core's serialized
@@ -8,41 +8,16 @@ N-dimensional arrays (one dimension per iterator) and ``to_dataframe()`` a tidy 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from modelscape.records import FIELDS, PER_JOB, JobRecord, Status
 from modelscape.trace import ExptTrace
 
-Status = Literal["ok", "diverged", "failed"]
-
-
-@dataclass
-class JobRecord:
-    """What one job produced. A failure keeps its message and traceback.
-
-    ``train_loss`` is the EMA train loss at exit; ``test_loss`` the test loss of the final
-    parameters; ``timekeys[j]`` the first step whose EMA is below threshold ``j`` (NaN when never
-    reached). With ONLYTHRESHOLDS=False, ``curves`` holds ``train_loss``, ``test_loss`` and each
-    grab, each of length MAX_ITER (padded after exit with the last value).
-    """
-
-    key: tuple
-    seed: int
-    status: Status
-    train_loss: float = float("nan")
-    test_loss: float = float("nan")
-    timekeys: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    grabs: dict[str, np.ndarray] = field(default_factory=dict)
-    curves: dict[str, np.ndarray] | None = None
-    steps: int = 0
-    seconds: float = 0.0
-    device: str = "cpu"
-    error: str | None = None
-    traceback: str | None = None
-    trained_by: str = ""  # "stacked", "single", or "single: <why the stack was not used>"
+__all__ = ["JobRecord", "Result", "Status"]
 
 
 def _nan_like(shape: tuple[int, ...] | None) -> Any:
@@ -154,7 +129,8 @@ class Result(Mapping):
         """An ``xarray.Dataset`` with one dimension per iterator.
 
         Variables: ``test_loss``, ``train_loss``, ``timekeys`` (extra dim ``threshold``), one per
-        grab, and ``status``. With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
+        grab, and each per-job field of ``JobRecord`` (``status`` is ``"missing"`` for a job with
+        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
         """
         import xarray as xr
 
@@ -185,47 +161,65 @@ class Result(Mapping):
             data["timekeys"] = grid("timekeys", ["threshold"])
         for g in self._data["extras"]:
             data[g] = grid(g, step)
-        status = np.full(shape, "missing", dtype=object)
-        for r in self.records:
-            status[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, r.key))] = r.status
-        data["status"] = xr.DataArray(status, dims=self.axes)
+        for name in PER_JOB:
+            if name not in data:
+                data[name] = xr.DataArray(self._per_job_grid(name, shape, index), dims=self.axes)
         ds = xr.Dataset(data, coords=coords)
         thresholds = self.config.get("LOSS_CHECKPOINTS")
         if "timekeys" in ds and thresholds is not None:
             ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
         return ds
 
+    def _per_job_grid(self, name: str, shape: list[int], index: dict) -> np.ndarray:
+        """One field of every record on the grid of axes. Where a job has no record: NaN for a
+        float, "missing" for the status, None otherwise (an int grid is then of objects, as a
+        float would round 63-bit seeds)."""
+        kind = FIELDS[name].type
+        complete = len(self.records) == int(np.prod(shape))
+        if kind == "float":
+            arr = np.full(shape, np.nan)
+        elif kind == "int" and complete:
+            arr = np.zeros(shape, dtype=np.int64)
+        else:
+            arr = np.full(shape, "missing" if name == "status" else None, dtype=object)
+        for r in self.records:
+            arr[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, r.key))] = getattr(r, name)
+        return arr
+
     def to_dataframe(self):
-        """A tidy ``pandas.DataFrame``: one row per job with axes, status, losses and timekeys."""
+        """A tidy ``pandas.DataFrame``: one row per job with its axes, each per-job field of
+        ``JobRecord`` (status, seed, losses, steps, seconds, error...), timekeys and scalar
+        grabs."""
         import pandas as pd
 
         rows = []
         thresholds = sorted(self.config.get("LOSS_CHECKPOINTS", []), reverse=True)
         for r in self.records:
             row = dict(zip(self.axes, r.key))
-            row.update(
-                status=r.status,
-                seed=r.seed,
-                steps=r.steps,
-                seconds=r.seconds,
-                train_loss=r.train_loss,
-                test_loss=r.test_loss,
-            )
+            row.update((name, getattr(r, name)) for name in PER_JOB)
             for j, tk in enumerate(r.timekeys):
                 name = f"timekey_{thresholds[j]:g}" if j < len(thresholds) else f"timekey_{j}"
                 row[name] = tk
             for g, v in r.grabs.items():
                 if np.ndim(v) == 0:
                     row[g] = float(v)
-            row["error"] = r.error
             rows.append(row)
         return pd.DataFrame(rows)
+
+    @property
+    def trained_by(self) -> Counter[str]:
+        """How the jobs trained: ``{"stacked": 36, "single: <reason>": 4}`` (jobs whose record
+        says nothing, such as ones that failed before training, are not counted)."""
+        return Counter(r.trained_by for r in self.records if r.trained_by)
 
     def summary(self) -> str:
         """A short text table: status counts and median losses."""
         df = self.to_dataframe()
         counts = df["status"].value_counts().to_dict() if len(df) else {}
         lines = [f"{len(df)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+        if self.trained_by:
+            how = self.trained_by.most_common()
+            lines.append("trained: " + ", ".join(f"{n} {way}" for way, n in how))
         ok = df[df["status"] == "ok"] if len(df) else df
         if len(ok):
             cols = [

@@ -14,9 +14,9 @@ import torch
 import modelscape
 from modelscape import engine
 from modelscape import engine as batched
-from modelscape.backend.job_iterator import plan
 from modelscape.engine import Checkpoints
 from modelscape.jobs import SweepError
+from modelscape.runner import plan
 
 CPU = torch.device("cpu")
 
