@@ -221,8 +221,10 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
         seen.append((type(model).__name__, model.degree, model.width))
         return 0.0
 
-    run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2, otherreturns={"g": grab}))
+    run([[0]], ["trial"], config(MODEL_CLASS=Poly, DEGREE=2, otherreturns={"g": grab}))
     assert seen == [("Poly", 2, 16)]
+    with pytest.raises(SweepError, match="give it as DEGREE"):  # one spelling per argument
+        run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2))
     with pytest.raises(SweepError, match="needs degree: add DEGREE"):
         run([[0]], ["trial"], config(MODEL_CLASS=Poly))
     path = tmp_path / "mymodel.py"
@@ -234,7 +236,8 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
 
 
 def test_optimizer_and_loss_by_name_with_extra_arguments():
-    ok = run([[0]], ["trial"], config(OPTIMIZER="Adam", betas=(0.8, 0.9), LOSS="L1Loss"))
+    adam = config(OPTIMIZER="Adam", OPTIMIZER_KWARGS={"betas": (0.8, 0.9)}, LOSS="L1Loss")
+    ok = run([[0]], ["trial"], adam)
     assert ok["status"][(0,)] == "ok"
     with pytest.raises(SweepError, match="takes no momentum"):
         run([[0]], ["trial"], config(OPTIMIZER="Adam", MOMENTUM=0.9))
