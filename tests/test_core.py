@@ -367,17 +367,22 @@ def test_duplicate_iterator_values_are_refused():
         run([[0.1, 0.1, 0.2]], ["LR"], config())
 
 
-def test_optimizer_arguments_come_by_exact_name_only():
+def test_optimizer_arguments_come_from_optimizer_kwargs_only():
     seen = {}
 
     def grab(opt, **kwargs):
         seen.update(opt.defaults)
         return 0.0
 
-    cfg = config(OPTIMIZER="RMSprop", ALPHA=1.5, otherreturns={"g": grab})
-    run([[0]], ["trial"], cfg)
-    assert seen["alpha"] == 0.99  # the user key ALPHA (data) is not RMSprop's alpha
-    run([[0]], ["trial"], config(OPTIMIZER="RMSprop", alpha=0.9, otherreturns={"g": grab}))
+    for key in ("ALPHA", "alpha"):  # user keys (data) are never RMSprop's alpha
+        run([[0]], ["trial"], config(OPTIMIZER="RMSprop", **{key: 0.5}, otherreturns={"g": grab}))
+        assert seen["alpha"] == 0.99
+    kwargs = {"alpha": 0.9}
+    run(
+        [[0]],
+        ["trial"],
+        config(OPTIMIZER="RMSprop", OPTIMIZER_KWARGS=kwargs, otherreturns={"g": grab}),
+    )
     assert seen["alpha"] == 0.9
 
 
