@@ -271,14 +271,12 @@ class MLPKernel:
 
     def __init__(self, model: MLP, names: list[str], pair_singletons: bool):
         self.pair = pair_singletons
-        self.act = type(model.act)
-        self.approximate = model.act.approximate if isinstance(model.act, nn.GELU) else "none"
+        self.act = type(model.nonlin)
+        self.approximate = model.nonlin.approximate if isinstance(model.nonlin, nn.GELU) else "none"
         index = {n: i for i, n in enumerate(names)}
-        self.layers = [
-            (index[f"hidden.{k}.weight"], index.get(f"hidden.{k}.bias"))
-            for k in range(len(model.hidden))
-        ]
-        self.readout = (index["readout.weight"], index.get("readout.bias"))
+        hidden = ["input_layer"] + [f"hidden_layers.{k}" for k in range(len(model.hidden_layers))]
+        self.layers = [(index[f"{h}.weight"], index.get(f"{h}.bias")) for h in hidden]
+        self.readout = (index["output_layer.weight"], index.get("output_layer.bias"))
 
     @staticmethod
     def check(problem: engine.Problem, parametrization: str) -> bool:
@@ -291,8 +289,11 @@ class MLPKernel:
             and parametrization == "sp"
             and type(loss_fn) is nn.MSELoss
             and loss_fn.reduction == "mean"
-            and type(model.act) in _ACT_FROM_OUTPUT | _ACT_FROM_INPUT
-            and all(type(m) is nn.Linear for m in [*model.hidden, model.readout])
+            and type(model.nonlin) in _ACT_FROM_OUTPUT | _ACT_FROM_INPUT
+            and all(
+                type(m) is nn.Linear
+                for m in [model.input_layer, *model.hidden_layers, model.output_layer]
+            )
             and not _has_hooks(model)
         )
 
