@@ -57,9 +57,7 @@ class Job:
 
 def axis_target(name: str) -> str | None:
     """The hyperparameter an axis overrides, or None for an identity axis."""
-    name = AXIS_ALIASES.get(name, name)
-    if name in H.DEPRECATED_NAMES:
-        name = H.DEPRECATED_NAMES[name]
+    name = H.canonical_name(AXIS_ALIASES.get(name, name))
     if name in H.FIELDS:
         if H.FIELDS[name].metadata["scope"] != "job":
             raise SweepError(
