@@ -291,7 +291,9 @@ def mupify(
             "rescale() was already called on this model; call mupify first, then rescale, "
             "since mupify resets the readout multiplier."
         )
-    if optimizer.state:
+    # Adagrad fills its state at construction, with step 0; a state without a step count is
+    # taken as stepped
+    if any(float(s.get("step", 1)) > 0 for s in optimizer.state.values()):
         raise ParametrizationError(
             "the optimizer has already taken steps; mupify re-initializes the model, so call "
             "it right after building the model and optimizer."

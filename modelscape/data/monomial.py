@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from modelscape.backend.utils import ensure_numpy
-from modelscape.data import hermite
 from modelscape.data.hea import hea_eigenvalue, top_hea_monomials
+from modelscape.data.hermite import Monomial as LibraryMonomial
 
 LevelCoeff = Callable[[int], float]
 
@@ -48,12 +48,12 @@ class Monomial(dict):
     def __repr__(self) -> str:
         return str(self)
 
-    def to_modelscape(self) -> hermite.Monomial:
+    def to_modelscape(self) -> LibraryMonomial:
         """The library's ``Monomial`` with the same exponents."""
-        return hermite.Monomial({int(i): int(e) for i, e in self.items() if e})
+        return LibraryMonomial({int(i): int(e) for i, e in self.items() if e})
 
     @classmethod
-    def from_modelscape(cls, m: hermite.Monomial) -> Monomial:
+    def from_modelscape(cls, m: LibraryMonomial) -> Monomial:
         return cls(m.powers)
 
     @classmethod
