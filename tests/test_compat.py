@@ -298,7 +298,14 @@ def test_empirical_ntk_is_the_jacobian_gram():
     assert get_Wout(model)[0].shape == (1, 5)
 
 
-def test_level_coefficients_have_the_relu_ntk_shape():
-    level = get_relu_level_coeff_fn(get_powerlaw(10, 1.0), kernel_width=1.0)
-    coeffs = [level(k) for k in range(6)]
-    assert all(c > 0 for c in coeffs[:3]) and math.isfinite(sum(coeffs))
+def test_level_coefficients_match_the_originals_closed_form():
+    eig = get_powerlaw(50, 1.5)
+    level = get_relu_level_coeff_fn(eig, weight_variance=1, bias_variance=1)
+    # the original's closed form: c_l = pref * scale**l * G_l(c0), q = b + w * sum(eig)
+    q = 1 + eig.sum()
+    c0, pref, scale = 1 / q, q / (2 * math.pi), 1 / q
+    g0 = math.sqrt(1 - c0**2) + 2 * (math.pi - math.acos(c0)) * c0
+    g1 = 2 * (math.pi - math.acos(c0)) + c0 / math.sqrt(1 - c0**2)
+    g2 = (3 - 2 * c0**2) / (1 - c0**2) ** 1.5
+    for ell, g in enumerate((g0, g1, g2)):
+        assert level(ell) == pytest.approx(pref * scale**ell * g, rel=1e-9)

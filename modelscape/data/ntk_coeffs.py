@@ -27,7 +27,8 @@ def kernel_parse_kwargs(kwargs: Mapping[str, Any]) -> tuple[float, float]:
 
 def get_relu_level_coeff_fn(data_eigvals: Any, **kwargs: Any) -> Callable[[int], float]:
     """``eval_level_coeff(level)``: the level coefficient ``c_level`` of a one-hidden-layer ReLU
-    NTK for data with these covariance eigenvalues (variances as in ``kernel_parse_kwargs``)."""
+    NTK for data with these covariance eigenvalues (variances as in ``kernel_parse_kwargs``),
+    with the original's convention that ``c_0`` excludes the readout bias."""
     w, b = kernel_parse_kwargs(kwargs)
     gamma = ensure_numpy(data_eigvals)
 
@@ -38,6 +39,8 @@ def get_relu_level_coeff_fn(data_eigvals: Any, **kwargs: Any) -> Callable[[int],
         )
 
     def eval_level_coeff(level: int) -> float:
-        return float(coeffs(max(int(level), 8))[int(level)])
+        value = float(coeffs(max(int(level), 8))[int(level)])
+        # the original's c_0 leaves out the readout bias's variance, which the library adds
+        return value - b if int(level) == 0 else value
 
     return eval_level_coeff
