@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -195,6 +196,14 @@ def kind_of(name: str) -> str:
     return type(DEFAULTS[name]).__name__
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside modelscape."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("modelscape"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def canonical_name(name: str) -> str:
     """Map a legacy spelling to its current name, with a FutureWarning naming the new one."""
     if name in DEPRECATED_NAMES:
@@ -202,7 +211,7 @@ def canonical_name(name: str) -> str:
         warnings.warn(
             f"{name} is the original modelscape's spelling; use {new}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return new
     return name
@@ -260,7 +269,7 @@ def merge_legacy(config: Mapping[str, Any]) -> dict[str, Any]:
                 f"{file_key}/{name_key} are the original modelscape's spelling; use "
                 f"MODEL_CLASS='{path}:{cls}'.",
                 FutureWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             items["MODEL_CLASS"] = f"{path}:{cls}"
     for key, value in items.items():
