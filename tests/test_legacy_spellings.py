@@ -233,3 +233,8 @@ def test_readme_lists_every_legacy_spelling_and_optimizer_rule():
     for cls, rule in OPTIMIZER_RULES.items():
         row = next(line for line in rules.splitlines() if f"`{cls.__name__}`" in line)
         assert row.startswith("  | SGD column |" if rule == "sgd" else "  | Adam column"), cls
+
+
+def test_an_extra_option_cannot_take_a_legacy_spelling():
+    with pytest.raises(HParamError, match="DIM is the original modelscape's spelling of D_IN"):
+        parse_args([], extra={"DIM": (16, "input dimension")})

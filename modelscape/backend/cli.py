@@ -99,6 +99,15 @@ def _extra_specs(extra: Extra | None) -> dict[str, tuple[Any, str]]:
     for name, spec in (extra or {}).items():
         if name in H.FIELDS:
             raise H.HParamError(f"{name} is already a built-in hyperparameter; pick another name.")
+        if (
+            name in H.DEPRECATED_NAMES
+            or name in H.LEGACY_MODEL_FILE.values()
+            or (name in H.LEGACY_MODEL_FILE)
+        ):
+            raise H.HParamError(
+                f"{name} is the original modelscape's spelling of "
+                f"{H.DEPRECATED_NAMES.get(name, 'MODEL_CLASS')}; pick another name."
+            )
         default, help_ = spec if isinstance(spec, tuple) else (spec, "user hyperparameter")
         specs[name] = (default, help_)
     return specs
