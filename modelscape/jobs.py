@@ -60,9 +60,7 @@ def axis_target(name: str) -> str | None:
     """
     if name.startswith(OPTIMIZER_ARG_AXIS):
         return "OPTIMIZER_KWARGS"
-    name = AXIS_ALIASES.get(name, name)
-    if name in H.DEPRECATED_NAMES:
-        name = H.DEPRECATED_NAMES[name]
+    name = H.canonical_name(AXIS_ALIASES.get(name, name))
     if name in H.FIELDS:
         if H.FIELDS[name].metadata["scope"] != "job":
             raise SweepError(

@@ -37,13 +37,15 @@ class Result(Mapping):
         *,
         only_thresholds: bool = True,
         config: Mapping[str, Any] | None = None,
+        grab_names: Iterable[str] = (),
     ):
+        self.grab_names = list(grab_names)
         self.axes = list(axes)
         self.axis_values = [list(v) for v in axis_values]
         self.records = list(records)
         self.only_thresholds = only_thresholds
         self.config = dict(config or {})
-        self._by_key = {r.key: r for r in self.records}
+        self._by_key = {trace_key(r.key): r for r in self.records}
         self._data = self._build()
 
     def _build(self) -> dict[str, Any]:
@@ -58,7 +60,7 @@ class Result(Mapping):
                         break
             for r in self.records:
                 v = pick(r) if r.status != "failed" else None
-                t[r.key] = _nan_like(shape) if v is None else v
+                t[trace_key(r.key)] = _nan_like(shape) if v is None else v
             return t.serialize()
 
         # jobs with different MAX_ITER: shorter curves are padded with their last value, as
@@ -77,30 +79,31 @@ class Result(Mapping):
         else:
             losses = trace(lambda r: curve(r, "test_loss"))
             train = trace(lambda r: curve(r, "train_loss"))
-        grab_names = sorted({g for r in self.records for g in r.grabs})
+        grab_names = sorted({g for r in self.records for g in r.grabs} | set(self.grab_names))
         if not self.only_thresholds:
             grab_names = sorted(
                 {g for r in self.records for g in (r.curves or {})} - {"train_loss", "test_loss"}
+                | set(self.grab_names)
             )
 
         def grab_value(r: JobRecord, name: str):
-            return r.grabs.get(name) if self.only_thresholds else curve(r, name)
+            return scalar_grab(r.grabs.get(name)) if self.only_thresholds else curve(r, name)
 
         extras = {g: trace(lambda r, g=g: grab_value(r, g)) for g in grab_names}
         errors = {
-            r.key: {"message": r.error, "traceback": r.traceback}
+            trace_key(r.key): {"message": r.error, "traceback": r.traceback}
             for r in self.records
             if r.status == "failed"
         }
         return {
-            "jobs": [r.key for r in self.records],
+            "jobs": [trace_key(r.key) for r in self.records],
             "var_axes": list(self.axes),
             "losses": losses,
             "train_losses": train,
             "timekeys": trace(lambda r: r.timekeys if r.timekeys.size else None),
             "extras": extras,
             "errors": errors,
-            "status": {r.key: r.status for r in self.records},
+            "status": {trace_key(r.key): r.status for r in self.records},
         }
 
     def __getitem__(self, key: str) -> Any:
@@ -114,7 +117,7 @@ class Result(Mapping):
 
     def record(self, *key: Any) -> JobRecord:
         """The record of the job with these iterator values."""
-        return self._by_key[tuple(key)]
+        return self._by_key[trace_key(tuple(key))]
 
     @property
     def failed(self) -> list[JobRecord]:
@@ -137,7 +140,7 @@ class Result(Mapping):
         coords = {a: _coord(v) for a, v in zip(self.axes, self.axis_values)}
         shape = [len(v) for v in self.axis_values]
         index = {
-            a: {_hashable(x): i for i, x in enumerate(v)}
+            a: {_hashable(_trace_value(x)): i for i, x in enumerate(v)}
             for a, v in zip(self.axes, self.axis_values)
         }
 
@@ -183,7 +186,8 @@ class Result(Mapping):
         else:
             arr = np.full(shape, "missing" if name == "status" else None, dtype=object)
         for r in self.records:
-            arr[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, r.key))] = getattr(r, name)
+            key = trace_key(r.key)
+            arr[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, key))] = getattr(r, name)
         return arr
 
     def to_dataframe(self):
@@ -233,6 +237,27 @@ class Result(Mapping):
     def __repr__(self) -> str:
         n_failed = len(self.failed)
         return f"Result(axes={self.axes}, jobs={len(self.records)}, failed={n_failed})"
+
+
+def scalar_grab(value: Any) -> Any:
+    """A 0-d grab value as a numpy scalar (hashable, as the original returned it)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
+def trace_key(key: tuple) -> tuple:
+    """A job's key in the traces: the original's conversion, ``str()`` of every value that is
+    not an int, float, str or tuple (tuples converted inside), so that expt-core can compare."""
+    return tuple(_trace_value(v) for v in key)
+
+
+def _trace_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_trace_value(v) for v in value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    return str(value)
 
 
 def _hashable(x: Any) -> Any:

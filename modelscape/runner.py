@@ -30,7 +30,7 @@ from modelscape.jobs import Job, axis_target, build_jobs, materialize
 from modelscape.progress import Progress, notice, placement_text
 from modelscape.results import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
-from modelscape.sweep import SweepSpec, check_batch
+from modelscape.sweep import SweepSpec, check_batch, check_input_dim
 
 
 def _as_dict(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
@@ -45,12 +45,15 @@ def _as_dict(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
 
 
 def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[str, list]]:
-    """Job hyperparameters given several values (``--GAMMA 0.1 1 10``) become sweep axes."""
+    """Job hyperparameters given several values (``--GAMMA 0.1 1 10``) become sweep axes;
+    one value in a list (the original's ``N_SAMPLES=[1024]``) is that value."""
     covered = {axis_target(n) for n in names}
     axes = []
     for name, value in list(hps.items()):
         scalar_job_hp = H.FIELDS[name].metadata["scope"] == "job" and H.kind_of(name) != "list"
-        if scalar_job_hp and isinstance(value, (list, tuple)) and name not in covered:
+        if scalar_job_hp and isinstance(value, (list, tuple)) and len(value) == 1:
+            hps[name] = value[0]
+        elif scalar_job_hp and isinstance(value, (list, tuple)) and name not in covered:
             axes.append((name, list(value)))
             del hps[name]
         elif scalar_job_hp and isinstance(value, (list, tuple)):
@@ -82,6 +85,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    check_input_dim(job.hp.D_IN, X)
     if spec.X_te is None:
         X_te, y_te = spec.make_batch_fn(
             bsz=job.hp.N_TEST, gen=gen, X=None, y=None, job_values=job.values
@@ -165,6 +169,7 @@ def main(
         [r for r in records if r is not None],
         only_thresholds=hp.ONLYTHRESHOLDS,
         config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS},
+        grab_names=list(spec.grabs),
     )
     if hp.BATCHED != "off":
         _report_unstacked(trained_by)

@@ -275,8 +275,8 @@ def test_bad_input_fails_before_training(iterators, names, cfg, bfn, match):
         run(iterators, names, config(**cfg), bfn=bfn)
 
 
-def test_near_miss_config_key_warns():
-    with pytest.warns(UserWarning, match="did you mean WIDTH"):
+def test_near_miss_config_key_is_an_error():
+    with pytest.raises(HParamError, match="'WIDHT' is not a hyperparameter, but looks like WIDTH"):
         run([[0]], ["trial"], {**config(), "WIDHT": 3})
 
 

@@ -83,13 +83,11 @@ class MLPKernel:
 
     def __init__(self, model: MLP, names: list[str], pair_singletons: bool):
         self.pair = pair_singletons
-        self.act = KERNEL_ACTIVATIONS[type(model.act)](model.act)
+        self.act = KERNEL_ACTIVATIONS[type(model.nonlin)](model.nonlin)
         index = {n: i for i, n in enumerate(names)}
-        self.layers = [
-            (index[f"hidden.{k}.weight"], index.get(f"hidden.{k}.bias"))
-            for k in range(len(model.hidden))
-        ]
-        self.readout = (index["readout.weight"], index.get("readout.bias"))
+        hidden = ["input_layer"] + [f"hidden_layers.{k}" for k in range(len(model.hidden_layers))]
+        self.layers = [(index[f"{h}.weight"], index.get(f"{h}.bias")) for h in hidden]
+        self.readout = (index["output_layer.weight"], index.get("output_layer.bias"))
 
     @staticmethod
     def check(problem: Problem, parametrization: str) -> bool:
@@ -102,8 +100,11 @@ class MLPKernel:
             and parametrization == "sp"
             and type(loss_fn) is nn.MSELoss
             and loss_fn.reduction == "mean"
-            and type(model.act) in KERNEL_ACTIVATIONS
-            and all(type(m) is nn.Linear for m in [*model.hidden, model.readout])
+            and type(model.nonlin) in KERNEL_ACTIVATIONS
+            and all(
+                type(m) is nn.Linear
+                for m in [model.input_layer, *model.hidden_layers, model.output_layer]
+            )
             and not _has_hooks(model)
         )
 
