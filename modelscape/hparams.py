@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import numbers
 import sys
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
@@ -414,7 +416,41 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         if isinstance(name, str):
             check_user_key(name)
         user[name] = value
+    _legacy_optimizer_args(hps, user)
     return hps, user
+
+
+def _legacy_optimizer_args(hps: dict[str, Any], user: Mapping[str, Any]) -> None:
+    """The original passed optimizer arguments as config keys named like the optimizer's own
+    (``betas``, ``eps``, ``nesterov``): copy them into OPTIMIZER_KWARGS with a FutureWarning.
+
+    Only for one OPTIMIZER given in the config (not an OPTIMIZER axis); ``lr``, ``momentum`` and
+    ``weight_decay`` are hyperparameters of their own (LR, MOMENTUM, WEIGHT_DECAY).
+    """
+    opt = hps.get("OPTIMIZER", DEFAULTS["OPTIMIZER"])
+    cls = getattr(torch.optim, opt, None) if isinstance(opt, str) else opt
+    if not isinstance(cls, type):
+        return
+    params = inspect.signature(cls.__init__).parameters
+    own = ("self", "params", "lr", "momentum", "weight_decay")
+    taken = {k: v for k, v in user.items() if isinstance(k, str) and k in params and k not in own}
+    if not taken:
+        return
+    kwargs = dict(hps.get("OPTIMIZER_KWARGS") or {})
+    for name, value in taken.items():
+        if name in kwargs and not _same(kwargs[name], value):
+            raise HParamError(
+                f"{name} is given twice, as a config key ({value!r}) and in OPTIMIZER_KWARGS "
+                f"({kwargs[name]!r}); keep the OPTIMIZER_KWARGS entry."
+            )
+        kwargs[name] = value
+    warnings.warn(
+        f"config keys {', '.join(taken)} are the original modelscape's way to pass "
+        f"{cls.__name__}'s arguments; write OPTIMIZER_KWARGS={taken!r}.",
+        FutureWarning,
+        stacklevel=user_stacklevel(),
+    )
+    hps["OPTIMIZER_KWARGS"] = kwargs
 
 
 def resolve(overrides: Mapping[str, Any]) -> HParams:

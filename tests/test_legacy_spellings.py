@@ -238,3 +238,16 @@ def test_readme_lists_every_legacy_spelling_and_optimizer_rule():
 def test_an_extra_option_cannot_take_a_legacy_spelling():
     with pytest.raises(HParamError, match="DIM is the original modelscape's spelling of D_IN"):
         parse_args([], extra={"DIM": (16, "input dimension")})
+
+
+def test_optimizer_argument_as_config_key_reaches_the_optimizer_with_a_warning():
+    """The original passed ``eps``/``betas`` as config keys; they land in OPTIMIZER_KWARGS."""
+    config = {"OPTIMIZER": "Adam", "eps": 0.5, "betas": (0.0, 0.5)}
+    with pytest.warns(FutureWarning, match=r"OPTIMIZER_KWARGS=\{'eps': 0.5, 'betas'"):
+        hps, user = H.split_config(config)
+    assert hps["OPTIMIZER_KWARGS"] == {"eps": 0.5, "betas": (0.0, 0.5)}
+    assert user == {"eps": 0.5, "betas": (0.0, 0.5)}  # still a user key for batch functions
+    with pytest.raises(H.HParamError, match="given twice"):
+        H.split_config({"OPTIMIZER": "Adam", "eps": 0.5, "OPTIMIZER_KWARGS": {"eps": 0.1}})
+    plain, _ = H.split_config({"OPTIMIZER": "SGD", "eps": 0.5})  # SGD takes no eps
+    assert "OPTIMIZER_KWARGS" not in plain
