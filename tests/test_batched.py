@@ -60,7 +60,7 @@ def batched_records(jobs, spec, checkpoints=None):
     out = {}
     for group in groups:
         assert batched.can_batch(group)
-        for record in batched.train_batched(group, spec, CPU, checkpoints):
+        for record in batched.train_stacked(group, spec, CPU, checkpoints):
             assert record.trained_by == "stacked", (record.trained_by, record.error)
             out[record.key] = record
     return out
@@ -235,7 +235,7 @@ def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
     ckpt = Checkpoints(tmp_path, every_seconds=0.0)  # save at every window end
     (group,) = batched.group_jobs(jobs)
     finished = {}
-    for record in batched.train_batched(group, spec, CPU, ckpt):
+    for record in batched.train_stacked(group, spec, CPU, ckpt):
         finished[record.key] = record
         if record.steps > batched.SYNC_EVERY + 5:
             break  # "killed" here, after the first windows were saved
@@ -244,7 +244,7 @@ def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
     assert rest and all(state is not None and state["step"] > 0 for state in saved)
     # half resume stacked, the other half in the one-job loop: the checkpoint format is shared
     half = len(rest) // 2
-    for record in batched.train_batched(rest[:half], spec, CPU, ckpt):
+    for record in batched.train_stacked(rest[:half], spec, CPU, ckpt):
         finished[record.key] = record
     for job in rest[half:]:
         finished[job.key] = engine.run_job(job, spec, CPU, ckpt)
@@ -345,7 +345,7 @@ def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
     makes results independent of workers, placement and resumption with batching on."""
     jobs, spec = make_jobs(overrides)
     full = {}
-    for record in batched.train_batched(jobs, spec, CPU):
+    for record in batched.train_stacked(jobs, spec, CPU):
         full[record.key] = record
     assert len({r.steps for r in full.values()}) > 2  # jobs exit at different steps
     parts = [jobs[::3], jobs[1:4], [jobs[5]], [jobs[-1]]]
@@ -353,7 +353,7 @@ def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
         # a lone job trains in the one-job loop in a sweep; here it stands for a stack that
         # shrank to one job (the others exited), which must not change its numbers either
         assert batched.can_batch(part) == (len(part) > 1)
-        for record in batched.train_batched(part, spec, CPU):
+        for record in batched.train_stacked(part, spec, CPU):
             ref = full[record.key]
             assert (record.steps, record.status) == (ref.steps, ref.status)
             assert record.test_loss == ref.test_loss and record.train_loss == ref.train_loss
@@ -405,21 +405,21 @@ def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
     assert batched.group_cap(job) >= 2
     # a job that could share a stack: alone, it is still computed as a pair
     sizes = _stack_sizes(monkeypatch)
-    (paired,) = batched.train_batched([job], spec, CPU)
+    (paired,) = batched.train_stacked([job], spec, CPU)
     assert sizes and set(sizes) == {2}
     # the same job under a memory budget that leaves it alone in every run
     budget = batched.job_bytes(job) * 3 // 2
     assert batched.group_cap(job, budget) == 1
     assert [len(g) for g in batched.group_jobs(jobs, budget)] == [1, 1]
     sizes.clear()
-    (alone,) = batched.train_batched([job], spec, CPU, group_bytes=budget)
+    (alone,) = batched.train_stacked([job], spec, CPU, group_bytes=budget)
     assert sizes and set(sizes) == {1}
     # both compute the same training (they differ only in rounding), and both match the loop
     ref = reference([job], spec)
     assert_same(ref, {job.key: paired})
     assert_same(ref, {job.key: alone})
     # unpaired is deterministic: a second run (as after a resumption) is bit-identical
-    (again,) = batched.train_batched([job], spec, CPU, group_bytes=budget)
+    (again,) = batched.train_stacked([job], spec, CPU, group_bytes=budget)
     assert (again.test_loss, again.train_loss, again.steps) == (
         alone.test_loss,
         alone.train_loss,
@@ -428,7 +428,7 @@ def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
     # with the default budget, a group whose jobs exit at different steps stays paired once
     # one job is left in its stack
     sizes.clear()
-    both = list(batched.train_batched(jobs, spec, CPU))
+    both = list(batched.train_stacked(jobs, spec, CPU))
     assert len({r.steps for r in both}) == 2 and set(sizes) == {2}
 
 
@@ -444,7 +444,11 @@ def test_every_record_says_how_its_job_trained(capsys):
     records = list(engine.train_group(jobs, spec, CPU))
     assert len(records) == 3 and all(r.status == "ok" for r in records)
     assert {r.trained_by for r in records} == {"single: the model has Dropout layers"}
-    assert "one at a time: the model has Dropout layers" in capsys.readouterr().err
+    # the runner says it once per sweep (the engine prints nothing per group)
+    assert "one at a time" not in capsys.readouterr().err
+    modelscape.run_sweep([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
+    err = capsys.readouterr().err
+    assert err.count("3 of 3 jobs trained one at a time: the model has Dropout layers") == 1
     (alone,) = engine.train_group(jobs[:1], spec, CPU)
     assert alone.trained_by == "single"
 

@@ -40,8 +40,6 @@ from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
 from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
 
-train_batched = train_stacked  # the name executors and tests used before the engine package
-
 __all__ = [
     "GROUP_BYTES",
     "MAX_GROUP",
@@ -71,7 +69,6 @@ __all__ = [
     "setup_job",
     "to_device",
     "train",
-    "train_batched",
     "train_group",
     "train_stacked",
     "training_rng_seed",

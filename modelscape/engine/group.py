@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from modelscape.engine.loop import run_job
-from modelscape.engine.stacked.grouping import SINGLE, why_single
+from modelscape.engine.stacked.grouping import why_single
 from modelscape.engine.stacked.run import train_stacked
 from modelscape.engine.state import Checkpoints
-from modelscape.engine.tracking import say
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec
@@ -42,9 +40,6 @@ def train_group(
         if trained_by is None:
             yield from train_stacked(jobs, spec, device, checkpoints)
             return
-        if len(jobs) > 1 and trained_by != SINGLE:
-            why = trained_by.removeprefix(f"{SINGLE}: ")
-            say(f"modelscape: training {len(jobs)} jobs one at a time: {why}.", sys.stderr)
         for job in jobs:
             yield run_job(job, spec, device, checkpoints, trained_by)
 

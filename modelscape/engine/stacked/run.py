@@ -17,7 +17,6 @@ unfinished jobs and is never retried elsewhere.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -30,7 +29,7 @@ from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.engine.stacked.stack import Stack, Unbatchable
 from modelscape.engine.state import Checkpoints, restore, snapshot
-from modelscape.engine.tracking import Track, Tracker, evaluate, failed_record, say
+from modelscape.engine.tracking import Track, Tracker, evaluate, failed_record
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec, check_batch
@@ -94,7 +93,6 @@ def _train_part(part, device, checkpoints, start, sync_every, group_bytes):
         run = Run(part, device, checkpoints, start, sync_every, group_bytes)
     except Unbatchable as why:
         trained_by = refuse(part[0][0].job, str(why))
-        say(f"modelscape: training {len(part)} jobs one at a time: {why}.", sys.stderr)
         for p, _, _ in part:
             try:
                 yield train(p, checkpoints, trained_by)
