@@ -279,6 +279,13 @@ def executor_for(
         from modelscape.ray_executor import RayExecutor
 
         return RayExecutor(hp.DEVICES, hp.WORKERS_PER_DEVICE, checkpoints)
+    if hp.EXECUTOR == "slurm":
+        from modelscape.slurm_executor import SlurmExecutor
+
+        return SlurmExecutor(
+            hp.SAVE_DIR, hp.SLURM, checkpoints, devices=hp.DEVICES,
+            workers_per_device=hp.WORKERS_PER_DEVICE, detach=hp.DETACH,
+        )  # fmt: skip
     devices = [_device(d) for d in hp.DEVICES]
     n_workers = len(devices) * hp.WORKERS_PER_DEVICE
     if use_mp is False or (use_mp is None and n_workers == 1):

@@ -30,7 +30,7 @@ Scope = Literal["job", "sweep"]
 
 PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "slurm")
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 
@@ -48,8 +48,8 @@ def hp(
 ) -> Any:
     """Declare one hyperparameter field (``kind`` overrides the type inferred from the default)."""
     meta = {"help": help, "scope": scope, "choices": choices, "kind": kind}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -107,7 +107,7 @@ class HParams:
     )
     EXECUTOR: str = hp(
         "local",
-        "Where jobs run: local processes or a Ray cluster.",
+        "Where jobs run: local processes, a Ray cluster or a SLURM job array.",
         scope="sweep",
         choices=EXECUTORS,
     )
@@ -121,6 +121,15 @@ class HParams:
     CHECKPOINT_EVERY: float = hp(
         300.0, "Seconds between checkpoints of a running job.", scope="sweep"
     )
+    SLURM: dict = hp(
+        {},
+        "EXECUTOR='slurm': submitit parameters (timeout_min, slurm_partition, gpus_per_node...).",
+        scope="sweep",
+    )
+    DETACH: bool = hp(
+        False, "EXECUTOR='slurm': submit and return; a rerun or `modelscape show` collects.",
+        scope="sweep",
+    )  # fmt: skip
     BATCHED: str = hp(
         "auto",
         "Train compatible jobs as one stacked model (auto, on, off).",
@@ -222,6 +231,10 @@ def coerce(name: str, value: Any) -> Any:
                 raise bad("list of finite floats")
             return [float(v) for v in value]
         return value
+    if kind == "dict":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad("dict with string keys")
+        return dict(value)
     if kind == "path":
         if value is None or isinstance(value, str):
             return value
@@ -257,6 +270,8 @@ def check_ranges(h: HParams) -> None:
     for d in h.DEVICES:
         if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
             raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
+    if h.DETACH and h.EXECUTOR != "slurm":
+        raise HParamError("DETACH=True needs EXECUTOR='slurm' (other executors stop with you).")
     if h.CHECKPOINT_EVERY <= 0:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."

@@ -66,7 +66,24 @@ def parse_none_or_str(text: str) -> str | None:
     return None if text.strip().lower() in ("none", "null", "") else text
 
 
-_PARSERS = {"bool": parse_bool, "int": parse_int, "float": float, "str": str}
+def parse_json_object(text: str) -> dict:
+    """``'{"timeout_min": 60}'`` -> a dict (the SLURM settings on the command line)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+_PARSERS = {
+    "bool": parse_bool,
+    "int": parse_int,
+    "float": float,
+    "str": str,
+    "dict": parse_json_object,
+}
 
 
 def _extra_specs(extra: Extra | None) -> dict[str, tuple[Any, str]]:
