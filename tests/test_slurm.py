@@ -1,0 +1,157 @@
+"""EXECUTOR="slurm" on a real single-node SLURM cluster (tests/clusters.py): same records as
+training locally, closures by value, a cancelled task, a killed parent, DETACH, timeouts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelscape.backend.cli import base_args
+from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.hparams import HParamError
+from modelscape.slurm_executor import parameter_names, task_states
+from modelscape.store import load
+
+pytest.importorskip("submitit")
+
+# A notebook cell: functions defined in __main__ cannot be imported by a SLURM task, so they
+# must travel by value (cloudpickle), closure variables included.
+# ``delay`` (seconds per batch) slows a sweep down without changing its numbers;
+# ``first_run_delay`` slows only a SLURM task's first run, not its runs after a requeue.
+CELL = """
+import os
+import time
+
+import torch
+
+offset = 0.25
+
+def bfn(bsz, gen, X=None, y=None, delay=0.0, first_run_delay=0.0, **kwargs):
+    def batch_fn(step):
+        first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+        time.sleep(delay + (first_run_delay if first_run else 0.0))
+        Xb = torch.randn(bsz, 4, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1] + offset
+    return batch_fn
+"""
+
+ITERATORS, NAMES = [range(2), [1.0, 0.5]], ["trial", "GAMMA"]
+
+
+def notebook_bfn(**static):
+    """The batch function config of the notebook cell, with static keyword arguments."""
+    namespace = {"__name__": "__main__"}
+    exec(CELL, namespace)
+    return {"base_bfn": namespace["bfn"], **static}
+
+
+def submitted_ids(cluster) -> list[str]:
+    """Every job SLURM has seen since the cluster started (finished ones included)."""
+    return cluster.command("squeue", "--noheader", "--states=all", "--array", "-o", "%i").split()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def running_tasks(run_dir: Path) -> list[str]:
+    tasks = json.loads((run_dir / "slurm" / "tasks.json").read_text())
+    states = task_states([t["slurm_id"] for t in tasks]) or {}
+    return [i for i, s in states.items() if s == "RUNNING"]
+
+
+def config(**overrides):
+    cfg = base_args(
+        WIDTH=16, MAX_ITER=60, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"], WORKERS_PER_DEVICE=2,
+        LOSS_CHECKPOINTS=[0.5, 1e-9], ONLYTHRESHOLDS=False, EVAL_EVERY=20,
+    )  # fmt: skip
+    return {**vars(cfg), **overrides}
+
+
+@pytest.fixture(scope="module")
+def local_result():
+    """The reference: the same sweep trained in this process."""
+    return run_job_iterator(
+        ITERATORS, NAMES, config(), notebook_bfn(), use_mp=False, progress=False
+    )
+
+
+def assert_same(a, b):
+    assert [r.key for r in a.records] == [r.key for r in b.records]
+    for ra, rb in zip(a.records, b.records):
+        assert_same_record(ra, rb)
+
+
+def assert_same_record(ra, rb):
+    assert ra.key == rb.key and ra.status == rb.status == "ok"
+    assert ra.train_loss == rb.train_loss and ra.test_loss == rb.test_loss
+    np.testing.assert_array_equal(ra.timekeys, rb.timekeys)
+    assert ra.curves["test_loss"].tobytes() == rb.curves["test_loss"].tobytes()
+
+
+def test_sweep_on_slurm_equals_local_bit_for_bit(slurm_cluster, local_result, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(run_dir))
+    on_slurm = run_job_iterator(ITERATORS, NAMES, cfg, notebook_bfn(), progress=False)
+    assert len(on_slurm.records) == 4
+    assert_same(on_slurm, local_result)
+    assert_same(load(run_dir), local_result)
+    devices = {r.device for r in on_slurm.records}
+    assert devices == {"cpu"}
+    assert len({r.test_loss for r in on_slurm.records}) == 4
+    logs = sorted((run_dir / "slurm" / "submitit").glob("*/*_log.out"))
+    assert len(logs) == 2  # two array tasks, one per worker slot (DEVICES x WORKERS_PER_DEVICE)
+    assert all("_" in p.parent.name for p in logs)  # array ids: <job>_<index>
+
+
+def test_an_unknown_slurm_setting_fails_before_submission(slurm_cluster, tmp_path):
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(tmp_path / "run"), SLURM={"time_out_min": 1})
+    before = submitted_ids(slurm_cluster)
+    with pytest.raises(HParamError, match="time_out_min.*Valid names: .*timeout_min"):
+        run_job_iterator(ITERATORS, NAMES, cfg, notebook_bfn(), progress=False)
+    assert "slurm_partition" in parameter_names()
+    assert not (tmp_path / "run" / "slurm" / "submitit").exists()
+    assert submitted_ids(slurm_cluster) == before
+
+
+def test_a_cancelled_task_fails_only_its_jobs_and_retry_failed_finishes_them(
+    slurm_cluster, local_result, tmp_path
+):
+    run_dir = tmp_path / "run"
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(run_dir))
+    bfn = notebook_bfn(delay=0.05)  # each task trains for about 12 s
+    box = {}
+    sweep = threading.Thread(
+        target=lambda: box.update(
+            result=run_job_iterator(ITERATORS, NAMES, cfg, bfn, progress=False)
+        )
+    )
+    sweep.start()
+    wait_until(lambda: (run_dir / "slurm" / "tasks.json").exists(), 60, "the submission")
+    wait_until(lambda: len(running_tasks(run_dir)) == 2, 60, "both tasks running")
+    victim = sorted(running_tasks(run_dir))[1]
+    slurm_cluster.command("scancel", victim)
+    sweep.join(120)
+    first = box["result"]
+    failed = {r.key for r in first.failed}
+    assert len(failed) == 2 and len(first.records) == 4
+    for r in first.failed:
+        assert f"SLURM task {victim} ended (CANCELLED" in r.error
+        assert r.device == f"slurm {victim}"
+    for r in first.records:
+        if r.key not in failed:
+            assert_same_record(r, local_result.record(*r.key))
+    before = submitted_ids(slurm_cluster)
+    again = run_job_iterator(ITERATORS, NAMES, {**cfg, "RETRY_FAILED": True}, bfn, progress=False)
+    assert_same(again, local_result)
+    new = [i for i in submitted_ids(slurm_cluster) if i not in before]
+    assert len(new) == 1  # only the failed group was submitted again
