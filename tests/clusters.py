@@ -89,7 +89,8 @@ def _write_config(folder: Path, node: str, cpus: int, partition: str) -> Path:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={folder / 'munge.socket'}",
+        # cred_expire also delays a requeued job's restart (120 s by default)
+        f"AuthInfo=socket={folder / 'munge.socket'},cred_expire=10",
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",

@@ -4,6 +4,10 @@ training locally, closures by value, a cancelled task, a killed parent, DETACH, 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,7 +68,10 @@ def wait_until(condition, timeout: float, what: str) -> None:
 
 
 def running_tasks(run_dir: Path) -> list[str]:
-    tasks = json.loads((run_dir / "slurm" / "tasks.json").read_text())
+    path = run_dir / "slurm" / "tasks.json"
+    if not path.exists():
+        return []
+    tasks = json.loads(path.read_text())
     states = task_states([t["slurm_id"] for t in tasks]) or {}
     return [i for i, s in states.items() if s == "RUNNING"]
 
@@ -155,3 +162,86 @@ def test_a_cancelled_task_fails_only_its_jobs_and_retry_failed_finishes_them(
     assert_same(again, local_result)
     new = [i for i in submitted_ids(slurm_cluster) if i not in before]
     assert len(new) == 1  # only the failed group was submitted again
+
+
+PARENT = """
+import json
+import re
+import sys
+
+from modelscape.backend.job_iterator import main
+
+config, static = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+main([range(2), [1.0, 0.5]], ["trial", "GAMMA"], config, {"base_bfn": bfn, **static})
+"""
+
+
+def test_a_killed_parent_leaves_the_tasks_running_and_a_rerun_reattaches(
+    slurm_cluster, local_result, tmp_path
+):
+    run_dir = tmp_path / "run"
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(run_dir))
+    script = tmp_path / "sweep.py"
+    script.write_text(CELL + PARENT)
+    static = {"delay": 0.05}
+    parent = subprocess.Popen([sys.executable, str(script), json.dumps(cfg), json.dumps(static)])
+    try:
+        wait_until(lambda: len(running_tasks(run_dir)) == 2, 90, "both tasks running")
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    before = submitted_ids(slurm_cluster)
+    assert len(running_tasks(run_dir)) == 2  # the tasks outlive their parent
+    rerun = run_job_iterator(ITERATORS, NAMES, cfg, notebook_bfn(**static), progress=False)
+    assert_same(rerun, local_result)
+    assert submitted_ids(slurm_cluster) == before  # reattached: nothing was submitted again
+    assert json.loads((run_dir / "slurm" / "tasks.json").read_text()) == []
+
+
+def test_detach_returns_at_once_and_show_then_a_rerun_collect(
+    slurm_cluster, local_result, tmp_path
+):
+    run_dir = tmp_path / "run"
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(run_dir), DETACH=True)
+    bfn = notebook_bfn(delay=0.05)
+    start = time.monotonic()
+    detached = run_job_iterator(ITERATORS, NAMES, cfg, bfn, progress=False)
+    assert time.monotonic() - start < 10 and detached.records == []
+    ids = [t["slurm_id"] for t in json.loads((run_dir / "slurm" / "tasks.json").read_text())]
+    assert len(ids) == 2
+    wait_until(lambda: set(task_states(ids).values()) == {"COMPLETED"}, 120, "the tasks")
+    shown = subprocess.run(
+        [sys.executable, "-m", "modelscape", "show", str(run_dir)], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "jobs: 4 total, 4 done (4 ok, 0 diverged, 0 failed), 0 missing" in shown.stdout
+    assert "slurm: 4 new records stored" in shown.stderr
+    assert_same(load(run_dir), local_result)
+    before = submitted_ids(slurm_cluster)
+    collected = run_job_iterator(ITERATORS, NAMES, {**cfg, "DETACH": False}, bfn, progress=False)
+    assert_same(collected, local_result)
+    assert submitted_ids(slurm_cluster) == before
+
+
+def test_a_task_out_of_time_is_requeued_and_continues_from_its_checkpoints(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    iterators = [range(2), [1.0]]
+    # One task with both jobs and a 1-minute limit. SLURM sends submitit's signal 10 s before
+    # the limit, or up to 30 s earlier (its timer's period): 20-50 s after the start, after
+    # Python started. The first run is too slow to finish by then (0.2 s a batch, 300 steps).
+    slurm = {"timeout_min": 1, "slurm_signal_delay_s": 10}
+    cfg = config(EXECUTOR="slurm", SAVE_DIR=str(run_dir), WORKERS_PER_DEVICE=1, MAX_ITER=300,
+                 CHECKPOINT_EVERY=1.0, SLURM=slurm)  # fmt: skip
+    on_slurm = run_job_iterator(
+        iterators, NAMES, cfg, notebook_bfn(first_run_delay=0.2), progress=False
+    )
+    local = run_job_iterator(
+        iterators, NAMES, config(MAX_ITER=300), notebook_bfn(), use_mp=False, progress=False
+    )
+    assert_same(on_slurm, local)
+    (log,) = (run_dir / "slurm" / "submitit").glob("*/*_log.out")
+    (err,) = (run_dir / "slurm" / "submitit").glob("*/*_log.err")
+    logs = log.read_text() + err.read_text()
+    assert "Requeued job" in logs
+    resumed = re.findall(r"resuming job \(.*\) from its checkpoint at step (\d+)", logs)
+    assert len(resumed) == 2 and all(0 < int(step) < 300 for step in resumed)
