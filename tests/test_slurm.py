@@ -4,6 +4,7 @@ training locally, closures by value, a cancelled task, a killed parent, DETACH, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -166,6 +167,7 @@ def test_a_cancelled_task_fails_only_its_jobs_and_retry_failed_finishes_them(
 
 PARENT = """
 import json
+import os
 import re
 import sys
 
@@ -245,3 +247,29 @@ def test_a_task_out_of_time_is_requeued_and_continues_from_its_checkpoints(slurm
     assert "Requeued job" in logs
     resumed = re.findall(r"resuming job \(.*\) from its checkpoint at step (\d+)", logs)
     assert len(resumed) == 2 and all(0 < int(step) < 300 for step in resumed)
+
+
+def readme_snippet() -> str:
+    """The README's SLURM shell snippet, between its markers."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = text.split("<!-- slurm-snippet:begin -->")[1].split("<!-- slurm-snippet:end -->")[0]
+    return block.split("```bash\n")[1].split("```")[0]
+
+
+def test_the_readme_slurm_snippet_runs_on_the_cluster(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "demo"
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the `modelscape` command
+    env = {**os.environ, "RUN": str(run_dir), "PATH": path}
+    before = submitted_ids(slurm_cluster)
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_snippet()],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "detached; SLURM job(s)" in out.stderr
+    assert "30 jobs (30 ok)" in out.stdout and (run_dir / "learning_curve.png").is_file()
+    new = [i for i in submitted_ids(slurm_cluster) if i not in before]
+    # one array of at least two tasks, from the detached run; the rerun reattached to it
+    assert len(new) >= 2 and len({i.split("_")[0] for i in new}) == 1
+    result = load(run_dir)
+    assert len(result.records) == 30 and not result.failed
