@@ -10,6 +10,7 @@ CI (``CI=true``, where ``.ci/install_slurm.sh`` installs them) that is an error 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -183,15 +184,12 @@ def _stop(procs: list[subprocess.Popen]) -> None:
                 proc.wait()
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
-    """A single-node SLURM cluster for the tests of one module; ``SLURM_CONF`` points at it."""
-    reason = missing_slurm()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the SLURM tests, but {reason}.")
-        pytest.skip(reason)
-    folder = tmp_path_factory.mktemp("slurm")
+@contextlib.contextmanager
+def running_slurm(folder: Path) -> Iterator[SlurmCluster]:
+    """Start a single-node cluster with its files in ``folder``; stop it on exit.
+
+    ``SLURM_CONF`` points at it meanwhile. Usable outside pytest (``benchmarks/`` does).
+    """
     node = socket.gethostname().split(".")[0]
     cluster = SlurmCluster(
         conf=_write_config(folder, node, os.cpu_count() or 1, "debug"),
@@ -210,9 +208,8 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
             # -D: stay in the foreground as our child, so it is stopped by its pid
             args = [_which(daemon), "-D", "-f", str(cluster.conf)]
             args += ["-i"] if daemon == "slurmctld" else []  # ignore stale state
-            log = open(folder / f"{daemon}.out", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
-            log.close()
+            with open(folder / f"{daemon}.out", "w") as log:
+                procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT))
         _wait("the node idle in sinfo", lambda: _node_idle(cluster), 60, cluster)
         os.environ["SLURM_CONF"] = str(cluster.conf)
         yield cluster
@@ -224,3 +221,15 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = before
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """A single-node SLURM cluster for the tests of one module; ``SLURM_CONF`` points at it."""
+    reason = missing_slurm()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the SLURM tests, but {reason}.")
+        pytest.skip(reason)
+    with running_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
