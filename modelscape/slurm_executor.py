@@ -38,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from modelscape import serialization
 from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record
+from modelscape.engine import failed_record, train_group
 from modelscape.executors import Executor, OnRecord
 from modelscape.hparams import HParamError
 from modelscape.jobs import Job, SweepError
@@ -132,10 +134,6 @@ class GroupTask:
     sys_path: list[str]
 
     def __call__(self) -> int:
-        import torch
-
-        from modelscape.engine import train_group
-
         sys.path[:] = self.sys_path + [p for p in sys.path if p not in self.sys_path]
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         device = torch.device("cpu")
@@ -352,8 +350,14 @@ class SlurmExecutor(Executor):
                     sys_path=list(sys.path),
                 )
             )
-        with self._executor.batch():
-            submitted = [self._executor.submit(body) for body in bodies]
+        try:
+            with self._executor.batch():
+                submitted = [self._executor.submit(body) for body in bodies]
+        except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+            raise SweepError(
+                f"SLURM refused the job array: {err}\nCheck the SLURM settings (partition, "
+                "account, time limit, resources) against `sinfo` and your cluster's limits."
+            ) from None
         folder = str(self._executor.folder)
         return [
             _Task(s.job_id, [key_id(j.key) for j in g], folder) for s, g in zip(submitted, groups)

@@ -19,6 +19,7 @@ import pytest
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.hparams import HParamError
+from modelscape.jobs import SweepError
 from modelscape.slurm_executor import parameter_names, task_states
 from modelscape.store import load
 
@@ -121,13 +122,17 @@ def test_sweep_on_slurm_equals_local_bit_for_bit(slurm_cluster, local_result, tm
     assert all("_" in p.parent.name for p in logs)  # array ids: <job>_<index>
 
 
-def test_an_unknown_slurm_setting_fails_before_submission(slurm_cluster, tmp_path):
+def test_bad_slurm_settings_fail_before_anything_runs(slurm_cluster, tmp_path):
     cfg = config(EXECUTOR="slurm", SAVE_DIR=str(tmp_path / "run"), SLURM={"time_out_min": 1})
     before = submitted_ids(slurm_cluster)
     with pytest.raises(HParamError, match="time_out_min.*Valid names: .*timeout_min"):
         run_job_iterator(ITERATORS, NAMES, cfg, notebook_bfn(), progress=False)
     assert "slurm_partition" in parameter_names()
     assert not (tmp_path / "run" / "slurm" / "submitit").exists()
+    assert submitted_ids(slurm_cluster) == before
+    cfg["SLURM"] = {"slurm_partition": "nowhere"}  # a valid name, a value SLURM rejects
+    with pytest.raises(SweepError, match="SLURM refused the job array.*(?i:invalid partition)"):
+        run_job_iterator(ITERATORS, NAMES, cfg, notebook_bfn(), progress=False)
     assert submitted_ids(slurm_cluster) == before
 
 
