@@ -301,7 +301,8 @@ class SlurmExecutor(Executor):
         jobs = {key_id(j.key): j for g in groups for j in g}
         tasks = _load_tasks(self.run_dir)
         watching = Watch(self.run_dir, jobs, on_record)
-        # tasks still queued or running keep their jobs; the rest are submitted anew
+        # Tasks of earlier runs: those still queued or running keep their jobs (reattached),
+        # ended ones have their unfinished jobs recorded as failed; the rest is submitted.
         watching.add([t for t in tasks if any(k in jobs for k in t.jobs)])
         watching.check_states()
         held = {k for t in watching.tasks for k in t.jobs}
