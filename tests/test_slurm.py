@@ -18,9 +18,8 @@ import pytest
 
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.hparams import HParamError
-from modelscape.jobs import SweepError
-from modelscape.slurm_executor import parameter_names, task_states
+from modelscape.errors import HParamError, SweepError
+from modelscape.execution.slurm import parameter_names, task_states
 from modelscape.store import load
 
 pytest.importorskip("submitit")

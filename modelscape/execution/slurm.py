@@ -33,19 +33,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from modelscape import serialization
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record, train_group
-from modelscape.executors import Executor, OnRecord
-from modelscape.hparams import HParamError
-from modelscape.jobs import Job, SweepError
+from modelscape import hparams as H
+from modelscape.engine import Checkpoints, failed_record, train_group
+from modelscape.errors import ExecutorError, HParamError, StoreError
+from modelscape.execution.base import Executor, OnRecord, Records, join_sys_path
+from modelscape.execution.pickling import Payload, dumps, loads
+from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.store import RunStore, key_id
 from modelscape.sweep import SweepSpec
@@ -72,7 +72,7 @@ def _submitit() -> Any:
     try:
         import submitit
     except ImportError:
-        raise SweepError(
+        raise ExecutorError(
             "EXECUTOR='slurm' needs submitit: pip install 'modelscape[slurm]'."
         ) from None
     return submitit
@@ -134,19 +134,19 @@ class GroupTask:
     sys_path: list[str]
 
     def __call__(self) -> int:
-        sys.path[:] = self.sys_path + [p for p in sys.path if p not in self.sys_path]
+        join_sys_path(self.sys_path)
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
         device = torch.device("cpu")
         if self.use_gpu and torch.cuda.is_available():
             device = torch.device("cuda", 0)  # SLURM restricts CUDA_VISIBLE_DEVICES to its GPUs
         elif self.use_gpu:
             print("modelscape: this SLURM task has no GPU; it trains on the CPU.", file=sys.stderr)
-        spec = serialization.loads(Path(self.spec_file).read_bytes())
-        jobs = serialization.loads(self.group)
+        spec = loads(Path(self.spec_file).read_bytes())
+        jobs = loads(self.group)
         todo = [j for j in jobs if not _record_path(self.run_dir, j.key).exists()]
         if todo:
             for record in train_group(todo, spec, device, self.checkpoints):
-                blob = serialization.dumps(record, "a record")
+                blob = dumps(record, "a record")
                 _write_atomic(_record_path(self.run_dir, record.key), blob)
         return len(todo)
 
@@ -258,16 +258,25 @@ class SlurmExecutor(Executor):
         detach: bool = False,
     ):
         if run_dir is None:
-            raise SweepError(
+            raise ExecutorError(
                 "EXECUTOR='slurm' needs SAVE_DIR: a run folder on a file system that the "
                 "cluster's nodes share, where the tasks write their results."
             )
         self.run_dir = Path(run_dir).resolve()
-        self.checkpoints = checkpoints or Checkpoints(self.run_dir / "checkpoints", 300.0)
+        super().__init__(checkpoints or Checkpoints(self.run_dir / "checkpoints", 300.0))
         self.slots = [f"slurm {d}" for d in devices for _ in range(workers_per_device)]
         self.use_gpu = any(d != "cpu" for d in devices)
         self.detach = detach
         self._executor = self._make_executor(dict(settings))
+
+    @classmethod
+    def from_hparams(
+        cls, hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
+    ) -> SlurmExecutor:
+        return cls(
+            hp.SAVE_DIR, hp.SLURM, checkpoints, devices=hp.DEVICES,
+            workers_per_device=hp.WORKERS_PER_DEVICE, detach=hp.DETACH,
+        )  # fmt: skip
 
     def _make_executor(self, settings: dict[str, Any]) -> Any:
         submitit = _submitit()
@@ -283,7 +292,7 @@ class SlurmExecutor(Executor):
         try:
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **init)
         except RuntimeError as err:  # no srun: not on a SLURM cluster
-            raise SweepError(
+            raise ExecutorError(
                 f"EXECUTOR='slurm' needs SLURM's commands (sbatch, squeue, srun) on PATH; run "
                 f"the sweep on the cluster's login node ({err})."
             ) from None
@@ -297,29 +306,22 @@ class SlurmExecutor(Executor):
         return list(self.slots)
 
     def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        _records_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
-        jobs = {key_id(j.key): j for g in groups for j in g}
-        tasks = _load_tasks(self.run_dir)
-        watching = Watch(self.run_dir, jobs, on_record)
-        # Tasks of earlier runs: those still queued or running keep their jobs (reattached),
-        # ended ones have their unfinished jobs recorded as failed; the rest is submitted.
-        watching.add([t for t in tasks if any(k in jobs for k in t.jobs)])
-        watching.check_states()
-        held = {k for t in watching.tasks for k in t.jobs}
-        new = [[j for j in g if _waits(j, watching.jobs, held)] for g in groups]
-        new = [g for g in new if g]
-        if new:
-            watching.add(self._submit(new, spec))
-        others = [t for t in tasks if not any(k in jobs for k in t.jobs)]
-        _save_tasks(self.run_dir, watching.tasks + others)
-        if self.detach:
-            ids = " ".join(sorted({t.slurm_id.split("_")[0] for t in watching.tasks}))
-            print(
-                f"modelscape: detached; SLURM job(s) {ids or '(none left)'} train on without this "
-                f"process. `modelscape show {self.run_dir}` or rerunning the sweep collects.",
-                file=sys.stderr,
-            )
+        """As ``Executor.run``; with DETACH, submit and return without waiting for records."""
+        if not self.detach:
+            super().run(groups, spec, on_record)
             return
+        payload = Payload(spec, groups)
+        payload.pickle()
+        watching = self._attach(payload, Records(payload.groups, on_record))
+        ids = " ".join(sorted({t.slurm_id.split("_")[0] for t in watching.tasks}))
+        print(
+            f"modelscape: detached; SLURM job(s) {ids or '(none left)'} train on without this "
+            f"process. `modelscape show {self.run_dir}` or rerunning the sweep collects.",
+            file=sys.stderr,
+        )
+
+    def _run(self, payload: Payload, records: Records) -> None:
+        watching = self._attach(payload, records)
         try:
             watching.until_done()
         except KeyboardInterrupt:
@@ -331,12 +333,33 @@ class SlurmExecutor(Executor):
             )
             raise
 
-    def _submit(self, groups: list[list[Job]], spec: SweepSpec) -> list[_Task]:
-        blob = serialization.dumps(spec, "the sweep's functions and data")
-        digest = hashlib.sha256(blob).hexdigest()[:16]
+    def _attach(self, payload: Payload, records: Records) -> Watch:
+        """Watch the tasks of earlier runs that hold jobs of this sweep, and submit the rest.
+
+        Tasks still queued or running keep their jobs (reattached); ended ones have their
+        unfinished jobs recorded as failed; only jobs no task holds are submitted.
+        """
+        _records_dir(self.run_dir).mkdir(parents=True, exist_ok=True)
+        gids = {key_id(j.key): gid for gid, g in enumerate(payload.groups) for j in g}
+        jobs = {key_id(j.key): j for g in payload.groups for j in g}
+        tasks = _load_tasks(self.run_dir)
+        watching = Watch(self.run_dir, jobs, lambda kid, r: records.add(gids[kid], r))
+        watching.add([t for t in tasks if any(k in jobs for k in t.jobs)])
+        watching.check_states()
+        held = {k for t in watching.tasks for k in t.jobs}
+        new = [[j for j in g if _waits(j, watching.jobs, held)] for g in payload.groups]
+        new = [g for g in new if g]
+        if new:
+            watching.add(self._submit(new, payload.spec_blob))
+        others = [t for t in tasks if not any(k in jobs for k in t.jobs)]
+        _save_tasks(self.run_dir, watching.tasks + others)
+        return watching
+
+    def _submit(self, groups: list[list[Job]], spec_blob: bytes) -> list[_Task]:
+        digest = hashlib.sha256(spec_blob).hexdigest()[:16]
         spec_file = slurm_folder(self.run_dir) / f"sweep-{digest}.pkl"
         if not spec_file.is_file():
-            _write_atomic(spec_file, blob)
+            _write_atomic(spec_file, spec_blob)
         bodies = []
         for group in groups:
             for job in group:  # an emptied marker from an earlier try (RETRY_FAILED)
@@ -345,7 +368,7 @@ class SlurmExecutor(Executor):
                 GroupTask(
                     run_dir=str(self.run_dir),
                     spec_file=str(spec_file),
-                    group=serialization.dumps(list(group), "a job"),
+                    group=dumps(list(group), "a job"),
                     checkpoints=self.checkpoints,
                     use_gpu=self.use_gpu,
                     sys_path=list(sys.path),
@@ -355,7 +378,7 @@ class SlurmExecutor(Executor):
             with self._executor.batch():
                 submitted = [self._executor.submit(body) for body in bodies]
         except (RuntimeError, OSError, subprocess.SubprocessError) as err:
-            raise SweepError(
+            raise ExecutorError(
                 f"SLURM refused the job array: {err}\nCheck the SLURM settings (partition, "
                 "account, time limit, resources) against `sinfo` and your cluster's limits."
             ) from None
@@ -368,7 +391,9 @@ class SlurmExecutor(Executor):
 class Watch:
     """Store the records of watched tasks as their files appear; fail jobs of ended tasks."""
 
-    def __init__(self, run_dir: Path, jobs: Mapping[str, Job], on_record: OnRecord):
+    def __init__(
+        self, run_dir: Path, jobs: Mapping[str, Job], on_record: Callable[[str, JobRecord], None]
+    ):
         self.run_dir = run_dir
         self.jobs = dict(jobs)  # key id -> job, for the jobs still without a stored record
         self.on_record = on_record
@@ -392,7 +417,7 @@ class Watch:
             kid = path.stem
             if kid not in self.jobs or path.stat().st_size == 0:
                 continue
-            record = serialization.loads(path.read_bytes())
+            record = loads(path.read_bytes())
             self._store(kid, record)
             _write_atomic(path, b"")  # stays as the task's "done" marker
 
@@ -419,7 +444,7 @@ class Watch:
 
     def _store(self, kid: str, record: JobRecord) -> None:
         self.jobs.pop(kid)
-        self.on_record(record)
+        self.on_record(kid, record)
 
     def _settle(self) -> None:
         """Forget tasks whose jobs are all stored, in memory and in ``tasks.json``."""
@@ -446,12 +471,12 @@ def collect(run_dir: str | os.PathLike) -> str | None:
     if pending:
         try:
             store = RunStore.reopen(run_dir)
-        except SweepError:
+        except StoreError:
             return "slurm: a sweep process is collecting this run folder."
-        checkpoints = Checkpoints(Path(run_dir) / "checkpoints", 300.0)
+        checkpoints = Checkpoints(store.checkpoint_dir, 300.0)
         try:
             for path in pending:
-                record = serialization.loads(path.read_bytes())
+                record = loads(path.read_bytes())
                 store.add(record)
                 if record.status != "failed":
                     checkpoints.clear(record.key)
