@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from clusters import slurm_cluster  # noqa: F401 - the real SLURM cluster (tests/clusters.py)
+from clusters import ray_cluster, slurm_cluster  # noqa: F401 - real clusters (tests/clusters.py)
 
 
 @pytest.fixture(scope="module")
