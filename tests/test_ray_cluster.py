@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from clusters import RAY_MARKER, RayCluster, ray_processes
 
+from modelscape.errors import HParamError
+from modelscape.hparams import resolve
 from modelscape.store import load
 
 pytest.importorskip("ray")
@@ -102,7 +104,9 @@ def node_of(record, cluster: RayCluster) -> str:
 def test_a_sweep_uses_both_nodes_and_equals_local_training(ray_cluster, local_result, tmp_path):
     marker = uuid.uuid4().hex
     run_dir = tmp_path / "run"
-    finish(start_driver(tmp_path, ray_cluster.driver_env(marker), EXECUTOR="ray",
+    env = ray_cluster.driver_env(marker)
+    address = env.pop("RAY_ADDRESS")  # given as the hyperparameter here, as $RAY_ADDRESS below
+    finish(start_driver(tmp_path, env, EXECUTOR="ray", RAY_ADDRESS=address,
                         SAVE_DIR=str(run_dir)))  # fmt: skip
     result = load(run_dir)
     assert_equal_records(result, local_result)
@@ -111,6 +115,13 @@ def test_a_sweep_uses_both_nodes_and_equals_local_training(ray_cluster, local_re
     assert sorted(nodes) == ["head"] * 4 + ["second"] * 4
     assert {r.trained_by for r in result.records} == {"stacked"}
     assert left_behind(marker) == []
+
+
+def test_ray_settings_need_the_ray_executor():
+    with pytest.raises(HParamError, match="RAY_ADDRESS='host:6379' needs EXECUTOR='ray'"):
+        resolve({"RAY_ADDRESS": "host:6379"})
+    with pytest.raises(HParamError, match="MAX_RETRIES counts retries and must be >= 0"):
+        resolve({"EXECUTOR": "ray", "MAX_RETRIES": -1})
 
 
 def test_a_local_ray_started_by_the_sweep_leaves_no_process_behind(tmp_path):
