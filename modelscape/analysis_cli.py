@@ -27,11 +27,18 @@ FORMATS = {"netcdf": ".nc", "csv": ".csv", "parquet": ".parquet"}
 
 
 def load_result(path: str | Path) -> Result:
-    """A run folder (``SAVE_DIR``) or a pickled ``Result`` file."""
+    """A run folder (``SAVE_DIR``) or a pickled ``Result`` file.
+
+    A run folder's records written by detached SLURM tasks are stored first.
+    """
     path = Path(path)
     if path.is_dir():
         from modelscape import store
+        from modelscape.execution import slurm
 
+        note = slurm.collect(path)
+        if note:
+            print(note, file=sys.stderr)
         return store.load(path)
     if path.is_file():
         with open(path, "rb") as f:

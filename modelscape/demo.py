@@ -53,15 +53,22 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         name, help="run the demo sweep (any hyperparameter flag may follow)", add_help=False
     )
     p.add_argument("--out", default="runs/demo", help="run folder for results and the plot")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --EXECUTOR slurm: submit and return (same as --DETACH True)",
+    )
 
 
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    hp = parse_args(DEMO_DEFAULTS + list(rest))
+    hp = parse_args(DEMO_DEFAULTS + list(rest) + (["--DETACH", "True"] if args.detach else []))
     hp.SAVE_DIR = hp.SAVE_DIR or args.out
     iterators = [[32, 64, 128, 256, 512], range(hp.NUM_TRIALS), [1.0, 0.1]]
     result = run_job_iterator(
         iterators, ["ntrain", "trial", "GAMMA"], vars(hp), {"base_bfn": quadratic_bfn, "d": 16}
     )
+    if hp.DETACH:
+        return 0  # the executor said where the jobs run and how to collect them
     print(learning_curve_table(result))
     from modelscape import plotting
 

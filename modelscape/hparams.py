@@ -163,7 +163,7 @@ class HParams:
     )
     EXECUTOR: str = hp(
         "local",
-        "Where jobs run: local processes or a Ray cluster.",
+        "Where jobs run: local processes, a Ray cluster or a SLURM job array.",
         scope="sweep",
         choices=EXECUTORS,
     )
@@ -177,6 +177,16 @@ class HParams:
     CHECKPOINT_EVERY: float = hp(
         300.0, "Seconds between checkpoints of a running job.", scope="sweep"
     )
+    # fmt: off
+    SLURM: dict = hp({}, "EXECUTOR='slurm': submitit's parameters (timeout_min, mem_gb...).",
+                     scope="sweep")
+    DETACH: bool = hp(False, "EXECUTOR='slurm': submit and return; a rerun or `modelscape show` "
+                      "collects.", scope="sweep")
+    RAY_ADDRESS: Any = hp(None, "EXECUTOR='ray': the cluster (host:port); None reads $RAY_ADDRESS, "
+                          "else starts a local Ray.", scope="sweep", kind="optional_str")
+    MAX_RETRIES: int = hp(1, "EXECUTOR='ray': retries of a task whose worker or node died.",
+                          scope="sweep")
+    # fmt: on
     BATCHED: str = hp(
         "auto",
         "Train compatible jobs as one stacked model (auto, on, off).",
@@ -354,6 +364,10 @@ def coerce(name: str, value: Any) -> Any:
         raise bad("path or None")
     if kind == "optional_int":
         return None if value is None else coerce_int(name, value, bad)
+    if kind == "optional_str":
+        if value is None or isinstance(value, str):
+            return value
+        raise bad("str or None")
     if kind in ("class", "model"):
         if value is None and kind == "model":
             return None
@@ -396,6 +410,11 @@ def check_ranges(h: HParams) -> None:
     for d in h.DEVICES:
         if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
             raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
+    for name, executor in (("SLURM", "slurm"), ("DETACH", "slurm"), ("RAY_ADDRESS", "ray")):
+        if getattr(h, name) and h.EXECUTOR != executor:
+            raise HParamError(f"{name}={getattr(h, name)!r} needs EXECUTOR={executor!r}.")
+    if h.MAX_RETRIES < 0:
+        raise HParamError(f"MAX_RETRIES counts retries and must be >= 0, got {h.MAX_RETRIES}.")
     if h.CHECKPOINT_EVERY <= 0:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
@@ -479,17 +498,3 @@ def markdown_table() -> str:
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| `{name}` | `{DEFAULTS[name]!r}` | {f.metadata['scope']} | {meaning} |")
     return "\n".join(rows)
-
-
-def update_readme(path: str = "README.md") -> bool:
-    """Rewrite the table between the README's hparams markers; True if it changed."""
-    from pathlib import Path
-
-    p = Path(path)
-    text = p.read_text()
-    begin, end = "<!-- hparams:begin -->", "<!-- hparams:end -->"
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    new = f"{head}{begin}\n{markdown_table()}\n{end}{tail}"
-    p.write_text(new)
-    return new != text

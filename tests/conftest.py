@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from clusters import ray_cluster, slurm_cluster  # noqa: F401 - real clusters (tests/clusters.py)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def test_every_module_says_what_it_owns():
     assert missing == []
 
 
-@pytest.mark.parametrize("heavy", ["pandas", "matplotlib", "ray", "xarray"])
+@pytest.mark.parametrize("heavy", ["pandas", "matplotlib", "ray", "xarray", "submitit"])
 def test_importing_modelscape_does_not_import(heavy):
     code = f"import sys, modelscape; print({heavy!r} in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -30,8 +30,8 @@ def test_executor_choices_are_the_registry():
     assert H.FIELDS["EXECUTOR"].metadata["choices"] == EXECUTORS == tuple(REGISTRY)
     for name in EXECUTORS:
         assert issubclass(executor_class(name), Executor)
-    with pytest.raises(KeyError, match="choose one of local, ray"):
-        executor_class("slurm")
+    with pytest.raises(KeyError, match="choose one of local, ray, slurm"):
+        executor_class("dask")
 
 
 def test_one_worker_trains_in_this_process_and_several_in_workers():

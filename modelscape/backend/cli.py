@@ -161,7 +161,7 @@ def _flag_options(name: str) -> dict[str, Any]:
         return {"nargs": "+", "type": parse_device}
     if name == "LOSS_CHECKPOINTS":
         return {"nargs": "+", "type": float}
-    if kind in ("path", "model"):
+    if kind in ("path", "model", "optional_str"):
         return {"type": parse_none_or_str}
     if kind == "optional_int":
         return {"type": parse_none_or_int}

@@ -5,7 +5,8 @@ An executor trains groups of jobs somewhere and hands each record back to this p
 - ``local`` (``LocalExecutor``, ``local.py``): WORKERS_PER_DEVICE worker processes per entry of
   DEVICES; with one worker in total, ``InProcessExecutor`` (``inprocess.py``) trains in this
   process instead;
-- ``ray`` (``RayExecutor``, ``ray.py``): each group is a Ray task.
+- ``ray`` (``RayExecutor``, ``ray.py``): each group is a Ray task;
+- ``slurm`` (``SlurmExecutor``, ``slurm.py``): each group is a task of a SLURM job array.
 
 The shared work (pickling, failed records, streaming records) lives in ``base.py``. Adding a
 backend is a new module with an ``Executor`` subclass plus one line in ``REGISTRY``. This module
@@ -22,6 +23,7 @@ from typing import Any
 REGISTRY = {
     "local": "modelscape.execution.local:LocalExecutor",
     "ray": "modelscape.execution.ray:RayExecutor",
+    "slurm": "modelscape.execution.slurm:SlurmExecutor",
 }
 EXECUTORS = tuple(REGISTRY)
 

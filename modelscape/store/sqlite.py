@@ -124,6 +124,18 @@ class RunStore(Store):
             raise
         return store
 
+    @classmethod
+    def reopen(cls, run_dir: str | os.PathLike) -> RunStore:
+        """Open an existing run folder to add records to it, holding its lock.
+
+        Raises ``StoreError`` while a sweep is writing the folder (that sweep stores them).
+        """
+        run_dir = Path(run_dir)
+        if not (run_dir / DB_NAME).is_file():
+            raise StoreError(f"{run_dir} is not a modelscape run folder (no {DB_NAME}).")
+        lock = _FolderLock(run_dir)
+        return cls(run_dir, _connect(run_dir / DB_NAME), lock)
+
     def _meta(self, name: str) -> Any:
         row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return None if row is None else row[0]
