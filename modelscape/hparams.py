@@ -128,6 +128,23 @@ class HParams:
         choices=BATCHED_MODES,
     )
 
+    # --- reliability ---
+    MAX_RETRIES: int = hp(
+        1,
+        "Times a job lost to a dead worker is retried from its checkpoint before it is failed.",
+        scope="sweep",
+    )
+    JOB_TIMEOUT: float = hp(
+        0.0,
+        "Seconds a job may run on a worker process before it is stopped and failed; 0 is off.",
+        scope="sweep",
+    )
+    RESUME_CHANGED_CODE: bool = hp(
+        False,
+        "Resume a SAVE_DIR even though the batch function, model or grabs changed.",
+        scope="sweep",
+    )
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
 DEFAULTS: dict[str, Any] = {
@@ -260,6 +277,17 @@ def check_ranges(h: HParams) -> None:
     if h.CHECKPOINT_EVERY <= 0:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
+        )
+    if h.MAX_RETRIES < 0:
+        raise HParamError(f"MAX_RETRIES must be >= 0 (0: never retry), got {h.MAX_RETRIES}.")
+    if h.JOB_TIMEOUT < 0:
+        raise HParamError(
+            f"JOB_TIMEOUT is in seconds and must be >= 0 (0: no timeout), got {h.JOB_TIMEOUT}."
+        )
+    if isinstance(h.SAVE_DIR, str) and not h.SAVE_DIR.strip():
+        raise HParamError(
+            f"SAVE_DIR={h.SAVE_DIR!r} names no folder (it would write into the current one); "
+            "give a folder such as 'runs/my_sweep', or None to keep results in memory."
         )
 
 
