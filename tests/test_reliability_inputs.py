@@ -74,7 +74,11 @@ def modelscape_cli(*args, cwd=None, timeout=300):
 
 @pytest.mark.parametrize(
     "values, shown",
-    [([1, 1.0], "1 and 1.0"), ([0, False], "0 and False"), ([np.float64(2.0), 2], "np.float64(2.0) and 2")],
+    [
+        ([1, 1.0], "1 and 1.0"),
+        ([0, False], "0 and False"),
+        ([np.float64(2.0), 2], "np.float64(2.0) and 2"),
+    ],
 )
 def test_axis_values_that_compare_equal_are_refused_before_training(values, shown):
     seen = []
