@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from modelscape.errors import StoreError
 
 from modelscape import SweepError, load, run_sweep
 from modelscape.backend.cli import base_args
+from modelscape.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,13 @@ def config(**overrides):
 
 
 def make_bfn(trained=None, at_step=None):
-    """x0 * x1 on 5 inputs. ``trained`` collects the trial of every step-0 draw; ``at_step`` is
-    ``(trial, step, fn)``: ``fn()`` runs when that trial draws that step."""
+    """x0 * x1 on 5 inputs. ``trained`` collects the trial of every job that trains (that
+    draws step 1); ``at_step`` is ``(trial, step, fn)``: ``fn()`` runs when that trial draws
+    that step."""
 
     def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
         def batch_fn(step):
-            if trained is not None and step == 0:
+            if trained is not None and step == 1:
                 trained.append(trial)
             if at_step is not None and (trial, step) == at_step[:2]:
                 at_step[2]()
@@ -80,45 +81,68 @@ def modelscape_cli(*args):
     )
 
 
-# A sweep in this process that SIGKILLs itself while trial KILL_TRIAL draws step 30, with a
-# checkpoint after every step: it leaves a run folder as a crash or the OOM killer does.
-CRASH = textwrap.dedent(
-    """
-    import os, signal, sys
-    import torch
-    from modelscape import run_sweep, base_args
+# The code of the sweeps that crash, in a file so that reruns use the very same code. In a
+# process with RELIABILITY_KILL_TRIAL set, that trial SIGKILLs its process when it draws step 45
+# (after the stacked engine's first checkpoint, at the end of its first 32-step window).
+CRASH_DATA = """
+import os, signal
+import torch
 
-    SAVE_DIR, BATCHED, KILL_TRIAL = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
+    kill = int(os.environ.get("RELIABILITY_KILL_TRIAL", "-1"))
 
-    def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
-        def batch_fn(step):
-            if trial == KILL_TRIAL and step == 30:
-                os.kill(os.getpid(), signal.SIGKILL)
-            Xb = torch.randn(bsz, 5, generator=gen)
-            return Xb, Xb[:, 0] * Xb[:, 1]
-        return batch_fn
+    def batch_fn(step):
+        if trial == kill and step == 45:
+            os.kill(os.getpid(), signal.SIGKILL)
+        Xb = torch.randn(bsz, 5, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1]
 
-    cfg = vars(base_args(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05,
-                         DEVICES=["cpu"], LOSS_CHECKPOINTS=[1e-9], BATCHED=BATCHED,
-                         SAVE_DIR=SAVE_DIR, CHECKPOINT_EVERY=1e-9))
-    cfg["otherreturns"] = {"w": lambda model, **kw: model.readout.weight}
-    run_sweep([[0, 1, 2]], ["trial"], cfg, {"base_bfn": bfn}, progress=False)
-    """
-)
+    return batch_fn
+
+def w(model, **kwargs):
+    return model.readout.weight
+"""
+
+# A sweep in this process, checkpointing after every step, that dies as a crash or the OOM
+# killer would leave it: its run folder holds the records so far and the last checkpoints.
+CRASH = """
+import sys
+from modelscape import base_args, run_sweep
+from modelscape.sweep import load_from_file
+
+DATA, SAVE_DIR, BATCHED = sys.argv[1:]
+cfg = vars(base_args(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
+                     LOSS_CHECKPOINTS=[1e-9], BATCHED=BATCHED, SAVE_DIR=SAVE_DIR,
+                     CHECKPOINT_EVERY=1e-9))
+cfg["otherreturns"] = {"w": load_from_file(DATA, "w", "grab")}
+run_sweep([[0, 1, 2]], ["trial"], cfg, {"bfn_file": DATA, "bfn_name": "bfn"}, progress=False)
+"""
 
 
 def crash(tmp_path, run, batched="off", kill_trial=1):
+    data = tmp_path / "crashdata.py"
+    data.write_text(CRASH_DATA)
     script = tmp_path / "crash.py"
     script.write_text(CRASH)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RELIABILITY_KILL_TRIAL": str(kill_trial)}
     done = subprocess.run(
-        [sys.executable, str(script), str(run), batched, str(kill_trial)],
+        [sys.executable, str(script), str(data), str(run), batched],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
     assert done.returncode == -9, done.stderr
+
+
+def after_crash(tmp_path, cfg):
+    """The crashed sweep again, with the same code, in this process."""
+    from modelscape.sweep import load_from_file
+
+    data = tmp_path / "crashdata.py"
+    cfg = {**cfg, "otherreturns": {"w": load_from_file(data, "w", "grab")}}
+    bfn_config = {"bfn_file": str(data), "bfn_name": "bfn"}
+    return run_sweep([[0, 1, 2]], ["trial"], cfg, bfn_config, progress=False)
 
 
 # --- checkpoints ---
@@ -145,7 +169,7 @@ def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_its_job_restarts(
 
     cfg = config(BATCHED=batched, SAVE_DIR=str(run), CHECKPOINT_EVERY=1e-9)
     with pytest.warns(UserWarning) as caught:
-        result = sweep(cfg)
+        result = after_crash(tmp_path, cfg)
     said = [str(w.message) for w in caught if "checkpoint" in str(w.message)]
     assert any("trial=1" in s and str(target) in s and "restarts from step 0" in s for s in said), (
         said
@@ -154,13 +178,15 @@ def test_a_damaged_checkpoint_is_discarded_with_a_warning_and_its_job_restarts(
     assert not list((run / "checkpoints").glob("*.pt"))
 
 
-def test_a_checkpoint_is_written_atomically_with_a_checksum(tmp_path):
+def test_an_intact_checkpoint_is_used_and_leaves_no_temporary_file(tmp_path, capfd):
     run = tmp_path / "run"
     crash(tmp_path, run)
     (target,) = (run / "checkpoints").glob("trial=1*.pt")
     assert not list((run / "checkpoints").glob("*.tmp*"))  # no half-written file left
-    intact = sweep(config(SAVE_DIR=str(run), CHECKPOINT_EVERY=1e-9, RETRY_FAILED=True))
-    assert [r.status for r in intact.records] == ["ok"] * 3
+    capfd.readouterr()
+    intact = after_crash(tmp_path, config(SAVE_DIR=str(run), CHECKPOINT_EVERY=1e-9))
+    assert "job (trial=1) from its checkpoint at step 44" in capfd.readouterr().err
+    assert_same_numbers(sweep(config()), intact)
     assert not target.exists()
 
 
@@ -195,7 +221,7 @@ def test_one_corrupt_row_is_reported_and_the_rest_load_then_a_rerun_retrains_it(
     with pytest.warns(UserWarning) as caught:
         loaded = load(run)
     said = [str(w.message) for w in caught]
-    assert any("trial=1" in s and "results.sqlite" in s and "rerun" in s for s in said), said
+    assert any("trial=1" in s and "results.sqlite" in s and "Rerun" in s for s in said), said
     assert [r.key for r in loaded.records] == [(0,), (2,)]
     assert list(loaded.to_xarray().status.values) == ["ok", "missing", "ok"]
 
@@ -232,16 +258,14 @@ def small_disk(tmp_path):
 def fill(folder: Path, leave: int = 0) -> Path:
     """A file taking all free space of ``folder``'s file system except about ``leave`` bytes."""
     filler = folder / "filler"
-    with open(filler, "wb") as f:
+    if filler.exists():
+        return filler
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it writes nothing more
         for chunk in (1 << 20, 1 << 12, 1):
             block = b"\1" * chunk
             try:
-                while True:
-                    st = os.statvfs(folder)
-                    if leave and st.f_bavail * st.f_frsize - chunk < leave:
-                        break
+                while not leave or shutil.disk_usage(folder).free - chunk >= leave:
                     f.write(block)
-                    f.flush()
             except OSError:
                 continue
     return filler
@@ -255,7 +279,7 @@ def test_a_full_disk_stops_the_sweep_cleanly_with_the_records_so_far_intact(smal
     with pytest.raises(StoreError) as err:
         sweep(config(SAVE_DIR=str(run)), trials=range(5), bfn=bfn)
     text = str(err.value)
-    assert "full" in text and str(run) in text and "free" in text and "rerun" in text
+    assert "full" in text and str(run) in text and "Free space" in text and "rerun" in text
     assert "2 finished jobs are stored" in text
     assert [r.key for r in load(run).records] == [(0,), (1,)]
 
@@ -309,10 +333,10 @@ def test_a_store_copied_without_its_wal_file_says_so(tmp_path):
     run = tmp_path / "run"
     crash(tmp_path, run, kill_trial=2)  # killed: the records are still in results.sqlite-wal
     assert (run / "results.sqlite-wal").is_file()
-    assert [r.key for r in load(run).records] == [(0,), (1,)]
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(run / "results.sqlite", copy / "results.sqlite")
+    assert [r.key for r in load(run).records] == [(0,), (1,)]  # the whole folder loads
     with pytest.raises(StoreError) as err:
         load(copy)
     text = str(err.value)
@@ -389,5 +413,5 @@ def test_a_changed_model_class_is_refused_on_resume(tmp_path):
     cfg = config(SAVE_DIR=str(tmp_path / "run"), MODEL_CLASS=f"{model}:Net")
     sweep(cfg, trials=[0])
     model.write_text(source.replace("nn.ReLU()", "nn.Tanh()"))
-    with pytest.raises(SweepError, match=r"model Net.*RESUME_CHANGED_CODE=True"):
+    with pytest.raises(SweepError, match=r"(?s)model Net.*RESUME_CHANGED_CODE=True"):
         sweep(cfg, trials=[0])

@@ -293,7 +293,7 @@ def test_integer_labels_under_mse_with_one_output_are_refused():
 # --- failures inside a job ---
 
 
-@pytest.mark.parametrize("batched", ["off", "on"])
+@pytest.mark.parametrize("batched", ["off", "auto"])
 def test_a_failed_record_has_the_step_it_failed_at(batched):
     bfn = regression_bfn(fail_at={1: (7, RuntimeError("bad batch"))})
     result = sweep(config(BATCHED=batched), bfn=bfn)
