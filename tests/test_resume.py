@@ -14,6 +14,7 @@ import torch
 
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.parametrize import weight_layers
 from modelscape.store import load
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -203,7 +204,7 @@ def interrupting_grab(model, step, **kwargs):
         INTERRUPT_AT.clear()
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a job
         time.sleep(5)  # the signal's KeyboardInterrupt arrives first
-    return model.readout.weight.detach().sum()
+    return weight_layers(model)[-1][1].weight.detach().sum()  # the readout, in any model
 
 
 @pytest.mark.parametrize(
