@@ -1,8 +1,8 @@
 """The identity of a sweep's code: a digest of its batch function, model classes and grabs.
 
-A run folder stores these digests with the sweep's description. Resuming it with code whose
-digest changed is refused, like a changed hyperparameter, because the new results would mix
-with the stored ones; ``RESUME_CHANGED_CODE=True`` allows it.
+A run folder stores these digests with the sweep's description (``store.describe`` compares
+them). Resuming it with code whose digest changed is refused, like a changed hyperparameter,
+because the new results would mix with the stored ones; ``RESUME_CHANGED_CODE=True`` allows it.
 
 A digest covers a function's or class's own source text where Python can find it (a file or a
 notebook cell), and otherwise its cloudpickled bytes. Code it calls (helpers, imported modules)
@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
@@ -22,8 +22,6 @@ import cloudpickle
 from modelscape.jobs import Job, SweepError
 from modelscape.models import resolve_model_class
 from modelscape.sweep import SweepSpec
-
-SECTION = "code"
 
 
 def code_digest(obj: Any) -> str:
@@ -60,26 +58,3 @@ def _user_class(model: Any) -> type | None:
     except SweepError:
         return None  # the preflight reports a bad MODEL_CLASS
     return None if cls.__module__.startswith("modelscape.") else cls
-
-
-def code_changes(stored: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
-    """Lines naming each piece of code that differs between a run folder and this sweep."""
-    lines = []
-    for what in sorted(set(stored) | set(current)):
-        old, new = stored.get(what), current.get(what)
-        if old != new:
-            before = "absent" if old is None else old
-            now = "absent" if new is None else new
-            lines.append(f"  {what}: {before} in the run folder, {now} now")
-    return lines
-
-
-def changed_code_message(run_dir: Any, lines: Sequence[str]) -> str:
-    """The refusal to resume ``run_dir`` with changed code, saying what changed and the fix."""
-    return (
-        f"SAVE_DIR={run_dir} holds results of other code than this sweep's:\n"
-        + "\n".join(lines)
-        + "\nResuming would mix results of the old and the new code. Use a new SAVE_DIR, or "
-        "set RESUME_CHANGED_CODE=True if the change does not affect results (a comment, a "
-        "rename)."
-    )

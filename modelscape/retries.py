@@ -64,7 +64,7 @@ def retry_notice(
     """The line printed when the jobs of a dead worker are retried."""
     n_jobs = sum(len(g) for g in groups)
     return (
-        f"modelscape: the worker on {device} died ({how}); retrying its {n_jobs} unfinished "
+        f"the worker on {device} died ({how}); retrying its {n_jobs} unfinished "
         f"job(s) from their checkpoints in {len(groups)} group(s) (retry {attempt} of "
         f"MAX_RETRIES={max_retries})."
     )
