@@ -4,8 +4,9 @@ WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see `
 pull groups from the parent one at a time and stream records back; the parent is the only
 writer of results. A worker that dies, whatever its timing, is replaced; its unfinished jobs
 are retried from their checkpoints up to MAX_RETRIES times, a group split in two
-(``modelscape.retries``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and shuts every worker down. With one worker in total,
-``from_hparams`` picks ``InProcessExecutor`` instead.
+(``modelscape.retries``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and
+shuts every worker down. With one worker in total (and no JOB_TIMEOUT), ``from_hparams`` picks
+``InProcessExecutor`` instead.
 """
 
 from __future__ import annotations
