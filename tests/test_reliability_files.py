@@ -51,7 +51,7 @@ def make_bfn(trained=None, at_step=None):
 
 
 def sweep(cfg, trials=range(3), bfn=None, **kwargs):
-    grabs = {"w": lambda model, **kw: model.readout.weight}
+    grabs = {"w": lambda model, **kw: model.output_layer.weight}
     return run_sweep(
         [list(trials)],
         ["trial"],
@@ -100,7 +100,7 @@ def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
     return batch_fn
 
 def w(model, **kwargs):
-    return model.readout.weight
+    return model.output_layer.weight
 """
 
 # A sweep in this process, checkpointing after every step, that dies as a crash or the OOM
@@ -355,7 +355,7 @@ def bfn(bsz, gen, X=None, y=None, **kwargs):
     return batch_fn
 
 def norm(model, **kwargs):
-    return model.readout.weight.norm()
+    return model.output_layer.weight.norm()
 """
 
 
@@ -403,10 +403,10 @@ def test_a_changed_model_class_is_refused_on_resume(tmp_path):
             def __init__(self, d_in, d_out, width):
                 super().__init__()
                 self.body = nn.Sequential(nn.Linear(d_in, width), nn.ReLU())
-                self.readout = nn.Linear(width, d_out)
+                self.output_layer = nn.Linear(width, d_out)
 
             def forward(self, x):
-                return self.readout(self.body(x))
+                return self.output_layer(self.body(x))
         """
     )
     model.write_text(source)

@@ -70,7 +70,7 @@ def make_bfn(kill_trial=None, kill_step=5, once=None, hang_trial=None):
 
 
 def sweep(cfg, trials=range(4), bfn=None, **kwargs):
-    grabs = {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.readout.weight}
+    grabs = {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.output_layer.weight}
     return run_sweep(
         [list(trials)],
         ["trial"],
