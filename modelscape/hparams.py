@@ -182,23 +182,9 @@ class HParams:
         scope="sweep",
         choices=BATCHED_MODES,
     )
-
-    # --- reliability ---
-    MAX_RETRIES: int = hp(
-        1,
-        "Times a job lost to a dead worker is retried from its checkpoint before it is failed.",
-        scope="sweep",
-    )
-    JOB_TIMEOUT: float = hp(
-        0.0,
-        "Seconds a job may run on a worker process before it is stopped and failed; 0 is off.",
-        scope="sweep",
-    )
-    RESUME_CHANGED_CODE: bool = hp(
-        False,
-        "Resume a SAVE_DIR even though the batch function, model or grabs changed.",
-        scope="sweep",
-    )
+    MAX_RETRIES: int = hp(1, "Retries of a job lost to a dead worker.", scope="sweep")
+    JOB_TIMEOUT: float = hp(0.0, "Seconds before a hung worker job fails; 0 is off.", scope="sweep")
+    RESUME_CHANGED_CODE: bool = hp(False, "Resume a SAVE_DIR whose code changed.", scope="sweep")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
@@ -363,11 +349,11 @@ def coerce(name: str, value: Any) -> Any:
             raise bad("dict of argument names to values")
         return dict(value)
     if kind == "path":
-        if value is None or isinstance(value, str):
+        if value is None or (isinstance(value, str) and value.strip()):
             return value
         if hasattr(value, "__fspath__"):
             return str(value)
-        raise bad("path or None")
+        raise bad("folder or None (an empty name would write into the current one)")
     if kind == "optional_int":
         return None if value is None else coerce_int(name, value, bad)
     if kind in ("class", "model"):
@@ -416,17 +402,9 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
         )
-    if h.MAX_RETRIES < 0:
-        raise HParamError(f"MAX_RETRIES must be >= 0 (0: never retry), got {h.MAX_RETRIES}.")
-    if h.JOB_TIMEOUT < 0:
-        raise HParamError(
-            f"JOB_TIMEOUT is in seconds and must be >= 0 (0: no timeout), got {h.JOB_TIMEOUT}."
-        )
-    if isinstance(h.SAVE_DIR, str) and not h.SAVE_DIR.strip():
-        raise HParamError(
-            f"SAVE_DIR={h.SAVE_DIR!r} names no folder (it would write into the current one); "
-            "give a folder such as 'runs/my_sweep', or None to keep results in memory."
-        )
+    for name, zero in (("MAX_RETRIES", "never retry"), ("JOB_TIMEOUT", "no timeout")):
+        if getattr(h, name) < 0:
+            raise HParamError(f"{name} must be >= 0 (0: {zero}), got {getattr(h, name)}.")
 
 
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
