@@ -390,8 +390,6 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
     if h.GAMMA <= 0:
         raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
-    if h.LR < 0:
-        raise HParamError(f"LR must be >= 0, got {h.LR}.")
     if not h.LOSS_CHECKPOINTS:
         raise HParamError("LOSS_CHECKPOINTS needs at least one threshold, e.g. [0.1].")
     if not h.DEVICES:
@@ -403,7 +401,7 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
         )
-    for name, zero in (("MAX_RETRIES", "never retry"), ("JOB_TIMEOUT", "no timeout")):
+    for name, zero in (("LR", "frozen"), ("MAX_RETRIES", "no retry"), ("JOB_TIMEOUT", "off")):
         if getattr(h, name) < 0:
             raise HParamError(f"{name} must be >= 0 (0: {zero}), got {getattr(h, name)}.")
 

@@ -139,7 +139,7 @@ def test_save_dir_empty_string_is_refused_with_the_fix():
 
 @pytest.mark.parametrize(
     "name, value, fix",
-    [("MAX_RETRIES", -1, "0: never retry"), ("JOB_TIMEOUT", -2.0, "0: no timeout")],
+    [("MAX_RETRIES", -1, "0: no retry"), ("JOB_TIMEOUT", -2.0, "0: off")],
 )
 def test_reliability_settings_are_validated(name, value, fix):
     with pytest.raises(HParamError) as err:
