@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from modelscape.backend.cli import parse_args
+from modelscape.backend.cli import explicit_names, parse_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.hparams import HParamError
 
 DEMO_DEFAULTS = [
     "--WIDTH",
@@ -62,10 +63,20 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     hp = parse_args(DEMO_DEFAULTS + list(rest) + (["--DETACH", "True"] if args.detach else []))
+    if not hp.ONLYTHRESHOLDS:
+        raise HParamError(
+            "modelscape run tabulates final test losses, so it needs ONLYTHRESHOLDS=True; "
+            "drop --ONLYTHRESHOLDS False (whole curves are for your own sweeps)."
+        )
     hp.SAVE_DIR = hp.SAVE_DIR or args.out
-    iterators = [[32, 64, 128, 256, 512], range(hp.NUM_TRIALS), [1.0, 0.1]]
+    config = vars(hp)
+    given = explicit_names(rest)
+    # the demo's own axes take the values given on the command line, so no flag is dropped
+    sizes = _axis(config, "N_SAMPLES", given, [32, 64, 128, 256, 512])
+    gammas = _axis(config, "GAMMA", given, [1.0, 0.1])
+    iterators = [sizes, range(hp.NUM_TRIALS), gammas]
     result = run_job_iterator(
-        iterators, ["ntrain", "trial", "GAMMA"], vars(hp), {"base_bfn": quadratic_bfn, "d": 16}
+        iterators, ["ntrain", "trial", "GAMMA"], config, {"base_bfn": quadratic_bfn, "d": 16}
     )
     if hp.DETACH:
         return 0  # the executor said where the jobs run and how to collect them
@@ -77,6 +88,14 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     figure = plotting.save(ax, f"{hp.SAVE_DIR}/learning_curve.png")
     print(f"results written to {hp.SAVE_DIR} (plot: {figure})")
     return 0
+
+
+def _axis(config: dict, name: str, given: set[str], default: list) -> list:
+    """The values of one of the demo's axes: the command line's if given, else the demo's."""
+    value = config.pop(name)
+    if name not in given:
+        return default
+    return list(value) if isinstance(value, list) else [value]
 
 
 def learning_curve_table(result) -> str:

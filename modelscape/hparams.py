@@ -184,8 +184,6 @@ class HParams:
                       "collects.", scope="sweep")
     RAY_ADDRESS: Any = hp(None, "EXECUTOR='ray': the cluster (host:port); None reads $RAY_ADDRESS, "
                           "else starts a local Ray.", scope="sweep", kind="optional_str")
-    MAX_RETRIES: int = hp(1, "EXECUTOR='ray': retries of a task whose worker or node died.",
-                          scope="sweep")
     # fmt: on
     BATCHED: str = hp(
         "auto",
@@ -193,6 +191,9 @@ class HParams:
         scope="sweep",
         choices=BATCHED_MODES,
     )
+    MAX_RETRIES: int = hp(1, "Retries of a job lost to a dead worker or Ray node.", scope="sweep")
+    JOB_TIMEOUT: float = hp(0.0, "Seconds before a hung worker job fails; 0 is off.", scope="sweep")
+    RESUME_CHANGED_CODE: bool = hp(False, "Resume a SAVE_DIR whose code changed.", scope="sweep")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
@@ -357,11 +358,11 @@ def coerce(name: str, value: Any) -> Any:
             raise bad("dict of argument names to values")
         return dict(value)
     if kind == "path":
-        if value is None or isinstance(value, str):
+        if value is None or (isinstance(value, str) and value.strip()):
             return value
         if hasattr(value, "__fspath__"):
             return str(value)
-        raise bad("path or None")
+        raise bad("folder or None (an empty name would write into the current one)")
     if kind == "optional_int":
         return None if value is None else coerce_int(name, value, bad)
     if kind == "optional_str":
@@ -401,8 +402,6 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
     if h.GAMMA <= 0:
         raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
-    if h.LR < 0:
-        raise HParamError(f"LR must be >= 0, got {h.LR}.")
     if not h.LOSS_CHECKPOINTS:
         raise HParamError("LOSS_CHECKPOINTS needs at least one threshold, e.g. [0.1].")
     if not h.DEVICES:
@@ -413,12 +412,13 @@ def check_ranges(h: HParams) -> None:
     for name, executor in (("SLURM", "slurm"), ("DETACH", "slurm"), ("RAY_ADDRESS", "ray")):
         if getattr(h, name) and h.EXECUTOR != executor:
             raise HParamError(f"{name}={getattr(h, name)!r} needs EXECUTOR={executor!r}.")
-    if h.MAX_RETRIES < 0:
-        raise HParamError(f"MAX_RETRIES counts retries and must be >= 0, got {h.MAX_RETRIES}.")
     if h.CHECKPOINT_EVERY <= 0:
         raise HParamError(
             f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
         )
+    for name, zero in (("LR", "frozen"), ("MAX_RETRIES", "no retry"), ("JOB_TIMEOUT", "off")):
+        if getattr(h, name) < 0:
+            raise HParamError(f"{name} must be >= 0 (0: {zero}), got {getattr(h, name)}.")
 
 
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

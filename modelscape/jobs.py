@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import re
 import secrets
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -139,20 +140,59 @@ def materialize(iterators: Sequence[Iterable], names: Sequence[str]) -> list[lis
         values = [tuple(v) if isinstance(v, list) else v for v in it]
         if not values:
             raise SweepError(f"iterator {name!r} is empty; a sweep axis needs at least one value.")
-        seen: dict[str, Any] = {}
-        for v in values:
-            try:
-                text = stable_repr(v)
-            except SweepError:  # no stable repr: the job seed reports it when it matters
-                text = repr(v)
-            if text in seen:
-                raise SweepError(
-                    f"iterator {name!r} lists {v!r} twice; each value of an axis names one job, "
-                    "so give each value once (use a 'trial' axis for repeats)."
-                )
-            seen[text] = v
         axes.append(values)
     return axes
+
+
+def check_distinct(name: str, values: Sequence[Any]) -> None:
+    """Each value of an axis names one job, so no two may compare equal.
+
+    Python treats ``1 == 1.0 == True`` and ``0 == False`` as one dictionary key: such values
+    would give two jobs one key, and one result would overwrite the other.
+    """
+    seen: dict[Any, Any] = {}
+    for v in values:
+        key = _equality_key(v)
+        if key not in seen:
+            seen[key] = v
+            continue
+        first = seen[key]
+        if repr(first) == repr(v):
+            raise SweepError(
+                f"axis {name!r} lists {v!r} twice; each value of an axis names one job, so give "
+                "each value once (use a 'trial' axis for repeats)."
+            )
+        raise SweepError(
+            f"axis {name!r} lists {first!r} and {v!r}, which compare equal in Python "
+            f"({first!r} == {v!r}), so both would key the same job and one result would be "
+            "lost. Keep one of them, or use values that differ (e.g. strings for labels)."
+        )
+
+
+def _equality_key(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:  # arrays, dicts: equal contents show as equal text
+        return ("unhashable", repr(value))
+    return value
+
+
+def _warn_overridden(
+    names: Sequence[str], targets: Sequence[str | None], hp_overrides: Mapping[str, Any]
+) -> None:
+    """An axis sets its hyperparameter for every job: a config value it replaces is never used."""
+    for name, target in zip(names, targets):
+        if target is None or target not in hp_overrides:
+            continue
+        value = hp_overrides[target]
+        if _equality_key(value) != _equality_key(H.DEFAULTS[target]):
+            warnings.warn(
+                f"{target}={value!r} in the config is not used: the iterator {name!r} sets "
+                f"{target} for every job. Drop one of the two (put the values you want in the "
+                "iterator).",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def build_jobs(
@@ -162,6 +202,9 @@ def build_jobs(
 ) -> list[Job]:
     """Every job of the sweep, validated before anything trains."""
     targets = [axis_target(n) for n in names]
+    for name, values in zip(names, axes_values):
+        check_distinct(name, values)
+    _warn_overridden(names, targets, hp_overrides)
     jobs = []
     for index, key in enumerate(itertools.product(*axes_values)):
         overrides = dict(hp_overrides)

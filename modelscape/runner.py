@@ -23,13 +23,16 @@ from typing import Any
 import torch
 
 from modelscape import hparams as H
-from modelscape.engine import Checkpoints, check_model, group_jobs
-from modelscape.errors import SweepError
+from modelscape.checks import check_targets
+from modelscape.code_identity import describe_code
+from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
+from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.jobs import Job, axis_target, build_jobs, materialize
 from modelscape.progress import Progress, notice, placement_text
 from modelscape.results import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
+from modelscape.store.describe import CODE_SECTION
 from modelscape.sweep import SweepSpec, check_batch, check_input_dim
 
 
@@ -56,8 +59,7 @@ def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[s
         elif scalar_job_hp and isinstance(value, (list, tuple)) and name not in covered:
             axes.append((name, list(value)))
             del hps[name]
-        elif scalar_job_hp and isinstance(value, (list, tuple)):
-            del hps[name]  # the explicit iterator wins
+        # a list for a hyperparameter an iterator sets stays: build_jobs reports it as unused
     return axes
 
 
@@ -101,6 +103,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
         combo = (repr(hp.MODEL_CLASS), hp.PARAMETRIZATION, repr(hp.OPTIMIZER), repr(hp.LOSS))
         if combo not in seen:
             seen.add(combo)
+            check_targets(hp.LOSS, y, f"the batch function, job ({job.label()})")
             check_model(job, spec, X, y)
 
 
@@ -152,10 +155,12 @@ def main(
     store = _open_store(hp, names, values, jobs, spec)
     trained_by: Counter[str] = Counter()
     try:
+        if spec.grabs:  # once the run folder exists: a grab may read it
+            spec.grab_shapes = preflight_grabs(jobs[0], spec)
         todo = _unfinished(jobs, store, hp.RETRY_FAILED)
         checkpoints = None
         if store.checkpoint_dir is not None:
-            checkpoints = Checkpoints(store.checkpoint_dir, hp.CHECKPOINT_EVERY)
+            checkpoints = Checkpoints(store.checkpoint_dir, hp.CHECKPOINT_EVERY, names)
         if todo:
             if executor is None:
                 executor = executor_for(hp, use_mp=use_mp, checkpoints=checkpoints)
@@ -215,9 +220,21 @@ def _train(
         )
         print(f"\nmodelscape: interrupted; the jobs finished so far are {where}.", file=sys.stderr)
         raise
+    except StoreError as err:
+        if not isinstance(store, RunStore):
+            raise
+        raise StoreError(f"{err}\nThe sweep stopped: {_stored(store)}.") from err
     finally:
         bar.close()
     return trained_by
+
+
+def _stored(store: RunStore) -> str:
+    """How many finished jobs a run folder holds, for the message of a sweep that stopped."""
+    try:
+        return f"{store.count()} finished jobs are stored in {store.run_dir}"
+    except StoreError:
+        return f"the jobs stored in {store.run_dir} so far are kept"
 
 
 def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
@@ -243,7 +260,8 @@ def _open_store(
 ) -> Store:
     if hp.SAVE_DIR is None:
         return MemoryStore()
-    return RunStore.open(hp.SAVE_DIR, describe_sweep(names, jobs, spec), jobs, values)
+    description = {**describe_sweep(names, jobs, spec), CODE_SECTION: describe_code(spec, jobs)}
+    return RunStore.open(hp.SAVE_DIR, description, jobs, values)
 
 
 def _unfinished(jobs: list[Job], store: Store, retry_failed: bool) -> list[Job]:

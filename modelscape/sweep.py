@@ -65,6 +65,8 @@ class SweepSpec:
     X_te: torch.Tensor | None = None
     y_te: torch.Tensor | None = None
     post_init_fn: Callable[..., Any] | None = None
+    # each grab's shape on the first job, set by the preflight: every job must return it
+    grab_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_configs(

@@ -180,22 +180,54 @@ def _unwrap(value: Any) -> Any:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file of hyperparameter values."""
+    """Read a YAML or JSON file of hyperparameter values.
+
+    Raises ``HParamError`` naming the file when it is missing, unreadable or not valid YAML/JSON.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config file {path} does not exist.")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-
-        data = yaml.safe_load(text)
+        where = "is a folder" if path.is_dir() else "does not exist"
+        raise H.HParamError(
+            f"--config file {path} {where} (looked in {Path.cwd()}); give the path of a YAML or "
+            "JSON file of NAME: value lines."
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise H.HParamError(f"--config file {path} cannot be read: {err}.") from None
+    data = _parse_config_text(path, text)
     if not isinstance(data, dict):
         raise H.HParamError(
             f"{path} must hold a mapping of NAME: value, got {type(data).__name__}."
         )
     return {key: _from_text(key, value) for key, value in data.items()}
+
+
+def _parse_config_text(path: Path, text: str) -> Any:
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise H.HParamError(
+                f"--config file {path} is not valid JSON: {err.msg} at line {err.lineno}, "
+                f"column {err.colno}. Fix that line (JSON needs double quotes and no trailing "
+                "commas), or write the file as YAML."
+            ) from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        tabs = (
+            " YAML does not allow tabs for indentation: indent with spaces." if "\t" in text else ""
+        )
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise H.HParamError(
+            f"--config file {path} is not valid YAML{where}: {problem}.{tabs} Each line should "
+            "read NAME: value."
+        ) from None
 
 
 def _from_text(key: str, value: Any) -> Any:
@@ -207,6 +239,21 @@ def _from_text(key: str, value: Any) -> Any:
         except (ValueError, argparse.ArgumentTypeError):
             return value  # the schema check reports it with the expected type
     return value
+
+
+def explicit_names(argv: Sequence[str], extra: Extra | None = None) -> set[str]:
+    """The hyperparameters ``argv`` sets itself, by a flag or in its ``--config`` file.
+
+    For entry points that fix some values themselves (the demo's axes): what the user gave
+    explicitly must win over them, never be dropped.
+    """
+    parsed, _ = build_parser(extra).parse_known_args(list(argv))
+    given = dict(vars(parsed))
+    config_file = given.pop("config", None)
+    names = set(given)
+    if config_file is not None:
+        names |= set(load_config_file(config_file))
+    return {H.DEPRECATED_NAMES.get(n, n) for n in names}
 
 
 def _defaults(extra: Extra | None) -> dict[str, Any]:

@@ -14,9 +14,11 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from modelscape.engine.loop import run_job
-from modelscape.engine.stacked.grouping import why_single
+from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
 from modelscape.engine.state import Checkpoints
+from modelscape.engine.tracking import failed_record
+from modelscape.interrupts import UserCodeExit, from_terminal
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec
@@ -38,10 +40,28 @@ def train_group(
     with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
         trained_by = why_single(jobs)
         if trained_by is None:
-            yield from train_stacked(jobs, spec, device, checkpoints)
+            stacked = train_stacked(jobs, spec, device, checkpoints)
+            yield from _exits_fail_the_rest(jobs, stacked, device)
             return
         for job in jobs:
             yield run_job(job, spec, device, checkpoints, trained_by)
+
+
+def _exits_fail_the_rest(
+    jobs: Sequence[Job], records: Iterator[JobRecord], device: torch.device
+) -> Iterator[JobRecord]:
+    """An exit raised in user code while a stack trains fails the jobs not yet reported."""
+    done = set()
+    try:
+        for record in records:
+            done.add(record.key)
+            yield record
+    except (SystemExit, KeyboardInterrupt) as err:
+        if from_terminal(err):
+            raise
+        for job in jobs:
+            if job.key not in done:
+                yield failed_record(job, UserCodeExit.of(err), device, STACKED)
 
 
 @contextlib.contextmanager

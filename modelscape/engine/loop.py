@@ -12,6 +12,7 @@ import torch
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import Checkpoints, restore, snapshot
 from modelscape.engine.tracking import Tracker, evaluate, failed_record
+from modelscape.interrupts import UserCodeExit, from_terminal
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec
@@ -44,6 +45,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     X = y = None
     model.train()
     for step in range(track.step + 1, hp.MAX_ITER):
+        problem.step = step
         X, y, f0 = problem.batch(step)
         loss = loss_fn(problem.output(X, f0), y)
         opt.zero_grad(set_to_none=True)
@@ -67,8 +69,17 @@ def run_job(
     checkpoints: Checkpoints | None = None,
     trained_by: str = "single",
 ) -> JobRecord:
-    """Set up and train one job; an exception becomes a failed record."""
+    """Set up and train one job; an exception becomes a failed record, and so does an exit
+    (``SystemExit``, ``KeyboardInterrupt``) raised in user code, but not the terminal's Ctrl-C."""
+    problem = None
     try:
-        return train(setup_job(job, spec, device), checkpoints, trained_by)
+        problem = setup_job(job, spec, device)
+        return train(problem, checkpoints, trained_by)
     except Exception as err:  # noqa: BLE001 - isolation: one job never sinks the sweep
-        return failed_record(job, err, device, trained_by)
+        step = None if problem is None else problem.step
+        return failed_record(job, err, device, trained_by, step)
+    except (SystemExit, KeyboardInterrupt) as err:
+        if from_terminal(err):
+            raise
+        step = None if problem is None else problem.step
+        return failed_record(job, UserCodeExit.of(err), device, trained_by, step)

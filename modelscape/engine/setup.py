@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from modelscape import parametrize
+from modelscape.checks import check_grab_shape
 from modelscape.jobs import Job, SubSeeds, SweepError
 from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
@@ -118,6 +119,8 @@ class Problem:
     squeeze: bool = False  # y is 1-D, the model's (n, 1) output is squeezed
     config: dict[str, Any] = field(default_factory=dict)  # what grabs and user code receive
     grabs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    grab_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # see checks.py
+    step: int = 0  # the step being trained: where a failure happened
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The training batch for ``step`` and its centering offset."""
@@ -308,6 +311,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         squeeze=squeeze,
         config=config,
         grabs=spec.grabs,
+        grab_shapes=spec.grab_shapes,
     )
     if hp.CENTER:
         # f_init is the initial network as a function: eval mode, so dropout does not make it
@@ -344,7 +348,33 @@ def evaluate_grabs(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int
             **problem.config,
         )
         out[name] = to_numpy(value, name)
+        check_grab_shape(name, out[name], problem.grab_shapes)
     return out
+
+
+def preflight_grabs(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
+    """Set up ``job`` on the CPU and call every grab once, before any training.
+
+    Returns each grab's shape, which every job's grab must then return. A grab that raises or
+    returns a non-number is a ``SweepError`` naming it.
+    """
+    device = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(training_rng_seed(job))
+        problem = setup_job(job, spec, device)
+        X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)
+        shapes = {}
+        for name, fn in spec.grabs.items():
+            one = dataclasses.replace(problem, grabs={name: fn}, grab_shapes={})
+            try:
+                shapes[name] = evaluate_grabs(one, X, y, 0)[name].shape
+            except Exception as err:  # noqa: BLE001 - reported with the grab's name
+                raise SweepError(
+                    f"grab {name!r} failed when called on the first job ({job.label()}) before "
+                    "training (each grab is called once with the initial model to check it): "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+    return shapes
 
 
 def to_numpy(value: Any, name: str) -> np.ndarray:

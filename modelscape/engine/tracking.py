@@ -206,16 +206,25 @@ def evaluate(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int) -> d
 
 
 def failed_record(
-    job: Job, err: BaseException, device: torch.device | str, trained_by: str = ""
+    job: Job,
+    err: BaseException,
+    device: torch.device | str,
+    trained_by: str = "",
+    step: int | None = None,
 ) -> JobRecord:
-    """The record of a job that raised: its message and traceback, nothing else."""
+    """The record of a job that raised: its message, traceback and the step it failed at.
+
+    ``steps`` counts the steps trained before the failure (``step``; 0 when unknown).
+    """
+    where = "" if step is None else f" (at step {step})"
     return JobRecord(
         key=job.key,
         seed=job.seed,
         status="failed",
         device=str(device),
         timekeys=np.full(len(job.hp.LOSS_CHECKPOINTS), np.nan),
-        error=f"{type(err).__name__}: {err}",
+        steps=0 if step is None else step,
+        error=f"{type(err).__name__}: {err}{where}",
         traceback="".join(traceback.format_exception(err)),
         trained_by=trained_by,
     )

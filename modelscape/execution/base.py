@@ -21,6 +21,7 @@ import torch
 
 from modelscape import hparams as H
 from modelscape.engine import Checkpoints, failed_record, resolve_device
+from modelscape.errors import ExecutorError
 from modelscape.execution import executor_class
 from modelscape.execution.pickling import Payload
 from modelscape.jobs import Job
@@ -48,6 +49,16 @@ class Records:
         """Record every job of group ``gid`` that has no record yet as failed with ``err``."""
         for job in list(self._left[gid].values()):
             self.add(gid, failed_record(job, err, device))
+
+    def left(self, gid: int) -> list[Job]:
+        """The jobs of group ``gid`` that have no record yet."""
+        return list(self._left[gid].values())
+
+    def regroup(self, gid: int, jobs: Sequence[Job]) -> None:
+        """Move ``jobs`` of group ``gid`` into a new group, numbered after the last (a retry)."""
+        for job in jobs:
+            self._left[gid].pop(job.key, None)
+        self._left.append({job.key: job for job in jobs})
 
     def unfinished(self) -> list[int]:
         """The groups with jobs still lacking a record."""
@@ -100,6 +111,11 @@ def executor_for(
     One worker in total trains in this process, several in worker processes; ``use_mp``
     (the original's flag) forces one or the other.
     """
+    if hp.JOB_TIMEOUT > 0 and hp.EXECUTOR != "local":
+        raise ExecutorError(
+            f"JOB_TIMEOUT stops jobs on local worker processes only; with EXECUTOR="
+            f"{hp.EXECUTOR!r} set JOB_TIMEOUT=0."
+        )
     cls = executor_class(hp.EXECUTOR)
     return cls.from_hparams(hp, use_mp=use_mp, checkpoints=checkpoints)
 

@@ -11,6 +11,7 @@ import torch
 from modelscape.engine import Checkpoints, train_group
 from modelscape.execution.base import Executor, Records
 from modelscape.execution.pickling import Payload
+from modelscape.interrupts import terminal_interrupts
 
 
 class InProcessExecutor(Executor):
@@ -23,9 +24,11 @@ class InProcessExecutor(Executor):
         self.device = device
 
     def _run(self, payload: Payload, records: Records) -> None:
-        for gid, group in enumerate(payload.groups):
-            for record in train_group(group, payload.spec, self.device, self.checkpoints):
-                records.add(gid, record)
+        # a Ctrl-C stops the sweep; a KeyboardInterrupt raised by user code fails its job
+        with terminal_interrupts():
+            for gid, group in enumerate(payload.groups):
+                for record in train_group(group, payload.spec, self.device, self.checkpoints):
+                    records.add(gid, record)
 
     def placement(self) -> list[str]:
         return [str(self.device)]

@@ -2,9 +2,11 @@
 
 WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see ``worker.py``)
 pull groups from the parent one at a time and stream records back; the parent is the only
-writer of results. A worker that dies has its unfinished jobs recorded as failed and is
-replaced. Ctrl-C stops handing out jobs and shuts every worker down. With one worker in total,
-``from_hparams`` picks ``InProcessExecutor`` instead.
+writer of results. A worker that dies, whatever its timing, is replaced; its unfinished jobs
+are retried from their checkpoints up to MAX_RETRIES times, a group split in two
+(``modelscape.retries``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and
+shuts every worker down. With one worker in total (and no JOB_TIMEOUT), ``from_hparams`` picks
+``InProcessExecutor`` instead.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, wait
 
 from modelscape import hparams as H
-from modelscape.engine import Checkpoints
+from modelscape.engine import Checkpoints, failed_record
 from modelscape.errors import ExecutorError, WorkerDied
 from modelscape.execution.base import Executor, Records, local_device
 from modelscape.execution.inprocess import InProcessExecutor
 from modelscape.execution.pickling import Payload
 from modelscape.execution.worker import AUTHKEY_ENV
+from modelscape.progress import notice
+from modelscape.retries import Retries, exhausted_message, retry_notice
 
 
 @dataclass
@@ -35,13 +40,18 @@ class _Worker:
     conn: Connection
     ready: bool = False
     gid: int | None = None  # the group in flight
+    sent: bool = False  # whether that group reached the worker
+    since: float = 0.0  # when the group was sent, or its last record came back
 
 
 class LocalExecutor(Executor):
     """``workers_per_device`` worker processes for each of ``devices`` (``"cpu"``, ``"cuda:1"``).
 
     Each worker gets ``threads`` torch threads; the default shares this machine's cores evenly,
-    so that workers do not oversubscribe them.
+    so that workers do not oversubscribe them. Jobs lost to a dead worker are retried up to
+    ``max_retries`` times (``modelscape.retries``). With ``job_timeout`` > 0, a worker whose
+    group has produced no record for that many seconds is stopped, and the group's unfinished
+    jobs fail.
     """
 
     def __init__(
@@ -51,10 +61,14 @@ class LocalExecutor(Executor):
         checkpoints: Checkpoints | None = None,
         *,
         threads: int | None = None,
+        max_retries: int = 1,
+        job_timeout: float = 0.0,
     ):
         super().__init__(checkpoints)
         self.slots = [str(d) for d in devices for _ in range(workers_per_device)]
         self.threads = threads or max(1, available_cores() // len(self.slots))
+        self.job_timeout = job_timeout
+        self._retries = Retries(max_retries)
         self._authkey = secrets.token_bytes(32)
         self._startup_deaths = 0
 
@@ -64,9 +78,22 @@ class LocalExecutor(Executor):
     ) -> Executor:
         devices = [local_device(d) for d in hp.DEVICES]
         n_workers = len(devices) * hp.WORKERS_PER_DEVICE
-        if use_mp is False or (use_mp is None and n_workers == 1):
+        if use_mp is False and hp.JOB_TIMEOUT > 0:
+            raise ExecutorError(
+                f"JOB_TIMEOUT={hp.JOB_TIMEOUT:g} can stop a hung job only on a worker process, "
+                "but use_mp=False trains in this process: drop use_mp=False, or set "
+                "JOB_TIMEOUT=0."
+            )
+        # a job that hangs in this process could not be stopped: JOB_TIMEOUT asks for a worker
+        if use_mp is False or (use_mp is None and n_workers == 1 and hp.JOB_TIMEOUT <= 0):
             return InProcessExecutor(devices[0], checkpoints)
-        return cls([str(d) for d in devices], hp.WORKERS_PER_DEVICE, checkpoints)
+        return cls(
+            [str(d) for d in devices],
+            hp.WORKERS_PER_DEVICE,
+            checkpoints,
+            max_retries=hp.MAX_RETRIES,
+            job_timeout=hp.JOB_TIMEOUT,
+        )
 
     def placement(self) -> list[str]:
         return list(self.slots)
@@ -87,24 +114,29 @@ class LocalExecutor(Executor):
     def _loop(self, workers: list[_Worker], payload: Payload, records: Records) -> None:
         pending = deque(range(len(payload.groups)))
         while pending or any(w.gid is not None for w in workers):
-            for w in workers:
+            for w in list(workers):
                 if w.ready and w.gid is None and pending:
-                    w.gid = pending.popleft()
-                    w.conn.send((w.gid, payload.group_blob(w.gid)))
+                    self._assign(w, pending.popleft(), payload)
+                    if not w.sent:  # it died after its last group, before this one
+                        self._lost(w, workers, pending, payload, records)
             by_conn = {w.conn: w for w in workers}
-            for conn in wait(list(by_conn)):
+            for conn in wait(list(by_conn), timeout=self._wait_limit(workers)):
                 w = by_conn[conn]
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    self._bury(w, records)
-                    i = workers.index(w)
-                    if pending:  # a replacement carries on with the remaining groups
-                        workers[i] = self._connect(self._spawn(), w.device, payload.spec_blob)
-                    else:
-                        del workers[i]
+                    self._lost(w, workers, pending, payload, records)
                     continue
                 self._handle(w, message, records)
+            self._stop_overdue(workers, pending, payload, records)
+
+    def _assign(self, w: _Worker, gid: int, payload: Payload) -> None:
+        w.gid, w.since = gid, time.monotonic()
+        try:
+            w.conn.send((gid, payload.group_blob(gid)))
+            w.sent = True
+        except OSError:
+            w.sent = False
 
     def _handle(self, w: _Worker, message: tuple, records: Records) -> None:
         kind = message[0]
@@ -112,6 +144,7 @@ class LocalExecutor(Executor):
             w.ready = True
             self._startup_deaths = 0
         elif kind == "record":
+            w.since = time.monotonic()
             records.add(message[1], message[2])
         elif kind == "group_error":
             records.fail_rest(message[1], RuntimeError(message[2]), w.device)
@@ -125,24 +158,66 @@ class LocalExecutor(Executor):
                 "instead to send them by value."
             )
 
-    def _bury(self, w: _Worker, records: Records) -> None:
-        """Record the unfinished jobs of a worker whose connection broke as failed."""
-        try:
-            code = w.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # alive but unreachable: it cannot be used again
-            w.proc.kill()
-            code = w.proc.wait()
-        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-        if w.gid is not None:
-            err = WorkerDied(
-                f"the worker process on {w.device} died ({how}) while training this job: it "
-                "was killed (out of memory?) or crashed. RETRY_FAILED=True reruns it."
-            )
-            records.fail_rest(w.gid, err, w.device)
+    def _lost(self, w: _Worker, workers, pending: deque, payload: Payload, records) -> None:
+        """A worker's connection broke: retry or fail its unfinished jobs, and replace it."""
+        how = _ended(w.proc)
+        if w.gid is not None and not w.sent:  # the group never reached it: not a retry
+            pending.appendleft(w.gid)
+        elif w.gid is not None:
+            self._retry(w, how, pending, payload, records)
         w.gid = None
         if not w.ready:
             self._startup_died(how)
         _close(w)
+        self._replace(w, workers, pending, payload)
+
+    def _retry(self, w: _Worker, how: str, pending: deque, payload: Payload, records) -> None:
+        again, exhausted = self._retries.after_death(records.left(w.gid))
+        for job in exhausted:
+            deaths = self._retries.count(job)
+            message = exhausted_message(w.device, how, deaths, self._retries.max_retries)
+            records.add(w.gid, failed_record(job, WorkerDied(message), w.device))
+        if again:
+            attempt = max(self._retries.count(job) for group in again for job in group)
+            notice(retry_notice(w.device, how, again, attempt, self._retries.max_retries))
+            # the payload and the records number groups alike: both append the new ones
+            gids = [payload.add_group(g) for g in again]
+            for group in again:
+                records.regroup(w.gid, group)
+            pending.extendleft(reversed(gids))
+
+    def _replace(self, w: _Worker, workers, pending: deque, payload: Payload) -> None:
+        i = workers.index(w)
+        if pending:  # a replacement carries on with the remaining groups
+            workers[i] = self._connect(self._spawn(), w.device, payload.spec_blob)
+        else:
+            del workers[i]
+
+    def _wait_limit(self, workers: Sequence[_Worker]) -> float | None:
+        """Seconds until the first busy worker runs past JOB_TIMEOUT (None: no limit)."""
+        busy = [w.since for w in workers if w.gid is not None and w.sent]
+        if self.job_timeout <= 0 or not busy:
+            return None
+        return max(0.0, min(busy) + self.job_timeout - time.monotonic())
+
+    def _stop_overdue(self, workers, pending: deque, payload: Payload, records) -> None:
+        if self.job_timeout <= 0:
+            return
+        now = time.monotonic()
+        for w in list(workers):
+            if w.gid is None or not w.sent or now - w.since < self.job_timeout:
+                continue
+            w.proc.kill()
+            w.proc.wait()
+            err = JobTimedOut(
+                f"JOB_TIMEOUT={self.job_timeout:g} s passed without this job finishing on the "
+                f"worker on {w.device}, so the worker was stopped; raise JOB_TIMEOUT if the job "
+                "is only slow, or find where the batch function, the model or a grab hangs."
+            )
+            records.fail_rest(w.gid, err, w.device)
+            w.gid = None
+            _close(w)
+            self._replace(w, workers, pending, payload)
 
     def _spawn(self) -> subprocess.Popen:
         env = dict(os.environ)
@@ -159,14 +234,6 @@ class LocalExecutor(Executor):
         )
 
     def _connect(self, proc: subprocess.Popen, device: str, spec_blob: bytes) -> _Worker:
-        while True:
-            address = proc.stdout.readline().strip()  # empty when the worker died at startup
-            if address:
-                break
-            proc.stdout.close()
-            self._startup_died(f"exit code {proc.wait()}")
-            proc = self._spawn()
-        w = _Worker(device=device, proc=proc, conn=Client(address, authkey=self._authkey))
         init = {
             "sys_path": list(sys.path),
             "threads": self.threads,
@@ -174,8 +241,18 @@ class LocalExecutor(Executor):
             "spec": spec_blob,
             "checkpoints": self.checkpoints,
         }
-        w.conn.send(init)
-        return w
+        while True:
+            address = proc.stdout.readline().strip()  # empty when the worker died at startup
+            if address:
+                try:
+                    conn = Client(address, authkey=self._authkey)
+                    conn.send(init)
+                    return _Worker(device=device, proc=proc, conn=conn)
+                except (OSError, EOFError):  # it died between printing its address and now
+                    proc.kill()
+            proc.stdout.close()
+            self._startup_died(_ended(proc))
+            proc = self._spawn()
 
     def _startup_died(self, how: str) -> None:
         self._startup_deaths += 1
@@ -184,6 +261,20 @@ class LocalExecutor(Executor):
                 f"worker processes keep dying before they start ({how}); see their errors "
                 "above, or train in this process (use_mp=False) to debug."
             )
+
+
+class JobTimedOut(RuntimeError):
+    """A job ran longer than JOB_TIMEOUT on a worker process, which was stopped."""
+
+
+def _ended(proc: subprocess.Popen) -> str:
+    """How a worker process ended (killing it if it is alive but unreachable)."""
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
 
 
 def _close(w: _Worker) -> None:

@@ -47,6 +47,13 @@ class Payload:
     def group_blob(self, gid: int) -> bytes:
         return self._group_blobs[gid]
 
+    def add_group(self, group: Sequence[Job]) -> int:
+        """A new group (a retry of part of another); returns its index."""
+        self.groups.append(list(group))
+        if self.spec_blob:
+            self._group_blobs.append(dumps(self.groups[-1], "a job"))
+        return len(self.groups) - 1
+
 
 def dumps(obj: Any, what: str) -> bytes:
     """cloudpickle ``obj``; on failure, a ``SweepError`` naming the part that cannot travel."""

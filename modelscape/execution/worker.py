@@ -35,6 +35,9 @@ def _serve(conn: Connection) -> None:
 
     from modelscape.engine import train_group
     from modelscape.execution.base import join_sys_path
+    from modelscape.interrupts import mark_worker_process
+
+    mark_worker_process()  # no terminal reaches a worker: every exit here is user code
     from modelscape.execution.pickling import loads
 
     init = conn.recv()

@@ -94,8 +94,14 @@ def array_digest(value: torch.Tensor | np.ndarray) -> str:
     return f"{kind}{tuple(data.shape)} {data.dtype} sha256:{digest}"
 
 
-def check_compatible(run_dir: Path, stored: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Refuse to resume a run folder that holds a different sweep, saying what differs."""
+def check_compatible(
+    run_dir: Path, stored: Mapping[str, Any], current: Mapping[str, Any], has_records: bool = True
+) -> None:
+    """Refuse to resume a run folder that holds a different sweep, saying what differs.
+
+    Changed code (the ``CODE_SECTION`` digests) is refused only when the folder holds records
+    (there is nothing to mix otherwise) and RESUME_CHANGED_CODE is off.
+    """
     if stored.get("format") != FORMAT_VERSION:
         raise StoreError(
             f"SAVE_DIR={run_dir} was written by another modelscape store format "
@@ -121,9 +127,31 @@ def check_compatible(run_dir: Path, stored: Mapping[str, Any], current: Mapping[
             + "\nSet them back to resume that sweep, or use a new SAVE_DIR for the new "
             "settings. To compare values of one setting, make it an iterator (in a new SAVE_DIR)."
         )
+    allowed = current.get("sweep_hparams", {}).get("RESUME_CHANGED_CODE", False)
+    # folders written before code digests have none to compare
+    if CODE_SECTION in stored and has_records and not allowed:
+        changes = _code_changes(stored[CODE_SECTION], current.get(CODE_SECTION, {}))
+        if changes:
+            raise StoreError(
+                f"SAVE_DIR={run_dir} holds results of other code than this sweep's:\n"
+                + "\n".join(changes)
+                + "\nResuming would mix results of the old and the new code. Use a new "
+                "SAVE_DIR, or set RESUME_CHANGED_CODE=True if the change does not affect results "
+                "(a comment, a rename)."
+            )
+
+
+def _code_changes(stored: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
+    lines = []
+    for what in sorted(set(stored) | set(current)):
+        old, new = stored.get(what, "absent"), current.get(what, "absent")
+        if old != new:
+            lines.append(f"  {what}: {old} in the run folder, {new} now")
+    return lines
 
 
 _ABSENT = object()
+CODE_SECTION = "code"  # the digests of the sweep's code (``modelscape.code_identity``)
 
 
 def _show(value: Any) -> str:

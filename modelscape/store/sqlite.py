@@ -10,6 +10,9 @@ A run folder holds:
   (timekeys, grabs, curves) are one ``.npz`` blob;
 - ``checkpoints/``: the last checkpoint of each running job.
 
+Every error of the operating system or SQLite about the folder becomes one ``StoreError``
+naming the file and the fix (``faults.py``); one unreadable record is reported and left out.
+
 SQLite runs in WAL mode: a SIGKILL at any moment loses at most the jobs that were in flight,
 and ``load(run_dir)`` reads a consistent snapshot even while a sweep is still writing. A folder
 written before a field existed gains its column when a sweep resumes it; ``load`` reads it as
@@ -24,6 +27,7 @@ import os
 import pickle
 import sqlite3
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from modelscape.records import SQL_COLUMNS, JobRecord, default_of
 from modelscape.results import Result
 from modelscape.store.base import Store, key_id
 from modelscape.store.describe import FORMAT_VERSION, check_compatible, union_values
+from modelscape.store.faults import store_faults
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
@@ -80,12 +85,22 @@ class RunStore(Store):
     """The SQLite store of a run folder. The sweep's parent process is its only writer."""
 
     def __init__(
-        self, run_dir: str | os.PathLike, conn: sqlite3.Connection, lock: _FolderLock | None
+        self,
+        run_dir: str | os.PathLike,
+        conn: sqlite3.Connection,
+        lock: _FolderLock | None,
+        axes: Sequence[str] = (),
     ):
         self.run_dir = Path(run_dir)
         self._conn = conn
         self._lock = lock
         self._have = _existing_columns(conn)
+        self._axes = list(axes)
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self.run_dir / DB_NAME
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -106,18 +121,26 @@ class RunStore(Store):
         values extend the stored sweep.
         """
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _FolderLock(run_dir)
-        conn = _connect(run_dir / DB_NAME)
+        db = run_dir / DB_NAME
+        with store_faults(run_dir, f"create the run folder SAVE_DIR={run_dir}", run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = _FolderLock(run_dir)
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL is durable against a killed process in WAL mode; FULL only adds
-            # protection against power loss, at an fsync per job.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
-            _add_missing_columns(conn)
-            store = cls(run_dir, conn, lock)
-            store._register(description, jobs, axis_values)
+            with store_faults(db, "open the sweep's store", run_dir):
+                conn = _connect(db)
+        except BaseException:
+            lock.close()
+            raise
+        try:
+            with store_faults(db, "open the sweep's store", run_dir):
+                conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL is durable against a killed process in WAL mode; FULL only adds
+                # protection against power loss, at an fsync per job.
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.executescript(_SCHEMA)
+                _add_missing_columns(conn)
+                store = cls(run_dir, conn, lock, description["axes"])
+                store._register(description, jobs, axis_values)
         except BaseException:
             conn.close()
             lock.close()
@@ -148,7 +171,8 @@ class RunStore(Store):
     ) -> None:
         stored = self._meta("description")
         if stored is not None:
-            check_compatible(self.run_dir, json.loads(stored), description)
+            has_records = self._conn.execute("SELECT 1 FROM records LIMIT 1").fetchone()
+            check_compatible(self.run_dir, json.loads(stored), description, bool(has_records))
             old_values = pickle.loads(self._meta("axis_values"))
             axis_values = [union_values(old, new) for old, new in zip(old_values, axis_values)]
         c = self._conn
@@ -169,29 +193,57 @@ class RunStore(Store):
             )
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # SQLite has already rolled back after a full disk
+                c.execute("ROLLBACK")
             raise
-        _write_json(self.run_dir / CONFIG_NAME, description)
+        with store_faults(self.run_dir / CONFIG_NAME, "write the sweep's description"):
+            _write_json(self.run_dir / CONFIG_NAME, description)
 
     def add(self, record: JobRecord) -> None:
         row = {"key_id": key_id(record.key), **_pack(record)}
         names = ", ".join(row)
         marks = ", ".join("?" * len(row))
         # one statement in autocommit mode: its own atomic transaction
-        self._conn.execute(
-            f"INSERT OR REPLACE INTO records ({names}) VALUES ({marks})", tuple(row.values())
-        )
+        with store_faults(self.path, f"store the record of job ({self._label(record.key)})"):
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO records ({names}) VALUES ({marks})", tuple(row.values())
+            )
 
     def get(self, key: tuple) -> JobRecord | None:
-        row = self._conn.execute(
-            f"SELECT {_select_list(self._have)} FROM records r JOIN jobs j USING (key_id) "
-            "WHERE key_id = ?",
-            (key_id(key),),
-        ).fetchone()
-        return None if row is None else _unpack(self._have, row)
+        """The job's record; None if it has none, or if its row cannot be read (with a warning)."""
+        with store_faults(self.path, f"read the record of job ({self._label(key)})"):
+            row = self._conn.execute(
+                f"SELECT {_select_list(self._have)} FROM records r JOIN jobs j USING (key_id) "
+                "WHERE key_id = ?",
+                (key_id(key),),
+            ).fetchone()
+        return None if row is None else _read_row(self._have, row, self.path, self._axes)
 
     def statuses(self) -> dict[str, str]:
-        return dict(self._conn.execute("SELECT key_id, status FROM records"))
+        """``key_id -> status`` of every stored record that can be read.
+
+        A row that cannot be read is reported in a warning and left out, so its job trains
+        again.
+        """
+        with store_faults(self.path, "read the stored records"):
+            rows = self._conn.execute(
+                f"SELECT {_select_list(self._have)}, r.key_id "
+                "FROM records r JOIN jobs j USING (key_id)"
+            ).fetchall()
+        readable = {}
+        for row in rows:
+            record = _read_row(self._have, row[:-1], self.path, self._axes)
+            if record is not None:
+                readable[row[-1]] = record.status
+        return readable
+
+    def count(self) -> int:
+        """How many records are stored."""
+        with store_faults(self.path, "count the stored records"):
+            return self._conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+
+    def _label(self, key: Sequence[Any]) -> str:
+        return job_label(self._axes, key)
 
     def close(self) -> None:
         self._conn.close()
@@ -258,6 +310,34 @@ def _select_list(have: set[str]) -> str:
     return ", ".join(["j.key", *stored, "r.array_names", "r.arrays", "r.has_curves"])
 
 
+def job_label(axes: Sequence[str], key: Sequence[Any]) -> str:
+    """``trial=1, GAMMA=0.5``: a job named by its values."""
+    if len(axes) == len(key):
+        return ", ".join(f"{a}={v}" for a, v in zip(axes, key))
+    return repr(tuple(key))
+
+
+def _read_row(
+    have: set[str], row: Sequence[Any], path: Path, axes: Sequence[str]
+) -> JobRecord | None:
+    """The record in ``row``; None, with a warning naming the job and the file, if unreadable."""
+    try:
+        return _unpack(have, row)
+    except Exception as err:  # noqa: BLE001 - one damaged row must not hide the others
+        try:
+            label = job_label(axes, pickle.loads(row[0]))
+        except Exception:  # noqa: BLE001 - the key itself is damaged
+            label = "with a damaged key"
+        warnings.warn(
+            f"the stored record of job ({label}) in {path} cannot be read "
+            f"({type(err).__name__}: {err}); it is left out. Rerun the same sweep to train that "
+            "job again.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 def _unpack(have: set[str], row: Sequence[Any]) -> JobRecord:
     key, *values, names, blob, has_curves = row
     fields = {n: default_of(n) for n in SQL_COLUMNS}
@@ -280,6 +360,8 @@ def load(run_dir: str | os.PathLike) -> Result:
 
     Safe while a sweep is still writing: it returns the jobs finished so far (unfinished ones
     are absent from ``result.records`` and show as ``"missing"`` in ``to_xarray()``'s status).
+    A record that cannot be read is reported in a warning and left out; a damaged store raises
+    ``StoreError`` naming the file and the fix. A folder on a read-only disk loads too.
     """
     run_dir = Path(run_dir)
     path = run_dir / DB_NAME
@@ -288,7 +370,40 @@ def load(run_dir: str | os.PathLike) -> Result:
             f"{run_dir} is not a modelscape run folder (no {DB_NAME}); "
             "pass the SAVE_DIR of a sweep."
         )
-    conn = _connect(path)
+    with store_faults(path, "read the run folder", run_dir):
+        meta, rows, have = _read_all(path)
+    if "description" not in meta:
+        wal = path.with_name(f"{DB_NAME}-wal")
+        if not wal.exists():
+            raise StoreError(
+                f"{path} holds no sweep, and its write-ahead log {wal} is missing: a sweep that "
+                "did not close cleanly keeps its records in that file. If you copied the run "
+                f"folder, copy {wal.name} (and {DB_NAME}-shm) along with {DB_NAME}."
+            )
+        raise FileNotFoundError(f"{run_dir} holds no sweep yet (it is still being created).")
+    description = json.loads(meta["description"])
+    records = [_read_row(have, r, path, description["axes"]) for r in rows]
+    return Result(
+        description["axes"],
+        pickle.loads(meta["axis_values"]),
+        [r for r in records if r is not None],
+        only_thresholds=description["result"]["ONLYTHRESHOLDS"],
+        config={"LOSS_CHECKPOINTS": description["result"]["LOSS_CHECKPOINTS"]},
+    )
+
+
+def _read_all(path: Path) -> tuple[dict[str, Any], list[Any], set[str]]:
+    """The meta table, every record row and the record columns, as one consistent snapshot."""
+    try:
+        return _read_with(_connect(path))
+    except sqlite3.OperationalError:
+        if os.access(path.parent, os.W_OK):
+            raise
+    # a run folder on a read-only disk: nothing writes it, so SQLite may read it as immutable
+    return _read_with(sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True))
+
+
+def _read_with(conn: sqlite3.Connection) -> tuple[dict[str, Any], list[Any], set[str]]:
     try:
         # one read transaction: a consistent snapshot while the writer goes on
         conn.execute("BEGIN")
@@ -302,18 +417,9 @@ def load(run_dir: str | os.PathLike) -> Result:
                 "ORDER BY j.idx"
             ).fetchall()
         conn.execute("COMMIT")
+        return meta, rows, have
     finally:
         conn.close()
-    if "description" not in meta:
-        raise FileNotFoundError(f"{run_dir} holds no sweep yet (it is still being created).")
-    description = json.loads(meta["description"])
-    return Result(
-        description["axes"],
-        pickle.loads(meta["axis_values"]),
-        [_unpack(have, r) for r in rows],
-        only_thresholds=description["result"]["ONLYTHRESHOLDS"],
-        config={"LOSS_CHECKPOINTS": description["result"]["LOSS_CHECKPOINTS"]},
-    )
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -97,14 +97,14 @@ def _train_part(part, device, checkpoints, start, sync_every, group_bytes):
             try:
                 yield train(p, checkpoints, trained_by)
             except Exception as err:  # noqa: BLE001 - isolation, as in loop.run_job
-                yield failed_record(p.job, err, p.device, trained_by)
+                yield failed_record(p.job, err, p.device, trained_by, p.step)
         return
     try:
         yield from run.records()
     except Exception as err:  # noqa: BLE001 - the group's unfinished jobs become failed records
         for r in run.stack.rows if run.stack is not None else []:
             if run.tracks[r].exit is None:  # not reported yet
-                yield failed_record(run.problems[r].job, err, device, STACKED)
+                yield failed_record(run.problems[r].job, err, device, STACKED, run.step)
 
 
 class Run:
@@ -147,6 +147,7 @@ class Run:
             self.rngs.append(rng if self.online else None)
         self.stack: Stack | None = self._stack()
         self.uses_global_rng = False
+        self.step = start  # the step being trained: where a failure happened
 
     def _check_shapes(self) -> None:
         p0 = self.problems[0]
@@ -255,6 +256,7 @@ class Run:
             cache: list | None = [] if self.online else None
             window = []
             for step in range(t, t1):
+                self.step = step
                 X, y, f0 = self._batch(stack, step, cache)
                 window.append(self._train_step(stack, X, y, f0, step))
             self.tracker.consume(t, torch.stack(window, 1), stack.rows)
@@ -270,7 +272,7 @@ class Run:
                         except Exception as err:  # noqa: BLE001 - a failing grab fails its job
                             track.exit = t1 - 1
                             exits.append(pos)
-                            yield failed_record(track.job, err, self.device, STACKED)
+                            yield failed_record(track.job, err, self.device, STACKED, t1 - 1)
                     continue
                 exits.append(pos)
                 if track.diverged:
@@ -330,7 +332,7 @@ class Run:
                 self._load_job(stack, pos, r, step, with_opt=bool(p.grabs))
             return self.tracker.finish(track, p, (batch[0][pos], batch[1][pos]), STACKED)
         except Exception as err:  # noqa: BLE001 - a failing grab fails its job only
-            return failed_record(p.job, err, self.device, STACKED)
+            return failed_record(p.job, err, self.device, STACKED, step)
 
     def _save(self, stack: Stack, step: int) -> None:
         """Checkpoint every running job in the one-job loop's format."""

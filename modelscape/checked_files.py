@@ -1,0 +1,58 @@
+"""Files that are written atomically and read back only if intact (checkpoints use them).
+
+A checked file is a short header (a magic string and the SHA-256 of the payload) followed by
+the payload. ``write_checked`` writes it to a temporary name, flushes it to disk and renames it
+over the old file, so a kill at any moment leaves either the old file or the new one.
+``read_checked`` raises ``DamagedFile`` saying what is wrong when the file is truncated,
+overwritten or not a checked file at all; a flipped byte anywhere is caught by the checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+MAGIC = b"MODELSCAPE-CHECKED-1\n"
+DIGEST_BYTES = 32
+
+
+class DamagedFile(ValueError):
+    """A checked file is truncated, corrupt, or was not written by ``write_checked``."""
+
+
+def write_checked(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically, with a checksum."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checked(path: Path) -> bytes:
+    """The payload of a checked file; ``DamagedFile`` if it is not intact."""
+    data = path.read_bytes()
+    head = len(MAGIC) + DIGEST_BYTES
+    if not data.startswith(MAGIC):
+        raise DamagedFile(f"{len(data)} bytes without the checked-file header")
+    if len(data) < head:
+        raise DamagedFile(f"truncated to {len(data)} bytes")
+    payload = data[head:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC) : head]:
+        raise DamagedFile("its checksum does not match its contents (truncated or corrupted)")
+    return payload
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the file system holding ``folder`` (or its nearest existing parent)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free

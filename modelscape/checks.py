@@ -1,0 +1,83 @@
+"""Checks of a sweep's data and grabs that catch silent nonsense before training.
+
+- Targets that do not fit the loss: ``CrossEntropyLoss``/``NLLLoss`` with float targets whose
+  rows are not probabilities (they train to negative "losses"), and integer class labels under
+  a regression loss such as ``MSELoss`` (an ``(n, 1)`` output broadcasts against ``(n,)``
+  labels into an ``(n, n)`` difference).
+- Grabs: the preflight calls every grab once on the first job, so a grab that raises or returns
+  a non-number fails before training, and the shape it returns there is the shape every job's
+  grab must return. A grab whose shape differs between jobs (a ragged grab) is refused at its
+  first call in that job, which fails that job only: results of different shapes could not be
+  stacked into one array by ``load()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelscape.jobs import SweepError
+
+CLASS_LOSSES = ("CrossEntropyLoss", "NLLLoss")
+REGRESSION_LOSSES = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def loss_name(loss: Any) -> str:
+    """The class name of a LOSS given by name or as a class."""
+    return loss if isinstance(loss, str) else getattr(loss, "__name__", repr(loss))
+
+
+def check_targets(loss: Any, y: torch.Tensor, where: str) -> None:
+    """Raise ``SweepError`` when targets ``y`` cannot mean what ``loss`` computes."""
+    name = loss_name(loss)
+    if name in CLASS_LOSSES and y.is_floating_point():
+        problem = _not_probabilities(y)
+        if problem is not None:
+            raise SweepError(
+                f"{where}: LOSS={name} with float targets treats each row of y as class "
+                f"probabilities, but {problem}. Give integer class labels (y.long(), with D_OUT "
+                "= the number of classes), rows of probabilities (one-hot, or soft labels "
+                "summing to 1), or a regression loss such as LOSS='MSELoss'."
+            )
+    if name in REGRESSION_LOSSES and not (y.is_floating_point() or y.is_complex()):
+        raise SweepError(
+            f"{where}: y holds integer class labels (dtype {y.dtype}), but LOSS={name} compares "
+            "outputs with targets as numbers; with D_OUT=1 an (n, 1) output would broadcast "
+            "against (n,) labels. Use float targets (y.float(), or one-hot rows with D_OUT = "
+            "the number of classes), or D_OUT = the number of classes with "
+            "LOSS='CrossEntropyLoss'."
+        )
+
+
+def _not_probabilities(y: torch.Tensor) -> str | None:
+    """What makes float targets fail to be rows of probabilities, or None if they are."""
+    if y.ndim < 2:
+        return (
+            f"y has shape {tuple(y.shape)}, one number per sample (class labels stored as floats?)"
+        )
+    rows = y.detach().to("cpu", torch.float64)
+    negative = (rows < 0).nonzero()
+    if len(negative):
+        i = tuple(int(k) for k in negative[0])
+        return f"y{list(i)} = {float(rows[i]):.4g} is negative"
+    sums = rows.sum(dim=1)
+    bad = ((sums - 1).abs() > PROBABILITY_TOLERANCE).nonzero()
+    if len(bad):
+        i = tuple(int(k) for k in bad[0])
+        return f"row {i[0]} sums to {float(sums[i]):.4g}, not 1"
+    return None
+
+
+def check_grab_shape(name: str, value: np.ndarray, expected: Mapping[str, tuple]) -> None:
+    """A grab returns the shape it returned in the preflight, in every job and at every call."""
+    if name in expected and tuple(value.shape) != tuple(expected[name]):
+        raise SweepError(
+            f"grab {name!r} returned shape {tuple(value.shape)}, but on the sweep's first job "
+            f"it returned {tuple(expected[name])}. A grab must return one shape in every job, "
+            "so that results stack into one array: pad to a fixed size, or return a summary "
+            "number."
+        )
