@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelscape.jobs import SweepError
+from modelscape.errors import SweepError
 
 CLASS_LOSSES = ("CrossEntropyLoss", "NLLLoss")
 REGRESSION_LOSSES = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")

@@ -19,7 +19,8 @@ from typing import Any
 
 import cloudpickle
 
-from modelscape.jobs import Job, SweepError
+from modelscape.errors import SweepError
+from modelscape.jobs import Job
 from modelscape.models import resolve_model_class
 from modelscape.sweep import SweepSpec
 

@@ -356,13 +356,17 @@ def preflight_grabs(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
     """Set up ``job`` on the CPU and call every grab once, before any training.
 
     Returns each grab's shape, which every job's grab must then return. A grab that raises or
-    returns a non-number is a ``SweepError`` naming it.
+    returns a non-number is a ``SweepError`` naming it. ``post_init_fn`` is left out, so that it
+    runs once per job; a job that cannot be set up is left to fail as its own record.
     """
     device = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(training_rng_seed(job))
-        problem = setup_job(job, spec, device)
-        X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)
+        try:
+            problem = setup_job(job, dataclasses.replace(spec, post_init_fn=None), device)
+            X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)
+        except Exception:  # noqa: BLE001 - the job reports its own setup error when it runs
+            return {}
         shapes = {}
         for name, fn in spec.grabs.items():
             one = dataclasses.replace(problem, grabs={name: fn}, grab_shapes={})
