@@ -29,13 +29,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from modelscape.activations import ACTIVATIONS
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
 
 Scope = Literal["job", "sweep"]
 
 PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
-NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
+NONLINEARITIES = tuple(ACTIVATIONS)
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 

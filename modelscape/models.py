@@ -21,15 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelscape.activations import ACTIVATIONS
 from modelscape.jobs import SweepError
-
-ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "linear": nn.Identity,
-}
 
 
 class MLP(nn.Module):

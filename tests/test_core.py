@@ -367,16 +367,20 @@ def test_duplicate_iterator_values_are_refused():
         run([[0.1, 0.1, 0.2]], ["LR"], config())
 
 
-def test_optimizer_arguments_come_from_optimizer_kwargs_only():
+def test_optimizer_arguments_come_from_optimizer_kwargs_never_silently():
     seen = {}
 
     def grab(opt, **kwargs):
         seen.update(opt.defaults)
         return 0.0
 
-    for key in ("ALPHA", "alpha"):  # user keys (data) are never RMSprop's alpha
-        run([[0]], ["trial"], config(OPTIMIZER="RMSprop", **{key: 0.5}, otherreturns={"g": grab}))
-        assert seen["alpha"] == 0.99
+    # a user key (data) that is not the argument's exact name is never RMSprop's alpha
+    run([[0]], ["trial"], config(OPTIMIZER="RMSprop", ALPHA=0.5, otherreturns={"g": grab}))
+    assert seen["alpha"] == 0.99
+    # the original's spelling, the argument's exact name, is taken with a warning
+    with pytest.warns(FutureWarning, match="write OPTIMIZER_KWARGS=.'alpha': 0.5."):
+        run([[0]], ["trial"], config(OPTIMIZER="RMSprop", alpha=0.5, otherreturns={"g": grab}))
+    assert seen["alpha"] == 0.5
     kwargs = {"alpha": 0.9}
     run(
         [[0]],
