@@ -280,14 +280,25 @@ class RayCluster:
         env = {k: v for k, v in os.environ.items() if k != RAY_MARKER}
         return {**env, **RAY_ENV, "RAY_ADDRESS": self.address, RAY_MARKER: marker}
 
-    def kill_second_raylet(self) -> int:
-        """SIGKILL the second node's raylet (its workers die with it); returns its pid."""
+    def kill_second_node(self) -> int:
+        """SIGKILL the second node's raylet together with its workers, as when a machine dies
+        (a worker of a killed raylet would otherwise run on for a moment); returns its pid."""
         flag = f"--raylet_socket_name={self.second.raylet_socket}"
         for pid in ray_processes(self.marker):
             if flag in _cmdline(pid):
-                os.kill(pid, signal.SIGKILL)
+                children = [p for p in ray_processes(self.marker) if _parent(p) == pid]
+                for victim in (*children, pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim, signal.SIGKILL)
                 return pid
         raise RuntimeError(f"no raylet runs with {flag}")
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return -1
 
 
 def ray_processes(marker: str) -> list[int]:

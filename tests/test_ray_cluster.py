@@ -151,7 +151,7 @@ def test_killing_a_node_mid_sweep_loses_no_finished_job(ray_cluster, local_resul
         time.sleep(0.1)
         if (run_dir / "results.sqlite").exists():
             before = {r.key: r for r in load(run_dir).records}
-    ray_cluster.kill_second_raylet()
+    ray_cluster.kill_second_node()
     finish(proc)
     result = load(run_dir)
     assert_equal_records(result, local_result)
