@@ -120,7 +120,7 @@ def test_a_sweep_uses_both_nodes_and_equals_local_training(ray_cluster, local_re
 def test_ray_settings_need_the_ray_executor():
     with pytest.raises(HParamError, match="RAY_ADDRESS='host:6379' needs EXECUTOR='ray'"):
         resolve({"RAY_ADDRESS": "host:6379"})
-    with pytest.raises(HParamError, match="MAX_RETRIES counts retries and must be >= 0"):
+    with pytest.raises(HParamError, match=r"MAX_RETRIES must be >= 0 \(0: no retry\), got -1"):
         resolve({"EXECUTOR": "ray", "MAX_RETRIES": -1})
 
 
