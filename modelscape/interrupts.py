@@ -3,7 +3,8 @@
 ``SystemExit`` or ``KeyboardInterrupt`` raised by a batch function, a model or a grab (a stray
 ``sys.exit()``, an ``input()`` interrupted in a notebook) ends only that job, as a failed
 record. A Ctrl-C from the terminal still stops the whole sweep: while a sweep trains in this
-process, ``terminal_interrupts()`` notes that the SIGINT arrived, and ``from_terminal`` asks.
+process, ``terminal_interrupts()`` notes that the SIGINT arrived, and ``stops_the_sweep`` asks
+(it also lets through an exit raised by a signal handler, such as a SLURM requeue's).
 Worker processes run in their own session, so a KeyboardInterrupt there is always user code.
 """
 
@@ -58,9 +59,35 @@ def terminal_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def from_terminal(err: BaseException) -> bool:
-    """Whether ``err`` is the terminal's Ctrl-C (True) rather than an exit in user code."""
+def stops_the_sweep(err: BaseException) -> bool:
+    """Whether ``err`` must stop the sweep (True) rather than fail one job as user code's exit.
+
+    It stops the sweep when a signal handler raised it: the terminal's Ctrl-C, or a scheduler's
+    notice (submitit's handler for a SLURM timeout or preemption requeues the task and then
+    calls ``sys.exit``, which must end the process, not the job).
+    """
+    if _raised_by_signal_handler(err):
+        return True
     if not isinstance(err, KeyboardInterrupt) or _IN_WORKER.is_set():
         return False
     # unwatched (a custom SIGINT handler, a thread): stop the sweep, as a Ctrl-C would
     return _TERMINAL.is_set() if _WATCHING.is_set() else True
+
+
+def _raised_by_signal_handler(err: BaseException) -> bool:
+    """Whether a Python signal handler installed in this process is on ``err``'s traceback."""
+    handlers = set()
+    for number in signal.valid_signals():
+        try:
+            handler = signal.getsignal(number)
+        except (OSError, ValueError):
+            continue
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if code is not None:
+            handlers.add(code)
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in handlers:
+            return True
+        tb = tb.tb_next
+    return False

@@ -18,7 +18,7 @@ from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
 from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import failed_record
-from modelscape.interrupts import UserCodeExit, from_terminal
+from modelscape.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec
@@ -57,7 +57,7 @@ def _exits_fail_the_rest(
             done.add(record.key)
             yield record
     except (SystemExit, KeyboardInterrupt) as err:
-        if from_terminal(err):
+        if stops_the_sweep(err):
             raise
         for job in jobs:
             if job.key not in done:

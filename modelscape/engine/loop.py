@@ -12,7 +12,7 @@ import torch
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import Checkpoints, restore, snapshot
 from modelscape.engine.tracking import Tracker, evaluate, failed_record
-from modelscape.interrupts import UserCodeExit, from_terminal
+from modelscape.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec
@@ -79,7 +79,7 @@ def run_job(
         step = None if problem is None else problem.step
         return failed_record(job, err, device, trained_by, step)
     except (SystemExit, KeyboardInterrupt) as err:
-        if from_terminal(err):
+        if stops_the_sweep(err):
             raise
         step = None if problem is None else problem.step
         return failed_record(job, UserCodeExit.of(err), device, trained_by, step)
