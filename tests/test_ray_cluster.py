@@ -84,14 +84,22 @@ def local_result(tmp_path_factory):
 
 
 def assert_equal_records(result, local) -> None:
+    """Every job as local training gave it: bit for bit when it trained the same way; a job
+    retried alone after its stack was lost (trained_by "single") agrees to float rounding, as
+    the one-job loop's products round differently from a stack's."""
     assert len(result.records) == len(local.records) == 8
     by_key = {r.key: r for r in local.records}
     for r in result.records:
         other = by_key[r.key]
         assert r.status == other.status == "ok", r.error
-        assert r.train_loss == other.train_loss and r.test_loss == other.test_loss
         assert r.steps == other.steps
         np.testing.assert_array_equal(r.timekeys, other.timekeys)
+        if r.trained_by == other.trained_by:
+            assert r.train_loss == other.train_loss and r.test_loss == other.test_loss
+        else:
+            assert r.trained_by == "single" and other.trained_by == "stacked"
+            np.testing.assert_allclose(r.test_loss, other.test_loss, rtol=1e-5)
+            np.testing.assert_allclose(r.train_loss, other.train_loss, rtol=1e-5)
 
 
 def node_of(record, cluster: RayCluster) -> str:
