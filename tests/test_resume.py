@@ -119,7 +119,7 @@ def assert_same(a, b):
 
 
 def test_parent_sigkilled_half_way_then_the_rerun_trains_only_the_missing_jobs(script, tmp_path):
-    flags = ["--MAX_ITER", "20", "--NUM_TRIALS", "4", "--WORKERS_PER_DEVICE", "2"]
+    flags = ["--MAX_ITER", "300", "--NUM_TRIALS", "4", "--WORKERS_PER_DEVICE", "2"]
     # the uninterrupted reference trains in one process: placement does not matter either
     reference_dir = tmp_path / "reference"
     reference = start(
