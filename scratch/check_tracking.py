@@ -1,5 +1,7 @@
 import math, sys
 import numpy as np, torch
+XP = np if sys.argv[1] == 'np' else torch
+conv = (lambda a: np.asarray(a)) if XP is np else (lambda a: torch.as_tensor(np.asarray(a)))
 sys.path.insert(0, "scratch")
 from proto_tracking import scan
 
@@ -34,8 +36,9 @@ live = np.arange(R)
 for t0 in range(0, T, 32):
     live = np.array([r for r in range(R) if exits[r] < 0])
     if not len(live): break
-    out = scan(t0, torch.from_numpy(L[live, t0:t0+32]), ema[live], tk[live], torch.from_numpy(TH[live]),
-               torch.from_numpy(S[live]), torch.from_numpy(MI[live] - 1.0), True)
+    out = scan(XP, t0, conv(L[live, t0:t0+32]), conv(ema[live].numpy()), conv(tk[live].numpy()), conv(TH[live]),
+               conv(S[live]), conv(MI[live] - 1.0), True)
+    out = torch.as_tensor(out)
     W = min(32, T - t0)
     for j, r in enumerate(live):
         tk[r] = out[j, :K]; e = out[j, K].item(); exits[r] = int(e); div[r] = bool(out[j, K+1]); ema[r] = out[j, K+2]

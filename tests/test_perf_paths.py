@@ -31,9 +31,9 @@ from modelscape.engine.stacked import kernels
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
-# bf16-mixed against fp32, relative, on the final test losses of the short runs below (bf16 has
-# an 8-bit mantissa; over 60 steps the losses move apart by ~1e-3 relative); see the README.
-BF16_TOLERANCE = 2e-2
+# bf16-mixed against fp32, relative, on the final test losses of the stable 60-step runs below
+# (bf16 keeps an 8-bit mantissa; measured: at most 4e-3); the README gives the canonical sweep's.
+BF16_TOLERANCE = 1e-2
 
 
 def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
@@ -262,17 +262,19 @@ def test_vectorized_loop_rules_equal_the_scalar_rules_bit_for_bit():
 
 def test_bf16_mixed_is_within_its_tolerance_of_fp32_stacked_and_alone():
     overrides = {"DTYPE": "float32", "PARAMETRIZATION": "mup", "MAX_ITER": 60, "CENTER": True}
-    jobs, spec = make_jobs(overrides)
+    overrides["LOSS_CHECKPOINTS"] = [0.0]  # every job runs all its steps
+    axes = {"trial": range(2), "GAMMA": [1.0, 2.0], "LR": [0.02, 0.05]}
+    jobs, spec = make_jobs(overrides, axes)
     fp32 = stacked(jobs, spec)[0]
-    bf_jobs, bf_spec = make_jobs({**overrides, "PRECISION": "bf16-mixed"})
+    bf_jobs, bf_spec = make_jobs({**overrides, "PRECISION": "bf16-mixed"}, axes)
     assert kernel_of(bf_jobs[0], bf_spec) is kernels.MLPKernel
     bf16 = stacked(bf_jobs, bf_spec)[0]
-    alone = reference(bf_jobs[:2], bf_spec)
+    alone = reference(bf_jobs[:3], bf_spec)
     for key, r in fp32.items():
-        assert rel(r.test_loss, bf16[key].test_loss) <= BF16_TOLERANCE
+        assert rel(r.test_loss, bf16[key].test_loss) <= BF16_TOLERANCE, key
         assert r.test_loss != bf16[key].test_loss  # bf16 really ran
     for key, r in alone.items():
-        assert rel(fp32[key].test_loss, r.test_loss) <= BF16_TOLERANCE
+        assert rel(fp32[key].test_loss, r.test_loss) <= BF16_TOLERANCE, key
         assert r.test_loss != fp32[key].test_loss
 
 

@@ -1,0 +1,363 @@
+"""How a stack computes its jobs' losses and gradients: the model kernels.
+
+``MLPKernel`` runs the built-in MLP with MSE loss, under every PARAMETRIZATION, as batched
+matmuls with a hand-written backward pass (its activations come from ``KERNEL_ACTIVATIONS``:
+one entry per activation); ``FuncKernel`` runs any other model through ``torch.func``
+(``vmap`` over ``functional_call``) with autograd. ``kernel_for`` says which one a job takes.
+``bmm``/``baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs share its
+stack. Both take the samples flat (see ``stack.Layout``); only ``MLPKernel`` takes a stack
+whose jobs differ in N_SAMPLES.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelscape import parametrize
+from modelscape.engine.setup import Problem
+from modelscape.engine.stacked.stack import BUFFER, Layout, Stack
+from modelscape.models import MLP
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation as the MLP kernel computes it: forward (may work in place on the
+    pre-activation) and backward from the saved pre-activation (``saves_input``) or output."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    saves_input: bool
+
+
+# The activations the MLP kernel computes by hand, built from the model's activation module;
+# a model with any other activation trains stacked through ``FuncKernel``.
+KERNEL_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
+    nn.ReLU: lambda m: Activation(
+        lambda z: z.relu_(), lambda g, out: aten.threshold_backward(g, out, 0), False
+    ),
+    # the parametrizations' ReLU: gain * relu(z); autograd takes relu's backward of gain * g
+    parametrize.ScaledReLU: lambda m: Activation(
+        lambda z: z.relu() * m.gain,
+        lambda g, out: aten.threshold_backward(g * m.gain, out, 0),
+        False,
+    ),
+    nn.Tanh: lambda m: Activation(lambda z: z.tanh_(), aten.tanh_backward, False),
+    nn.Identity: lambda m: Activation(lambda z: z, lambda g, out: g, False),
+    nn.GELU: lambda m: Activation(
+        lambda z: nn.functional.gelu(z, approximate=m.approximate),
+        lambda g, z: aten.gelu_backward(g, z, approximate=m.approximate),
+        True,
+    ),
+    nn.SiLU: lambda m: Activation(nn.functional.silu, aten.silu_backward, True),
+}
+
+
+def bmm(
+    a: torch.Tensor, b: torch.Tensor, pair: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.bmm`` whose result for a job does not depend on how many jobs are stacked.
+
+    With a single job torch computes the product on another path (``mm``/``gemv``), whose
+    rounding differs; computing a stack of one as a (broadcast) pair keeps every job's numbers
+    the same in any group, so results do not depend on workers, placement or resumption. The
+    pair costs twice the work, so it is made only when ``pair`` (``pair_singletons``: the job
+    could share a stack, ``group_cap`` >= 2); a job that always trains alone is computed as
+    the plain stack of one it always is. ``out``: write the product there (a view into a flat
+    activation buffer).
+    """
+    if pair and a.shape[0] == 1:
+        result = torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
+        return result if out is None else out.copy_(result)
+    return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
+
+
+def baddbmm(
+    bias: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pair: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.baddbmm`` with the same stack-size independence as ``bmm``."""
+    if pair and a.shape[0] == 1:
+        two = (bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
+        result = torch.baddbmm(*two)[:1]
+        return result if out is None else out.copy_(result)
+    return torch.baddbmm(bias, a, b) if out is None else torch.baddbmm(bias, a, b, out=out)
+
+
+def kernel_for(problem: Problem) -> type[MLPKernel] | type[FuncKernel]:
+    """The kernel a stack of this job's model trains with (the same for every job of a group)."""
+    return MLPKernel if MLPKernel.check(problem) else FuncKernel
+
+
+class MLPKernel:
+    """The built-in MLP with MSE loss as batched matmuls, with its backward pass written out.
+
+    Autograd is skipped because, for small models, its bookkeeping costs more than the math.
+    Parametrized layers (``ParametrizedLinear``) compute ``g * (W x + b)`` with each job's own
+    multiplier ``g``; GAMMA divides the output. The samples are flat along ``stack.layout``:
+    the matmuls run once per segment (jobs with the same N_SAMPLES), the rest once per stack.
+    ``compute``: the matmuls' dtype under PRECISION="bf16-mixed" (their operands are cast to
+    it, as autocast does; gradients come back in the parameters' dtype).
+    """
+
+    name = "mlp"
+
+    def __init__(self, model: MLP, names: list[str], compute: torch.dtype | None = None):
+        self.act = KERNEL_ACTIVATIONS[type(model.act)](model.act)
+        self.compute = compute
+        index = {n: i for i, n in enumerate(names)}
+        prefixes = [f"hidden.{k}" for k in range(len(model.hidden))] + ["readout"]
+        modules = [*model.hidden, model.readout]
+        # (weight index, bias index or None, whether the layer has a multiplier)
+        self.layers = [
+            (index[f"{p}.weight"], index.get(f"{p}.bias"), type(m) is not nn.Linear)
+            for p, m in zip(prefixes, modules)
+        ]
+
+    @staticmethod
+    def check(problem: Problem) -> bool:
+        """Whether this kernel computes exactly what the job's model and loss do."""
+        model, loss_fn = problem.model, problem.loss_fn
+        return (
+            type(model) is MLP
+            and problem.y_te.is_floating_point()
+            and problem.y_te.dim() <= 2
+            and type(loss_fn) is nn.MSELoss
+            and loss_fn.reduction == "mean"
+            and type(model.act) in KERNEL_ACTIVATIONS
+            and (type(model.act) is not parametrize.ScaledReLU or model.act.gain > 0)
+            and all(type(m) in _LINEARS for m in [*model.hidden, model.readout])
+            and not _has_hooks(model)
+        )
+
+    def samples(self, problems: list[Problem], layout: Layout) -> dict[str, torch.Tensor | None]:
+        """What the kernel multiplies by, per sample ([rows, 1], for ``Stack.samples``): each
+        layer's multiplier (None for plain layers), 1/GAMMA's divisor (None when every GAMMA
+        is 1: dividing by 1 is exact) and the loss's 2/(N d_out)."""
+        p0 = problems[0]
+        like = next(p0.model.parameters())
+        out: dict[str, torch.Tensor | None] = {}
+        for k, (_, _, has) in enumerate(self.layers):
+            if not has:
+                out[f"g{k}"] = None
+                continue
+            mods = [[*p.model.hidden, p.model.readout][k] for p in problems]
+            out[f"g{k}"] = layout.per_sample(torch.stack([m.multiplier for m in mods]).to(like))
+        gammas = [p.gamma for p in problems]
+        gamma = torch.tensor(gammas, dtype=like.dtype, device=like.device)
+        out["gamma"] = None if all(g == 1.0 for g in gammas) else layout.per_sample(gamma)
+        d_out = p0.y_te[0].numel()
+        sizes = torch.tensor(layout.sizes, dtype=torch.float64, device=like.device)
+        out["scale"] = layout.per_sample((2.0 / (sizes * d_out)).to(like.dtype))
+        return out
+
+    def _mm(self, layout: Layout, a: torch.Tensor, W: torch.Tensor, b, transpose: bool):
+        """Per segment: a @ W.mT (+ b) (``transpose``) or a @ W, into one flat tensor."""
+        if self.compute is not None:
+            a, W = a.to(self.compute), W.to(self.compute)
+            b = None if b is None else b.to(self.compute)
+        out = a.new_empty(a.shape[0], W.shape[1] if transpose else W.shape[2])
+        for s in layout.segments:
+            Ws = W[s.jobs].mT if transpose else W[s.jobs]
+            if b is None:
+                bmm(s.view(a), Ws, s.pair, out=s.view(out))
+            else:
+                baddbmm(b[s.jobs, None], s.view(a), Ws, s.pair, out=s.view(out))
+        return out
+
+    def _forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor, keep: bool):
+        layout, factors = stack.layout, stack.samples
+        h = X.reshape(X.shape[0], -1)
+        saved = [h]
+        last = len(self.layers) - 1
+        for k, (wi, bi, _) in enumerate(self.layers):
+            z = self._mm(layout, h, params[wi], None if bi is None else params[bi], True)
+            if factors[f"g{k}"] is not None:
+                z = z * factors[f"g{k}"]
+            if k == last:
+                return z, saved
+            if self.act.saves_input and keep:
+                saved.append(z)
+            h = self.act.forward(z)
+            if keep:
+                saved.append(h)
+        raise AssertionError("an MLP has a readout layer")
+
+    def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+        """The outputs [rows, d_out] of the stacked models ``params`` on flat inputs."""
+        return self._forward(stack, params, X, keep=False)[0]
+
+    def loss_and_grads(
+        self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
+        params, layout, factors = stack.params, stack.layout, stack.samples
+        f, saved = self._forward(stack, params, X, keep=True)
+        out = f if f0 is None else f - f0
+        if factors["gamma"] is not None:
+            out = out / factors["gamma"]
+        r = out - y.reshape(f.shape)
+        squares = r.square()
+        losses = torch.empty(len(layout.sizes), dtype=r.dtype, device=r.device)
+        for s in layout.segments:
+            torch.mean(s.view(squares), (1, 2), out=losses[s.jobs])
+        g = r * factors["scale"]
+        if factors["gamma"] is not None:
+            g = g / factors["gamma"]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        gz = g
+        for k in range(len(self.layers) - 1, -1, -1):
+            wi, bi, _ = self.layers[k]
+            W = params[wi]
+            if k < len(self.layers) - 1:
+                h_out = saved.pop()  # this layer's output; below it, its input (pre-activation)
+                gz = self.act.backward(gh.to(h_out.dtype), saved.pop() if self.act.saves_input else h_out)
+            if factors[f"g{k}"] is not None:
+                gz = gz * factors[f"g{k}"]
+            h_in = saved[-1]
+            grads[wi] = self._weight_grad(layout, gz, h_in, W)
+            if bi is not None:
+                grads[bi] = torch.empty_like(params[bi])
+                for s in layout.segments:
+                    torch.sum(s.view(gz), 1, out=grads[bi][s.jobs])
+            if k > 0:
+                if W.shape[1] == 1:
+                    # an outer product (one output) is faster as a broadcast multiply
+                    gh = gz.new_empty(gz.shape[0], W.shape[2], dtype=torch.promote_types(gz.dtype, W.dtype))
+                    for s in layout.segments:
+                        torch.mul(s.view(gz), W[s.jobs], out=s.view(gh))
+                else:
+                    gh = self._mm(layout, gz, W, None, False)
+        return losses, grads
+
+    def _weight_grad(self, layout: Layout, gz, h_in, W) -> torch.Tensor:
+        """Per segment gz.mT @ h_in: each job's weight gradient, in the weight's dtype."""
+        if self.compute is not None:
+            gz, h_in = gz.to(self.compute), h_in.to(self.compute)
+        grad = torch.empty(W.shape, dtype=gz.dtype, device=W.device)
+        for s in layout.segments:
+            bmm(s.view(gz).mT, s.view(h_in), s.pair, out=grad[s.jobs])
+        return grad.to(W.dtype)
+
+
+class FuncKernel:
+    """Any model: ``vmap`` over ``torch.func.functional_call``, gradients by autograd.
+
+    ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``as_pair``).
+    ``compute``: run the forward pass and loss under ``torch.autocast`` in that dtype. Its
+    stack's jobs all have the same N_SAMPLES.
+    """
+
+    name = "torch.func"
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        names: list[str],
+        pair_singletons: bool,
+        compute: torch.dtype | None = None,
+    ):
+        self.pair = pair_singletons
+        self.compute = compute
+        p0 = problems[0]
+        self.module = copy.deepcopy(p0.model).train()
+        self.names = names
+        self.loss_fn = p0.loss_fn
+        self.squeeze = p0.squeeze
+        self.buffer_names = [n for n, _ in p0.model.named_buffers()]
+
+    def stacked_buffers(self, problems: list[Problem]) -> dict[str, torch.Tensor]:
+        """The jobs' buffers (e.g. parametrization multipliers), for ``Stack.data``."""
+        return {
+            BUFFER + n: torch.stack([dict(p.model.named_buffers())[n] for p in problems])
+            for n in self.buffer_names
+        }
+
+    def _buffers(self, stack: Stack) -> dict[str, torch.Tensor]:
+        return {n: stack.data[BUFFER + n] for n in self.buffer_names}
+
+    def _apply(self, params, buffers, x):
+        mapping = (dict(zip(self.names, params)), buffers)
+        return torch.func.functional_call(self.module, mapping, (x,))
+
+    def _autocast(self, X: torch.Tensor):
+        return torch.autocast(X.device.type, self.compute or X.dtype, enabled=bool(self.compute))
+
+    @staticmethod
+    def _jobs(stack: Stack, flat: torch.Tensor | None) -> torch.Tensor | None:
+        """A flat (rows, ...) tensor as [jobs, n, ...] (a stack of one sample count)."""
+        if flat is None:
+            return None
+        sizes = stack.layout.sizes
+        return flat.view(len(sizes), sizes[0], *flat.shape[1:])
+
+    def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+        """The outputs (rows, ...) of the stacked models ``params`` on flat inputs."""
+        X = self._jobs(stack, X)
+        n = X.shape[0]
+        args = as_pair((tuple(params), self._buffers(stack), X), n, self.pair)
+        with self._autocast(X):
+            out = torch.func.vmap(self._apply)(*args)[:n]
+        return out.reshape(-1, *out.shape[2:])
+
+    def loss_and_grads(
+        self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
+        leaves = [p.detach().requires_grad_(True) for p in stack.params]
+
+        def one(params, buffers, x, yy, f0j, gamma):
+            out = self._apply(params, buffers, x)
+            if f0j is not None:
+                out = out - f0j
+            out = out / gamma
+            if self.squeeze:
+                out = out.squeeze(-1)
+            return self.loss_fn(out, yy)
+
+        in_dims = (0, 0, 0, 0, None if f0 is None else 0, 0)
+        X, y, f0 = self._jobs(stack, X), self._jobs(stack, y), self._jobs(stack, f0)
+        n = X.shape[0]
+        data = (tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"])
+        args = as_pair(data, n, self.pair)
+        with self._autocast(X):
+            losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        if any(g is None for g in grads):
+            # torch optimizers skip a parameter without a gradient; the stacked ones cannot
+            raise RuntimeError("a parameter of the model gets no gradient")
+        return losses.detach(), list(grads)
+
+
+def as_pair(tree: Any, n_jobs: int, pair: bool) -> Any:
+    """With ``pair``, a stack of one job as a broadcast pair (see ``bmm``); other stacks, and
+    every stack without ``pair``, unchanged. Only the first copy's outputs are used, so the
+    second adds exactly zero to every gradient."""
+    if n_jobs != 1 or not pair:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree.expand(2, *tree.shape[1:])
+    if isinstance(tree, dict):
+        return {k: as_pair(v, n_jobs, pair) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        return tuple(as_pair(v, n_jobs, pair) for v in tree)
+    return tree  # None
+
+
+_LINEARS = (nn.Linear, parametrize.ParametrizedLinear)
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules()
+    )
