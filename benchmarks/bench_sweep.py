@@ -44,8 +44,8 @@ from torch import nn
 
 import modelscape
 from modelscape import engine
-from modelscape.backend.job_iterator import plan
 from modelscape.demo import quadratic_bfn
+from modelscape.runner import plan
 
 D = 32
 SAMPLES = (64, 128, 256, 512)

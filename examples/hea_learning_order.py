@@ -48,7 +48,7 @@ DEFAULTS = [
 ]  # fmt: skip
 
 EXTRA = {
-    "DIM": (64, "input dimension d of the power-law Gaussian data"),
+    "D": (64, "input dimension d of the power-law Gaussian data"),
     "ALPHA": (1.7, "covariance eigenvalues decay like (i + OFFSET)^-ALPHA"),
     "OFFSET": (6.0, "offset of the power law"),
     "N_TARGETS": (9, "number of target monomials chosen automatically"),
@@ -89,7 +89,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
-    gamma = powerlaw_eigenvalues(args.DIM, args.ALPHA, args.OFFSET).numpy()
+    gamma = powerlaw_eigenvalues(args.D, args.ALPHA, args.OFFSET).numpy()
     coeffs = relu_ntk_level_coefficients(
         gamma, args.MAX_DEGREE + 2, depth=args.KERNEL_DEPTH, bias_variance=args.BIAS_VARIANCE
     )
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> float:
         targets = choose_targets(gamma, coeffs, args.N_TARGETS, args.MAX_DEGREE, args.SPREAD)
     bfn_config = {
         "base_bfn": monomial_bfn,
-        "d": args.DIM,
+        "d": args.D,
         "alpha": args.ALPHA,
         "offset": args.OFFSET,
     }

@@ -39,7 +39,7 @@ DEFAULTS = [
 ]  # fmt: skip
 
 EXTRA = {
-    "DIM": (16, "input dimension d"),
+    "D": (16, "input dimension d"),
     "ALPHA": (1.5, "covariance eigenvalues decay like (i + OFFSET)^-ALPHA"),
     "OFFSET": (1.0, "offset of the power law"),
     "TARGETS": (["x0", "x0^2", "x0*x1"], "target monomials (one learning curve each)"),
@@ -51,7 +51,7 @@ EXTRA = {
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
     targets = [Monomial(t) for t in args.TARGETS]
-    gamma = powerlaw_eigenvalues(args.DIM, args.ALPHA, args.OFFSET)
+    gamma = powerlaw_eigenvalues(args.D, args.ALPHA, args.OFFSET)
     max_degree = max(t.degree for t in targets)
     bias_variance = 1.0 if args.BIAS else 0.0
     coeffs = relu_ntk_level_coefficients(
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bfn_config = {
         "base_bfn": monomial_bfn,
-        "d": args.DIM,
+        "d": args.D,
         "alpha": args.ALPHA,
         "offset": args.OFFSET,
     }

@@ -1,19 +1,27 @@
 """modelscape: grids of PyTorch training runs for the science of deep learning.
 
-The quick start needs ``parse_args``/``base_args`` and ``run_sweep`` (the original's
-``backend.job_iterator.main``); results load back with ``load(SAVE_DIR)``. Parametrizations
-(``mupify``, ``rescale``) and the coordinate check (``coord_check``) verify a model before a big
-sweep. Data sets and targets live in ``modelscape.data``, plots in ``modelscape.plotting``.
+The quick start needs ``parse_args``/``base_args`` and ``run_sweep`` (``modelscape.runner.main``,
+the original's ``backend.job_iterator.main``); results load back with ``load(SAVE_DIR)``.
+Parametrizations (``mupify``, ``rescale``) and the coordinate check (``coord_check``) verify a
+model before a big sweep. Data sets and targets live in ``modelscape.data``, plots in
+``modelscape.plotting``. Every error raised on purpose derives from ``ModelscapeError``.
+``docs/ARCHITECTURE.md`` maps the package.
 """
 
 from modelscape.backend.cli import base_args, parse_args
-from modelscape.backend.job_iterator import main as run_sweep
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
-from modelscape.hparams import HParamError, HParams
-from modelscape.jobs import Job, SweepError
+from modelscape.errors import (
+    ExecutorError,
+    HParamError,
+    ModelscapeError,
+    ParametrizationError,
+    StoreError,
+    SweepError,
+)
+from modelscape.hparams import HParams
+from modelscape.jobs import Job
 from modelscape.models import CNN, MLP, ResNet, Transformer
 from modelscape.parametrize import (
-    ParametrizationError,
     ParametrizedConv2d,
     ParametrizedLinear,
     ScaledReLU,
@@ -23,6 +31,7 @@ from modelscape.parametrize import (
     rescale,
 )
 from modelscape.results import JobRecord, Result
+from modelscape.runner import main as run_sweep
 from modelscape.store import load
 from modelscape.trace import ExptTrace
 
@@ -30,18 +39,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNN",
+    "ExecutorError",
     "ExptTrace",
     "HParamError",
     "HParams",
     "Job",
     "JobRecord",
     "MLP",
+    "ModelscapeError",
     "ParametrizationError",
     "ParametrizedConv2d",
     "ParametrizedLinear",
     "ResNet",
     "Result",
     "ScaledReLU",
+    "StoreError",
     "SweepError",
     "Transformer",
     "base_args",

@@ -177,6 +177,9 @@ def export(result: Result, args: argparse.Namespace) -> int:
         for name in list(ds.variables):
             if ds[name].dtype == object:  # netCDF stores text, not Python objects
                 ds[name] = ds[name].astype(str)
+            elif ds[name].dtype == np.int64:  # netCDF3 has no 64-bit ints
+                fits = np.abs(ds[name].values).max(initial=0) < 2**31
+                ds[name] = ds[name].astype(np.int32 if fits else str)  # a seed stays exact
         ds.to_netcdf(out)
     else:
         df = result.to_dataframe()

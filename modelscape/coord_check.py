@@ -18,16 +18,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from modelscape import parametrize
 from modelscape.engine import resolve_class
 from modelscape.models import ACTIVATIONS, constructor_kwargs, resolve_model_class, standard_kwargs
+
+if TYPE_CHECKING:  # pandas loads on first use: `import modelscape` stays light
+    import pandas as pd
 
 DEFAULT_WIDTHS = (128, 256, 512, 1024, 2048)
 FEATURES = "features"  # role of the readout's input, the last hidden activations
@@ -84,6 +86,8 @@ def coord_check(
                     "seed": seed,
                 }
                 rows += [{**key, **r} for r in _train_and_record(net, opt, X, y, steps)]
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
@@ -154,6 +158,8 @@ def coord_slopes(
     for key, group in means.groupby(keys, sort=False):
         slope = np.polyfit(np.log(group["width"]), np.log(group["size"]), 1)[0]
         out.append({**dict(zip(keys, key)), "slope": float(slope)})
+    import pandas as pd
+
     return pd.DataFrame(out)
 
 
@@ -212,7 +218,7 @@ def _builder(
 
     def build(width: int) -> nn.Module:
         provided = standard_kwargs(in_shape, d_out, width, depth, nonlinearity, bias)
-        return cls(**constructor_kwargs(cls, provided, model_kwargs))
+        return cls(**constructor_kwargs(cls, {**provided, **model_kwargs}, {}))
 
     return build
 

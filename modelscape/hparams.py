@@ -17,25 +17,70 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
+
+from modelscape.errors import HParamError
+from modelscape.execution import EXECUTORS
 
 Scope = Literal["job", "sweep"]
 
 PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
-EXECUTORS = ("local", "ray")
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 
-# Misspellings from the original README, accepted with a FutureWarning.
-DEPRECATED_NAMES = {"N_TRIAN": "N_TRAIN", "DETERMINSITIC": "DETERMINISTIC"}
+# The original modelscape's spellings (its code, README, tests and examples) and the name each
+# maps to, accepted with a FutureWarning naming the new spelling. The one table every boundary
+# uses: global_config keys, iterator_names, command-line flags, --config files and attribute
+# reads/writes on the parse_args()/base_args() namespace. A value that is not a schema field
+# (post_init_fn) is a special config key.
+DEPRECATED_NAMES = {
+    "N_TRIAN": "N_TRAIN",
+    "DETERMINSITIC": "DETERMINISTIC",
+    "width": "WIDTH",
+    "depth": "DEPTH",
+    "DIM": "D_IN",
+    "dim": "D_IN",
+    "d_in": "D_IN",
+    "model_class": "MODEL_CLASS",
+    "optimizer": "OPTIMIZER",
+    "OPTIMIZER_CLASS": "OPTIMIZER",
+    "optimizer_class": "OPTIMIZER",
+    "OPTIMIZER_FN": "OPTIMIZER",
+    "optimizer_fn": "OPTIMIZER",
+    "loss": "LOSS",
+    "LOSS_CLASS": "LOSS",
+    "loss_class": "LOSS",
+    "LOSS_FN": "LOSS",
+    "loss_fn": "LOSS",
+    "momentum": "MOMENTUM",
+    "weight_decay": "WEIGHT_DECAY",
+    "EXPT_NAME": "SAVE_DIR",
+    "POST_INIT_FN": "post_init_fn",
+}
+
+# The original's model-from-file pair; together they are MODEL_CLASS="file.py:Name".
+LEGACY_MODEL_FILE = {"MODEL_FILE": "MODEL_NAME", "model_file": "model_name"}
+
+# Original keys that cannot be honoured, with the fix.
+REFUSED_NAMES = {
+    "OPTIMIZER_INSTANCE": "an optimizer built before the sweep cannot train the models each job "
+    "builds; give OPTIMIZER (a class or torch.optim name) with MOMENTUM/WEIGHT_DECAY, or a "
+    "post_init_fn(model, opt) that returns your own optimizer.",
+    "LOSS_INSTANCE": "give LOSS, a torch.nn loss name or class (each job builds its own).",
+}
+REFUSED_NAMES["optimizer_instance"] = REFUSED_NAMES["OPTIMIZER_INSTANCE"]
+REFUSED_NAMES["loss_instance"] = REFUSED_NAMES["LOSS_INSTANCE"]
 
 
 def hp(
@@ -48,8 +93,8 @@ def hp(
 ) -> Any:
     """Declare one hyperparameter field (``kind`` overrides the type inferred from the default)."""
     meta = {"help": help, "scope": scope, "choices": choices, "kind": kind}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -70,6 +115,11 @@ class HParams:
     LR: float = hp(1e-2, "Base learning rate, before GAMMA and parametrization rescaling.")
     DEPTH: int = hp(2, "Hidden layers of the built-in models (must be > 0).")
     WIDTH: int = hp(8192, "Width of every hidden layer.")
+    D_IN: Any = hp(
+        None,
+        "Input features (the original's DIM); None reads them from the data, a number must match.",
+        kind="optional_int",
+    )
     GAMMA: float = hp(1.0, "Richness: outputs / GAMMA; LR * GAMMA**2 (GAMMA<1) or * GAMMA.")
     DEVICES: list = hp([0], "CUDA ids and/or 'cpu'; jobs are spread over them.", scope="sweep")
     SEED: int = hp(42, "Base seed; each job's seed derives from it and the job's values.")
@@ -92,6 +142,11 @@ class HParams:
     LOSS: Any = hp("MSELoss", "A torch.nn loss name or class.", kind="class")
     MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.")
     WEIGHT_DECAY: float = hp(0.0, "Weight decay, passed to optimizers that take it.")
+    OPTIMIZER_KWARGS: dict = hp(
+        {},
+        "Other optimizer arguments by name (betas, eps, nesterov...); an axis named "
+        "OPTIMIZER_KWARGS.<arg> sweeps one.",
+    )
     DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
 
     # --- models and parametrizations ---
@@ -138,10 +193,6 @@ JOB_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "job")
 SWEEP_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "sweep")
 
 
-class HParamError(ValueError):
-    """A hyperparameter has a bad name, type or value. The message says how to fix it."""
-
-
 def kind_of(name: str) -> str:
     """The value kind of a field: bool, int, float, str, list or a special kind."""
     f = FIELDS[name]
@@ -150,25 +201,99 @@ def kind_of(name: str) -> str:
     return type(DEFAULTS[name]).__name__
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside modelscape."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("modelscape"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def canonical_name(name: str) -> str:
-    """Map a deprecated spelling to its current name, warning once per use."""
+    """Map a legacy spelling to its current name, with a FutureWarning naming the new one."""
     if name in DEPRECATED_NAMES:
         new = DEPRECATED_NAMES[name]
         warnings.warn(
-            f"{name} is a misspelling kept from the original modelscape; use {new}.",
+            f"{name} is the original modelscape's spelling; use {new}.",
             FutureWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return new
     return name
 
 
 def near_miss(name: str) -> str | None:
-    """The hyperparameter a key probably meant (``WIDHT`` -> ``WIDTH``), if any."""
+    """The hyperparameter a key probably meant (``WIDHT`` -> ``WIDTH``, ``lr`` -> ``LR``)."""
     if name in FIELDS:
         return None
     hits = difflib.get_close_matches(name.upper(), list(FIELDS), n=1, cutoff=0.8)
     return hits[0] if hits else None
+
+
+def check_user_key(name: str) -> None:
+    """Refuse a key that is not a hyperparameter but looks like one (nothing silently ignored).
+
+    Legacy spellings are mapped before this; what is left and matches a hyperparameter up to
+    case (``lr``, ``gamma``) or nearly (``GAMA``, ``WIDHT``), or is an original key that cannot
+    be honoured (``OPTIMIZER_INSTANCE``), is an ``HParamError`` naming the hyperparameter.
+    """
+    if name in REFUSED_NAMES:
+        raise HParamError(f"{name} (the original modelscape's key) is not supported: "
+                          f"{REFUSED_NAMES[name]}")  # fmt: skip
+    guess = near_miss(name)
+    if guess is not None:
+        raise HParamError(
+            f"config key {name!r} is not a hyperparameter, but looks like {guess}: write "
+            f"{guess} to set it, or rename your own key so that it does not look like one."
+        )
+
+
+def merge_legacy(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename the legacy spellings in ``config`` (warning for each); conflicts are errors.
+
+    ``MODEL_FILE`` + ``MODEL_NAME`` become ``MODEL_CLASS="file.py:Name"``. A legacy spelling
+    given next to its new name with a different value is an ``HParamError``.
+    """
+    out: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    items = dict(config)
+    for file_key, name_key in LEGACY_MODEL_FILE.items():
+        if file_key in items or name_key in items:
+            if file_key not in items or name_key not in items:
+                raise HParamError(
+                    f"{file_key} and {name_key} come as a pair (the original's model from a "
+                    "file); give both, or MODEL_CLASS='path/file.py:ClassName'."
+                )
+            if "MODEL_CLASS" in items:
+                raise HParamError(
+                    f"both MODEL_CLASS and {file_key}/{name_key} (the original's spelling of "
+                    "MODEL_CLASS='file.py:Name') are given; keep one."
+                )
+            path, cls = items.pop(file_key), items.pop(name_key)
+            warnings.warn(
+                f"{file_key}/{name_key} are the original modelscape's spelling; use "
+                f"MODEL_CLASS='{path}:{cls}'.",
+                FutureWarning,
+                stacklevel=user_stacklevel(),
+            )
+            items["MODEL_CLASS"] = f"{path}:{cls}"
+    for key, value in items.items():
+        name = canonical_name(key) if isinstance(key, str) else key
+        if name in out and not _same(out[name], value):
+            raise HParamError(
+                f"{name} is given twice, as {source[name]}={out[name]!r} and {key}={value!r} "
+                f"(the original's spelling of {name}); keep one."
+            )
+        out[name] = value
+        source[name] = key
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - arrays and tensors compare elementwise
+        return a is b
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -193,13 +318,7 @@ def coerce(name: str, value: Any) -> Any:
             return bool(value)
         raise bad("bool (True/False)")
     if kind == "int":
-        if isinstance(value, bool):
-            raise bad("int")
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
-            return int(value)
-        raise bad("int")
+        return coerce_int(name, value, bad)
     if kind == "float":
         if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
             raise bad("float")
@@ -222,12 +341,18 @@ def coerce(name: str, value: Any) -> Any:
                 raise bad("list of finite floats")
             return [float(v) for v in value]
         return value
+    if kind == "dict":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad("dict of argument names to values")
+        return dict(value)
     if kind == "path":
         if value is None or isinstance(value, str):
             return value
         if hasattr(value, "__fspath__"):
             return str(value)
         raise bad("path or None")
+    if kind == "optional_int":
+        return None if value is None else coerce_int(name, value, bad)
     if kind in ("class", "model"):
         if value is None and kind == "model":
             return None
@@ -235,6 +360,17 @@ def coerce(name: str, value: Any) -> Any:
             return value
         raise bad("name or class")
     raise AssertionError(f"unhandled kind {kind}")
+
+
+def coerce_int(name: str, value: Any, bad: Any) -> int:
+    """An int, or an integral float such as ``5e2``; ``bad(expected)`` builds the error."""
+    if isinstance(value, bool):
+        raise bad("int")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    raise bad("int")
 
 
 def check_ranges(h: HParams) -> None:
@@ -246,6 +382,8 @@ def check_ranges(h: HParams) -> None:
             raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
     if not 0.0 <= h.EMA_SMOOTHER < 1.0:
         raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
+    if h.D_IN is not None and h.D_IN <= 0:
+        raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
     if h.GAMMA <= 0:
         raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
     if h.LR < 0:
@@ -266,26 +404,53 @@ def check_ranges(h: HParams) -> None:
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a user's config dict into (hyperparameters, the user's own keys).
 
-    Deprecated spellings are renamed with a warning; a near miss of a hyperparameter name
-    (``WIDHT``) stays a user key but gets a "did you mean" warning.
+    Legacy spellings are renamed with a FutureWarning (``merge_legacy``); a key that looks like
+    a hyperparameter but is not one (``lr``, ``GAMA``) is an ``HParamError`` (``check_user_key``).
     """
     hps: dict[str, Any] = {}
     user: dict[str, Any] = {}
-    for key, value in config.items():
-        name = canonical_name(key) if isinstance(key, str) else key
+    for name, value in merge_legacy(config).items():
         if name in FIELDS:
             hps[name] = value
             continue
-        guess = near_miss(name) if isinstance(name, str) else None
-        if guess is not None:
-            warnings.warn(
-                f"config key {name!r} is not a hyperparameter; did you mean {guess}? "
-                "It is passed to batch functions and grabs as a user key.",
-                UserWarning,
-                stacklevel=3,
-            )
+        if isinstance(name, str):
+            check_user_key(name)
         user[name] = value
+    _legacy_optimizer_args(hps, user)
     return hps, user
+
+
+def _legacy_optimizer_args(hps: dict[str, Any], user: Mapping[str, Any]) -> None:
+    """The original passed optimizer arguments as config keys named like the optimizer's own
+    (``betas``, ``eps``, ``nesterov``): copy them into OPTIMIZER_KWARGS with a FutureWarning.
+
+    Only for one OPTIMIZER given in the config (not an OPTIMIZER axis); ``lr``, ``momentum`` and
+    ``weight_decay`` are hyperparameters of their own (LR, MOMENTUM, WEIGHT_DECAY).
+    """
+    opt = hps.get("OPTIMIZER", DEFAULTS["OPTIMIZER"])
+    cls = getattr(torch.optim, opt, None) if isinstance(opt, str) else opt
+    if not isinstance(cls, type):
+        return
+    params = inspect.signature(cls.__init__).parameters
+    own = ("self", "params", "lr", "momentum", "weight_decay")
+    taken = {k: v for k, v in user.items() if isinstance(k, str) and k in params and k not in own}
+    if not taken:
+        return
+    kwargs = dict(hps.get("OPTIMIZER_KWARGS") or {})
+    for name, value in taken.items():
+        if name in kwargs and not _same(kwargs[name], value):
+            raise HParamError(
+                f"{name} is given twice, as a config key ({value!r}) and in OPTIMIZER_KWARGS "
+                f"({kwargs[name]!r}); keep the OPTIMIZER_KWARGS entry."
+            )
+        kwargs[name] = value
+    warnings.warn(
+        f"config keys {', '.join(taken)} are the original modelscape's way to pass "
+        f"{cls.__name__}'s arguments; write OPTIMIZER_KWARGS={taken!r}.",
+        FutureWarning,
+        stacklevel=user_stacklevel(),
+    )
+    hps["OPTIMIZER_KWARGS"] = kwargs
 
 
 def resolve(overrides: Mapping[str, Any]) -> HParams:

@@ -18,20 +18,18 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from modelscape import hparams as H
+from modelscape.errors import SweepError
 
 AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
 TRIAL_AXIS = "trial"
+OPTIMIZER_ARG_AXIS = "OPTIMIZER_KWARGS."  # an axis named with this prefix sweeps one argument
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-class SweepError(ValueError):
-    """The sweep's definition is bad (axes, iterators, functions). The message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,13 @@ class Job:
 
 
 def axis_target(name: str) -> str | None:
-    """The hyperparameter an axis overrides, or None for an identity axis."""
-    name = AXIS_ALIASES.get(name, name)
-    if name in H.DEPRECATED_NAMES:
-        name = H.DEPRECATED_NAMES[name]
+    """The hyperparameter an axis overrides, or None for an identity axis.
+
+    ``OPTIMIZER_KWARGS.<arg>`` overrides one entry of OPTIMIZER_KWARGS.
+    """
+    if name.startswith(OPTIMIZER_ARG_AXIS):
+        return "OPTIMIZER_KWARGS"
+    name = H.canonical_name(AXIS_ALIASES.get(name, name))
     if name in H.FIELDS:
         if H.FIELDS[name].metadata["scope"] != "job":
             raise SweepError(
@@ -89,6 +90,27 @@ def job_seed(base_seed: int, axes: Sequence[str], key: Sequence[Any]) -> int:
     """The seed of the job with these iterator values: a hash, independent of placement."""
     text = repr((int(base_seed), tuple((a, stable_repr(v)) for a, v in zip(axes, key))))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+class SubSeeds(NamedTuple):
+    """The independent seeds derived from a job seed, one per random stream of a job.
+
+    The field order is part of the results' reproducibility: a new stream is appended, never
+    inserted.
+    """
+
+    model_init: int  # the model's initial weights (torch's global RNG while it is built)
+    train_data: int  # the training data's generator (``gen`` of the training draw)
+    test_data: int  # the test set's generator
+    training_rng: int  # torch's global RNG while the job trains (dropout, user code)
+    centering: int  # the global RNG while f_init is evaluated for CENTER
+    test_draw_rng: int  # the global RNG while the test set is drawn (batch fns ignoring gen)
+    train_draw_rng: int  # the global RNG while the training set is drawn
+
+    @classmethod
+    def of(cls, seed: int) -> SubSeeds:
+        """The named sub-seeds of job seed ``seed``."""
+        return cls(*sub_seeds(seed, len(cls._fields)))
 
 
 def sub_seeds(seed: int, n: int) -> list[int]:
@@ -143,8 +165,11 @@ def build_jobs(
     jobs = []
     for index, key in enumerate(itertools.product(*axes_values)):
         overrides = dict(hp_overrides)
-        for target, value in zip(targets, key):
-            if target is not None:
+        for name, target, value in zip(names, targets, key):
+            if name.startswith(OPTIMIZER_ARG_AXIS):
+                arg = name[len(OPTIMIZER_ARG_AXIS) :]
+                overrides[target] = {**overrides.get(target, {}), arg: value}
+            elif target is not None:
                 overrides[target] = value
         try:
             hp = H.resolve(overrides)

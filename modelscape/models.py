@@ -33,34 +33,59 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """``depth`` hidden layers of ``width`` units, then a linear readout."""
+    """``depth`` hidden layers of ``width`` units, then a linear readout.
+
+    The layers are the original's: ``input_layer`` (``d_in -> width``), ``hidden_layers``
+    (``depth - 1`` layers ``width -> width``) and ``output_layer`` (``width -> d_out``), with the
+    activation ``nonlin`` after every layer but the last. ``nonlinearity`` is a name
+    (``"relu"``, ``"tanh"``, ...), an ``nn.Module``, or None for ReLU; ``forcezeros=True`` starts
+    the readout at zero.
+    """
 
     def __init__(
         self,
-        d_in: int,
-        d_out: int,
-        width: int,
-        depth: int,
-        nonlinearity: str = "relu",
-        bias: bool = False,
+        d_in: int = 1,
+        width: int = 4096,
+        depth: int = 2,
+        d_out: int = 1,
+        bias: bool = True,
+        nonlinearity: str | nn.Module | None = None,
+        forcezeros: bool = False,
     ):
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLP depth must be >= 1 hidden layer, got {depth}.")
-        act = _activation(nonlinearity)  # a bad name fails before any weight is allocated
-        dims = [d_in] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=bias) for a, b in zip(dims, dims[1:]))
-        self.readout = nn.Linear(width, d_out, bias=bias)
-        self.act = act
+        # a bad name fails before any weight is allocated
+        act = nonlinearity if isinstance(nonlinearity, nn.Module) else _activation(nonlinearity)
+        self.d_in, self.width, self.depth, self.d_out = d_in, width, depth, d_out
+        self.input_layer = nn.Linear(d_in, width, bias=bias)
+        self.hidden_layers = nn.ModuleList(
+            nn.Linear(width, width, bias=bias) for _ in range(depth - 1)
+        )
+        self.output_layer = nn.Linear(width, d_out, bias=bias)
+        self.nonlin = act
+        if forcezeros:
+            with torch.no_grad():
+                self.output_layer.weight.zero_()
+                if self.output_layer.bias is not None:
+                    self.output_layer.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.hidden:
-            x = self.act(layer(x))
-        return self.readout(x)
+        return self.get_activations(x)[1]
+
+    def get_activations(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The activations after each hidden layer, and the output."""
+        h = self.nonlin(self.input_layer(x.flatten(1)))
+        acts = [h]
+        for layer in self.hidden_layers:
+            h = self.nonlin(layer(h))
+            acts.append(h)
+        return acts, self.output_layer(h)
 
 
-def _activation(nonlinearity: str) -> nn.Module:
+def _activation(nonlinearity: str | None) -> nn.Module:
+    if nonlinearity is None:
+        return nn.ReLU()
     if nonlinearity not in ACTIVATIONS:
         raise ValueError(f"nonlinearity {nonlinearity!r} is not one of {list(ACTIVATIONS)}.")
     return ACTIVATIONS[nonlinearity]()
@@ -254,7 +279,11 @@ def standard_kwargs(
 def constructor_kwargs(
     cls: type[nn.Module], provided: Mapping[str, Any], config: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Match ``cls``'s constructor arguments by name; a missing required one is an error."""
+    """Match ``cls``'s constructor arguments by name; a missing required one is an error.
+
+    ``provided`` (the standard arguments) wins; any other argument ``name`` comes from the
+    config key ``NAME`` (upper case), the one spelling.
+    """
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {}
     missing = []
@@ -263,10 +292,13 @@ def constructor_kwargs(
             continue
         if name in provided:
             kwargs[name] = provided[name]
-        elif name in config:
-            kwargs[name] = config[name]
         elif name.upper() in config:
             kwargs[name] = config[name.upper()]
+        elif name in config and name != name.upper():
+            raise SweepError(
+                f"{cls.__name__}.__init__ takes {name!r}: give it as {name.upper()} (a model's "
+                f"arguments are upper-case config keys), not {name!r}."
+            )
         elif p.default is inspect.Parameter.empty:
             missing.append(name)
     if missing:

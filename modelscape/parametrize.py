@@ -1,4 +1,4 @@
-"""Parametrizations: sp, ntp, mup, mfp, ntp-lr and mup-lr, for SGD and Adam.
+"""Parametrizations: sp, ntp, mup, mfp, ntp-lr and mup-lr, for any torch optimizer.
 
 A parametrization gives every weight layer three numbers: a forward *multiplier* ``g`` (the
 layer computes ``g * (W x + b)``), an *init std* for ``W`` and ``b``, and a *learning-rate scale*
@@ -38,6 +38,7 @@ parameter names), so ``torch.func`` stacking and ``state_dict`` keys work as bef
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,31 +47,36 @@ from typing import Literal
 import torch
 from torch import nn
 
+from modelscape.errors import ParametrizationError
+from modelscape.hparams import PARAMETRIZATIONS
+
 Rule = Literal["sgd", "adam"]
 Role = Literal["readin", "hidden", "readout"]
 
-PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 RELU_GAIN = math.sqrt(2.0)
 
-# Optimizers whose step is proportional to the gradient (SGD rule) or invariant to its scale
-# (Adam rule). Subclasses count; anything else is refused rather than guessed.
-SGD_LIKE: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.SGD,)
-ADAM_LIKE: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-)
+# The learning-rate rule of each torch optimizer, by its update type: "sgd" when the step is
+# proportional to the gradient, "adam" when the step is normalized by the gradient's own size
+# (invariant to its scale). Subclasses take their base class's rule. Any other optimizer gets the
+# SGD rule (mupify's choice) with a warning naming it. The README's table lists this one.
+OPTIMIZER_RULES: dict[type[torch.optim.Optimizer], Rule] = {
+    torch.optim.SGD: "sgd",
+    torch.optim.ASGD: "sgd",
+    torch.optim.Adam: "adam",
+    torch.optim.AdamW: "adam",
+    torch.optim.NAdam: "adam",
+    torch.optim.RAdam: "adam",
+    torch.optim.Adamax: "adam",
+    torch.optim.RMSprop: "adam",
+    torch.optim.Adagrad: "adam",
+    torch.optim.Adadelta: "adam",
+    torch.optim.Rprop: "adam",
+}
 
 # Models rescaled by `mupify`/`apply` (value: the parametrization), and models whose readout
 # `rescale` changed. Weak, so that tracking never keeps a model alive.
 _PARAMETRIZED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 _RESCALED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class ParametrizationError(ValueError):
-    """A parametrization cannot be applied to this model or optimizer; the message says why."""
 
 
 class ParametrizedLinear(nn.Linear):
@@ -177,17 +183,23 @@ def anatomy(model: nn.Module) -> tuple[list[tuple[str, nn.Module, Role]], int]:
 
 
 def update_rule(optimizer_cls: type[torch.optim.Optimizer]) -> Rule:
-    """Which learning-rate table an optimizer class takes: ``"sgd"`` or ``"adam"``."""
-    if issubclass(optimizer_cls, SGD_LIKE):
-        return "sgd"
-    if issubclass(optimizer_cls, ADAM_LIKE):
-        return "adam"
-    known = ", ".join(c.__name__ for c in SGD_LIKE + ADAM_LIKE)
-    raise ParametrizationError(
-        f"no learning-rate rule for {optimizer_cls.__name__}: parametrizations know "
-        f"gradient-proportional (SGD) and scale-invariant (Adam-type) updates: {known}. Use "
-        "one of those, or PARAMETRIZATION='sp'."
+    """Which learning-rate table an optimizer class takes: ``"sgd"`` or ``"adam"``.
+
+    From ``OPTIMIZER_RULES`` (subclasses included); an optimizer it does not list gets the SGD
+    rule, with a warning that names the rule.
+    """
+    for cls in optimizer_cls.__mro__:
+        if cls in OPTIMIZER_RULES:
+            return OPTIMIZER_RULES[cls]
+    warnings.warn(
+        f"{optimizer_cls.__name__} is not in modelscape's optimizer table; using the SGD rule "
+        "(gradient-proportional update: per-layer LR scale q = a**2/fan_in). If its step is "
+        "normalized by the gradient's size, like Adam's, subclass torch.optim.Adam or add it "
+        "to modelscape.parametrize.OPTIMIZER_RULES as 'adam'.",
+        UserWarning,
+        stacklevel=2,
     )
+    return "sgd"
 
 
 def scales(
@@ -259,9 +271,10 @@ def mupify(
     become ``ParametrizedLinear``/``ParametrizedConv2d`` holding the same parameters;
     ``nn.ReLU`` modules become ``ScaledReLU``. Each of the optimizer's param groups is split by
     layer, keeping its hyperparameters, with ``lr`` times the layer's LR scale and
-    ``weight_decay`` divided by it. Works with SGD (momentum, nesterov, weight decay) and the Adam
-    family; ``param="sp"`` changes nothing. A model can be parametrized once: a second call
-    raises. Create LR schedulers after this call, since it rebuilds the param groups.
+    ``weight_decay`` divided by it. Works with any torch optimizer: the LR rule follows its
+    update type (``OPTIMIZER_RULES``); ``param="sp"`` changes nothing. A model can be
+    parametrized once: a second call raises. Create LR schedulers after this call, since it
+    rebuilds the param groups.
     """
     if param == "sp":
         return
@@ -276,7 +289,9 @@ def mupify(
             "rescale() was already called on this model; call mupify first, then rescale, "
             "since mupify resets the readout multiplier."
         )
-    if optimizer.state:
+    # Adagrad fills its state at construction, with step 0; a state without a step count is
+    # taken as stepped
+    if any(float(s.get("step", 1)) > 0 for s in optimizer.state.values()):
         raise ParametrizationError(
             "the optimizer has already taken steps; mupify re-initializes the model, so call "
             "it right after building the model and optimizer."
@@ -298,6 +313,11 @@ def mupify(
     _replace_modules(model, {**converted, **relus})
     _regroup(optimizer, [(list(converted[layers[r.name]].parameters()), r.lr_scale) for r in table])
     _PARAMETRIZED[model] = param
+
+
+def lr_gamma_factor(gamma: float) -> float:
+    """The seed's richness rule for the learning rate: GAMMA**2 below 1, GAMMA above."""
+    return gamma**2 if gamma < 1 else gamma
 
 
 def rescale(model: nn.Module, gamma: float, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -323,7 +343,7 @@ def rescale(model: nn.Module, gamma: float, optimizer: torch.optim.Optimizer | N
     with torch.no_grad():
         readout.multiplier.div_(gamma)
     if optimizer is not None:
-        factor = gamma**2 if gamma < 1 else gamma
+        factor = lr_gamma_factor(gamma)
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * factor
     _RESCALED.add(model)

@@ -1,8 +1,9 @@
-"""The one progress bar of a sweep: jobs done over all jobs, ETA, jobs/s, the latest job's
-losses, failures, workers."""
+"""What a sweep tells its user while it runs: the one progress bar (jobs done over all jobs,
+ETA, jobs/s, the latest job's losses, failures, workers) and ``notice`` lines on stderr."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import TextIO
@@ -10,6 +11,11 @@ from typing import TextIO
 from tqdm import tqdm
 
 from modelscape.results import JobRecord
+
+
+def notice(text: str) -> None:
+    """Tell the user something about the sweep: one ``modelscape: ...`` line on stderr."""
+    print(f"modelscape: {text}", file=sys.stderr)
 
 
 def placement_text(devices: Sequence[str]) -> str:

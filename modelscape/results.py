@@ -1,4 +1,4 @@
-"""Results: one ``JobRecord`` per job, and the ``Result`` a sweep returns.
+"""The ``Result`` a sweep returns, built from one ``JobRecord`` per job (``records.py``).
 
 ``Result`` is dict-like with the original's keys (``jobs``, ``var_axes``, ``losses``,
 ``train_losses``, ``timekeys``, ``extras``, ``errors``); each trace is in expt-core's serialized
@@ -8,40 +8,16 @@ N-dimensional arrays (one dimension per iterator) and ``to_dataframe()`` a tidy 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from modelscape.records import FIELDS, PER_JOB, JobRecord, Status
 from modelscape.trace import ExptTrace
 
-Status = Literal["ok", "diverged", "failed"]
-
-
-@dataclass
-class JobRecord:
-    """What one job produced. A failure keeps its message and traceback.
-
-    ``train_loss`` is the EMA train loss at exit; ``test_loss`` the test loss of the final
-    parameters; ``timekeys[j]`` the first step whose EMA is below threshold ``j`` (NaN when never
-    reached). With ONLYTHRESHOLDS=False, ``curves`` holds ``train_loss``, ``test_loss`` and each
-    grab, each of length MAX_ITER (padded after exit with the last value).
-    """
-
-    key: tuple
-    seed: int
-    status: Status
-    train_loss: float = float("nan")
-    test_loss: float = float("nan")
-    timekeys: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    grabs: dict[str, np.ndarray] = field(default_factory=dict)
-    curves: dict[str, np.ndarray] | None = None
-    steps: int = 0
-    seconds: float = 0.0
-    device: str = "cpu"
-    error: str | None = None
-    traceback: str | None = None
+__all__ = ["JobRecord", "Result", "Status"]
 
 
 def _nan_like(shape: tuple[int, ...] | None) -> Any:
@@ -61,13 +37,15 @@ class Result(Mapping):
         *,
         only_thresholds: bool = True,
         config: Mapping[str, Any] | None = None,
+        grab_names: Iterable[str] = (),
     ):
+        self.grab_names = list(grab_names)
         self.axes = list(axes)
         self.axis_values = [list(v) for v in axis_values]
         self.records = list(records)
         self.only_thresholds = only_thresholds
         self.config = dict(config or {})
-        self._by_key = {r.key: r for r in self.records}
+        self._by_key = {trace_key(r.key): r for r in self.records}
         self._data = self._build()
 
     def _build(self) -> dict[str, Any]:
@@ -82,7 +60,7 @@ class Result(Mapping):
                         break
             for r in self.records:
                 v = pick(r) if r.status != "failed" else None
-                t[r.key] = _nan_like(shape) if v is None else v
+                t[trace_key(r.key)] = _nan_like(shape) if v is None else v
             return t.serialize()
 
         # jobs with different MAX_ITER: shorter curves are padded with their last value, as
@@ -101,30 +79,31 @@ class Result(Mapping):
         else:
             losses = trace(lambda r: curve(r, "test_loss"))
             train = trace(lambda r: curve(r, "train_loss"))
-        grab_names = sorted({g for r in self.records for g in r.grabs})
+        grab_names = sorted({g for r in self.records for g in r.grabs} | set(self.grab_names))
         if not self.only_thresholds:
             grab_names = sorted(
                 {g for r in self.records for g in (r.curves or {})} - {"train_loss", "test_loss"}
+                | set(self.grab_names)
             )
 
         def grab_value(r: JobRecord, name: str):
-            return r.grabs.get(name) if self.only_thresholds else curve(r, name)
+            return scalar_grab(r.grabs.get(name)) if self.only_thresholds else curve(r, name)
 
         extras = {g: trace(lambda r, g=g: grab_value(r, g)) for g in grab_names}
         errors = {
-            r.key: {"message": r.error, "traceback": r.traceback}
+            trace_key(r.key): {"message": r.error, "traceback": r.traceback}
             for r in self.records
             if r.status == "failed"
         }
         return {
-            "jobs": [r.key for r in self.records],
+            "jobs": [trace_key(r.key) for r in self.records],
             "var_axes": list(self.axes),
             "losses": losses,
             "train_losses": train,
             "timekeys": trace(lambda r: r.timekeys if r.timekeys.size else None),
             "extras": extras,
             "errors": errors,
-            "status": {r.key: r.status for r in self.records},
+            "status": {trace_key(r.key): r.status for r in self.records},
         }
 
     def __getitem__(self, key: str) -> Any:
@@ -138,7 +117,7 @@ class Result(Mapping):
 
     def record(self, *key: Any) -> JobRecord:
         """The record of the job with these iterator values."""
-        return self._by_key[tuple(key)]
+        return self._by_key[trace_key(tuple(key))]
 
     @property
     def failed(self) -> list[JobRecord]:
@@ -153,14 +132,15 @@ class Result(Mapping):
         """An ``xarray.Dataset`` with one dimension per iterator.
 
         Variables: ``test_loss``, ``train_loss``, ``timekeys`` (extra dim ``threshold``), one per
-        grab, and ``status``. With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
+        grab, and each per-job field of ``JobRecord`` (``status`` is ``"missing"`` for a job with
+        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
         """
         import xarray as xr
 
         coords = {a: _coord(v) for a, v in zip(self.axes, self.axis_values)}
         shape = [len(v) for v in self.axis_values]
         index = {
-            a: {_hashable(x): i for i, x in enumerate(v)}
+            a: {_hashable(_trace_value(x)): i for i, x in enumerate(v)}
             for a, v in zip(self.axes, self.axis_values)
         }
 
@@ -184,47 +164,66 @@ class Result(Mapping):
             data["timekeys"] = grid("timekeys", ["threshold"])
         for g in self._data["extras"]:
             data[g] = grid(g, step)
-        status = np.full(shape, "missing", dtype=object)
-        for r in self.records:
-            status[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, r.key))] = r.status
-        data["status"] = xr.DataArray(status, dims=self.axes)
+        for name in PER_JOB:
+            if name not in data:
+                data[name] = xr.DataArray(self._per_job_grid(name, shape, index), dims=self.axes)
         ds = xr.Dataset(data, coords=coords)
         thresholds = self.config.get("LOSS_CHECKPOINTS")
         if "timekeys" in ds and thresholds is not None:
             ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
         return ds
 
+    def _per_job_grid(self, name: str, shape: list[int], index: dict) -> np.ndarray:
+        """One field of every record on the grid of axes. Where a job has no record: NaN for a
+        float, "missing" for the status, None otherwise (an int grid is then of objects, as a
+        float would round 63-bit seeds)."""
+        kind = FIELDS[name].type
+        complete = len(self.records) == int(np.prod(shape))
+        if kind == "float":
+            arr = np.full(shape, np.nan)
+        elif kind == "int" and complete:
+            arr = np.zeros(shape, dtype=np.int64)
+        else:
+            arr = np.full(shape, "missing" if name == "status" else None, dtype=object)
+        for r in self.records:
+            key = trace_key(r.key)
+            arr[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, key))] = getattr(r, name)
+        return arr
+
     def to_dataframe(self):
-        """A tidy ``pandas.DataFrame``: one row per job with axes, status, losses and timekeys."""
+        """A tidy ``pandas.DataFrame``: one row per job with its axes, each per-job field of
+        ``JobRecord`` (status, seed, losses, steps, seconds, error...), timekeys and scalar
+        grabs."""
         import pandas as pd
 
         rows = []
         thresholds = sorted(self.config.get("LOSS_CHECKPOINTS", []), reverse=True)
         for r in self.records:
             row = dict(zip(self.axes, r.key))
-            row.update(
-                status=r.status,
-                seed=r.seed,
-                steps=r.steps,
-                seconds=r.seconds,
-                train_loss=r.train_loss,
-                test_loss=r.test_loss,
-            )
+            row.update((name, getattr(r, name)) for name in PER_JOB)
             for j, tk in enumerate(r.timekeys):
                 name = f"timekey_{thresholds[j]:g}" if j < len(thresholds) else f"timekey_{j}"
                 row[name] = tk
             for g, v in r.grabs.items():
                 if np.ndim(v) == 0:
                     row[g] = float(v)
-            row["error"] = r.error
             rows.append(row)
         return pd.DataFrame(rows)
+
+    @property
+    def trained_by(self) -> Counter[str]:
+        """How the jobs trained: ``{"stacked": 36, "single: <reason>": 4}`` (jobs whose record
+        says nothing, such as ones that failed before training, are not counted)."""
+        return Counter(r.trained_by for r in self.records if r.trained_by)
 
     def summary(self) -> str:
         """A short text table: status counts and median losses."""
         df = self.to_dataframe()
         counts = df["status"].value_counts().to_dict() if len(df) else {}
         lines = [f"{len(df)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
+        if self.trained_by:
+            how = self.trained_by.most_common()
+            lines.append("trained: " + ", ".join(f"{n} {way}" for way, n in how))
         ok = df[df["status"] == "ok"] if len(df) else df
         if len(ok):
             cols = [
@@ -238,6 +237,27 @@ class Result(Mapping):
     def __repr__(self) -> str:
         n_failed = len(self.failed)
         return f"Result(axes={self.axes}, jobs={len(self.records)}, failed={n_failed})"
+
+
+def scalar_grab(value: Any) -> Any:
+    """A 0-d grab value as a numpy scalar (hashable, as the original returned it)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
+def trace_key(key: tuple) -> tuple:
+    """A job's key in the traces: the original's conversion, ``str()`` of every value that is
+    not an int, float, str or tuple (tuples converted inside), so that expt-core can compare."""
+    return tuple(_trace_value(v) for v in key)
+
+
+def _trace_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_trace_value(v) for v in value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    return str(value)
 
 
 def _hashable(x: Any) -> Any:

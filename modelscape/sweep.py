@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -150,3 +151,16 @@ def check_batch(X: Any, y: Any, bsz: int, where: str) -> None:
         )
     if X.shape[0] != bsz:
         raise SweepError(f"{where}: asked for {bsz} samples, batch_fn returned {X.shape[0]}.")
+
+
+def check_input_dim(d_in: int | None, X: Any) -> None:
+    """D_IN (the original's DIM), when given, must be the data's feature count."""
+    if d_in is None:
+        return
+    features = int(math.prod(X.shape[1:]))
+    if d_in != features:
+        raise SweepError(
+            f"D_IN={d_in} (DIM in the original) but the batch function's X has {features} "
+            f"features per sample (X.shape={tuple(X.shape)}); models are built for the data, "
+            "so drop D_IN or make it match."
+        )

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import modelscape
-from modelscape import batched, engine
-from modelscape.backend.job_iterator import plan
-from modelscape.checkpoint import Checkpoints
+from modelscape import engine
+from modelscape import engine as batched
+from modelscape.engine import Checkpoints
 from modelscape.jobs import SweepError
+from modelscape.runner import plan
 
 CPU = torch.device("cpu")
 
@@ -58,8 +59,9 @@ def batched_records(jobs, spec, checkpoints=None):
     assert len(groups) < len(jobs), "the jobs should share groups"
     out = {}
     for group in groups:
-        assert batched.can_batch(group, spec)
-        for record in batched.train_batched(group, spec, CPU, checkpoints):
+        assert batched.can_batch(group)
+        for record in batched.train_stacked(group, spec, CPU, checkpoints):
+            assert record.trained_by == "stacked", (record.trained_by, record.error)
             out[record.key] = record
     return out
 
@@ -155,6 +157,8 @@ def test_float32_matches_reference():
         {"MOMENTUM": 0.9, "WEIGHT_DECAY": 0.01, "NONLINEARITY": "tanh", "BIAS": True},
         {"OPTIMIZER": "Adam", "LR": 0.01, "NONLINEARITY": "gelu"},
         {"OPTIMIZER": "AdamW", "LR": 0.01, "WEIGHT_DECAY": 0.1, "NONLINEARITY": "silu"},
+        {"OPTIMIZER": "RMSprop", "LR": 0.002},
+        {"OPTIMIZER": "RMSprop", "LR": 0.002, "MOMENTUM": 0.5, "WEIGHT_DECAY": 0.01, "BIAS": True},
         # a parametrized model: the torch.func path, per-layer LRs from the param groups
         {"PARAMETRIZATION": "mup", "LR": 1.0, "ONLINE": True},
     ],
@@ -195,21 +199,25 @@ def test_sweep_results_equal_with_batching_on_and_off():
 
 def test_grouping_and_fallbacks(capsys):
     jobs, spec = make_jobs(
-        axes={"trial": range(2), "ntrain": [16, 32], "OPTIMIZER": ["SGD", "RMSprop"]}
+        axes={"trial": range(2), "ntrain": [16, 32], "OPTIMIZER": ["SGD", "Adagrad"]}
     )
     groups = batched.group_jobs(jobs)
-    # SGD jobs group by sample count; RMSprop has no stacked version and trains alone
+    # SGD jobs group by sample count; Adagrad has no stacked version and trains alone
     sizes = sorted(len(g) for g in groups)
     assert sizes == [1, 1, 1, 1, 2, 2]
-    assert "RMSprop" in capsys.readouterr().err
+    lone = next(g for g in groups if g[0].hp.OPTIMIZER == "Adagrad")
+    assert batched.why_single(lone).startswith("single: OPTIMIZER='Adagrad' has no stacked")
     widths, spec = make_jobs(axes={"WIDTH": [8, 16]})
-    assert not batched.can_batch(widths, spec)
-    assert "WIDTH" in capsys.readouterr().err
+    assert batched.why_single(widths) == "single: jobs differ in WIDTH"
+    records = list(batched.train_group(widths, spec, CPU))
+    assert {r.trained_by for r in records} == {"single: jobs differ in WIDTH"}
+    assert "2 jobs one at a time: jobs differ in WIDTH" in capsys.readouterr().err
     on, spec = make_jobs({"BATCHED": "on"}, axes={"WIDTH": [8, 16]})
     with pytest.raises(SweepError, match="BATCHED='on'"):
-        batched.can_batch(on, spec)
+        batched.can_batch(on)
     off, spec = make_jobs({"BATCHED": "off"})
-    assert not batched.can_batch(off, spec)
+    assert batched.why_single(off) == "single"
+    assert batched.why_single(off[:1]) == "single"
 
 
 def test_group_size_is_capped_by_memory_budget():
@@ -227,7 +235,7 @@ def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
     ckpt = Checkpoints(tmp_path, every_seconds=0.0)  # save at every window end
     (group,) = batched.group_jobs(jobs)
     finished = {}
-    for record in batched.train_batched(group, spec, CPU, ckpt):
+    for record in batched.train_stacked(group, spec, CPU, ckpt):
         finished[record.key] = record
         if record.steps > batched.SYNC_EVERY + 5:
             break  # "killed" here, after the first windows were saved
@@ -236,7 +244,7 @@ def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
     assert rest and all(state is not None and state["step"] > 0 for state in saved)
     # half resume stacked, the other half in the one-job loop: the checkpoint format is shared
     half = len(rest) // 2
-    for record in batched.train_batched(rest[:half], spec, CPU, ckpt):
+    for record in batched.train_stacked(rest[:half], spec, CPU, ckpt):
         finished[record.key] = record
     for job in rest[half:]:
         finished[job.key] = engine.run_job(job, spec, CPU, ckpt)
@@ -337,15 +345,15 @@ def test_a_jobs_numbers_do_not_depend_on_the_group_it_trains_in(overrides):
     makes results independent of workers, placement and resumption with batching on."""
     jobs, spec = make_jobs(overrides)
     full = {}
-    for record in batched.train_batched(jobs, spec, CPU):
+    for record in batched.train_stacked(jobs, spec, CPU):
         full[record.key] = record
     assert len({r.steps for r in full.values()}) > 2  # jobs exit at different steps
     parts = [jobs[::3], jobs[1:4], [jobs[5]], [jobs[-1]]]
     for part in parts:
         # a lone job trains in the one-job loop in a sweep; here it stands for a stack that
         # shrank to one job (the others exited), which must not change its numbers either
-        assert batched.can_batch(part, spec) == (len(part) > 1)
-        for record in batched.train_batched(part, spec, CPU):
+        assert batched.can_batch(part) == (len(part) > 1)
+        for record in batched.train_stacked(part, spec, CPU):
             ref = full[record.key]
             assert (record.steps, record.status) == (ref.steps, ref.status)
             assert record.test_loss == ref.test_loss and record.train_loss == ref.train_loss
@@ -397,29 +405,65 @@ def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
     assert batched.group_cap(job) >= 2
     # a job that could share a stack: alone, it is still computed as a pair
     sizes = _stack_sizes(monkeypatch)
-    (paired,) = batched.train_batched([job], spec, CPU)
+    (paired,) = batched.train_stacked([job], spec, CPU)
     assert sizes and set(sizes) == {2}
     # the same job under a memory budget that leaves it alone in every run
-    monkeypatch.setattr(batched, "GROUP_BYTES", batched.job_bytes(job) * 3 // 2)
-    assert batched.group_cap(job) == 1
-    assert [len(g) for g in batched.group_jobs(jobs)] == [1, 1]
+    budget = batched.job_bytes(job) * 3 // 2
+    assert batched.group_cap(job, budget) == 1
+    assert [len(g) for g in batched.group_jobs(jobs, budget)] == [1, 1]
     sizes.clear()
-    (alone,) = batched.train_batched([job], spec, CPU)
+    (alone,) = batched.train_stacked([job], spec, CPU, group_bytes=budget)
     assert sizes and set(sizes) == {1}
     # both compute the same training (they differ only in rounding), and both match the loop
     ref = reference([job], spec)
     assert_same(ref, {job.key: paired})
     assert_same(ref, {job.key: alone})
     # unpaired is deterministic: a second run (as after a resumption) is bit-identical
-    (again,) = batched.train_batched([job], spec, CPU)
+    (again,) = batched.train_stacked([job], spec, CPU, group_bytes=budget)
     assert (again.test_loss, again.train_loss, again.steps) == (
         alone.test_loss,
         alone.train_loss,
         alone.steps,
     )
-    # with the budget restored, a group whose jobs exit at different steps stays paired once
+    # with the default budget, a group whose jobs exit at different steps stays paired once
     # one job is left in its stack
-    monkeypatch.undo()
-    sizes = _stack_sizes(monkeypatch)
-    both = list(batched.train_batched(jobs, spec, CPU))
+    sizes.clear()
+    both = list(batched.train_stacked(jobs, spec, CPU))
     assert len({r.steps for r in both}) == 2 and set(sizes) == {2}
+
+
+def test_every_record_says_how_its_job_trained(capsys):
+    """A group that could stack but falls back must say so in every record: here the models'
+    Dropout layers are found only once the models are built, after grouping."""
+    stackable, spec = make_jobs({"MAX_ITER": 30})
+    assert batched.can_batch(stackable)
+    assert {r.trained_by for r in engine.train_group(stackable, spec, CPU)} == {"stacked"}
+    config = {**BASE, "MODEL_CLASS": TwoLayer, "DROPOUT": 0.2, "MAX_ITER": 30}
+    _, _, jobs, spec = plan([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
+    assert batched.can_batch(jobs)  # nothing in the hyperparameters forbids a stack
+    records = list(engine.train_group(jobs, spec, CPU))
+    assert len(records) == 3 and all(r.status == "ok" for r in records)
+    assert {r.trained_by for r in records} == {"single: the model has Dropout layers"}
+    # the runner says it once per sweep (the engine prints nothing per group)
+    assert "one at a time" not in capsys.readouterr().err
+    modelscape.run_sweep([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
+    err = capsys.readouterr().err
+    assert err.count("3 of 3 jobs trained one at a time: the model has Dropout layers") == 1
+    (alone,) = engine.train_group(jobs[:1], spec, CPU)
+    assert alone.trained_by == "single"
+
+
+def test_rmsprop_state_and_mixed_momentum_match_reference():
+    """The stacked RMSprop (registered as one class) exports torch's state for grabs."""
+
+    def square_avg(opt, model, step, **kw):
+        state = opt.state[next(model.parameters())]
+        return state["square_avg"].norm() + float(state["step"]) + step
+
+    axes = {"trial": range(2), "MOMENTUM": [0.0, 0.5], "LR": [0.002, 0.005]}
+    overrides = {"OPTIMIZER": "RMSprop", "ONLYTHRESHOLDS": False, "EVAL_EVERY": 7}
+    jobs, spec = make_jobs({**overrides, "MAX_ITER": 50, "otherreturns": {"sq": square_avg}}, axes)
+    assert len(batched.group_jobs(jobs)) == 1
+    ref = reference(jobs, spec)
+    assert "sq" in next(iter(ref.values())).curves
+    assert_same(ref, batched_records(jobs, spec))

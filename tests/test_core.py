@@ -221,8 +221,10 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
         seen.append((type(model).__name__, model.degree, model.width))
         return 0.0
 
-    run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2, otherreturns={"g": grab}))
+    run([[0]], ["trial"], config(MODEL_CLASS=Poly, DEGREE=2, otherreturns={"g": grab}))
     assert seen == [("Poly", 2, 16)]
+    with pytest.raises(SweepError, match="give it as DEGREE"):  # one spelling per argument
+        run([[0]], ["trial"], config(MODEL_CLASS=Poly, degree=2))
     with pytest.raises(SweepError, match="needs degree: add DEGREE"):
         run([[0]], ["trial"], config(MODEL_CLASS=Poly))
     path = tmp_path / "mymodel.py"
@@ -234,7 +236,8 @@ def test_user_model_class_gets_arguments_by_name(tmp_path):
 
 
 def test_optimizer_and_loss_by_name_with_extra_arguments():
-    ok = run([[0]], ["trial"], config(OPTIMIZER="Adam", betas=(0.8, 0.9), LOSS="L1Loss"))
+    adam = config(OPTIMIZER="Adam", OPTIMIZER_KWARGS={"betas": (0.8, 0.9)}, LOSS="L1Loss")
+    ok = run([[0]], ["trial"], adam)
     assert ok["status"][(0,)] == "ok"
     with pytest.raises(SweepError, match="takes no momentum"):
         run([[0]], ["trial"], config(OPTIMIZER="Adam", MOMENTUM=0.9))
@@ -272,8 +275,8 @@ def test_bad_input_fails_before_training(iterators, names, cfg, bfn, match):
         run(iterators, names, config(**cfg), bfn=bfn)
 
 
-def test_near_miss_config_key_warns():
-    with pytest.warns(UserWarning, match="did you mean WIDTH"):
+def test_near_miss_config_key_is_an_error():
+    with pytest.raises(HParamError, match="'WIDHT' is not a hyperparameter, but looks like WIDTH"):
         run([[0]], ["trial"], {**config(), "WIDHT": 3})
 
 
@@ -364,17 +367,22 @@ def test_duplicate_iterator_values_are_refused():
         run([[0.1, 0.1, 0.2]], ["LR"], config())
 
 
-def test_optimizer_arguments_come_by_exact_name_only():
+def test_optimizer_arguments_come_from_optimizer_kwargs_only():
     seen = {}
 
     def grab(opt, **kwargs):
         seen.update(opt.defaults)
         return 0.0
 
-    cfg = config(OPTIMIZER="RMSprop", ALPHA=1.5, otherreturns={"g": grab})
-    run([[0]], ["trial"], cfg)
-    assert seen["alpha"] == 0.99  # the user key ALPHA (data) is not RMSprop's alpha
-    run([[0]], ["trial"], config(OPTIMIZER="RMSprop", alpha=0.9, otherreturns={"g": grab}))
+    for key in ("ALPHA", "alpha"):  # user keys (data) are never RMSprop's alpha
+        run([[0]], ["trial"], config(OPTIMIZER="RMSprop", **{key: 0.5}, otherreturns={"g": grab}))
+        assert seen["alpha"] == 0.99
+    kwargs = {"alpha": 0.9}
+    run(
+        [[0]],
+        ["trial"],
+        config(OPTIMIZER="RMSprop", OPTIMIZER_KWARGS=kwargs, otherreturns={"g": grab}),
+    )
     assert seen["alpha"] == 0.9
 
 

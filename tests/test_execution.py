@@ -45,7 +45,10 @@ def make_bfn(d, kill=None):
 
 
 def sweep(cfg, trials=range(4), gammas=(1.0, 0.5), bfn=None, **kwargs):
-    grabs = {"pid": lambda **kw: os.getpid(), "w_norm": lambda model, **kw: model.readout.weight}
+    grabs = {
+        "pid": lambda **kw: os.getpid(),
+        "w_norm": lambda model, **kw: model.output_layer.weight,
+    }
     return run_job_iterator(
         [list(trials), list(gammas)],
         ["trial", "GAMMA"],

@@ -43,7 +43,7 @@ def sequence_bfn(bsz, gen, X=None, y=None, **kwargs):
 
 def readout_multiplier(model, **kwargs):
     """1 for a plain readout, else the parametrized readout's multiplier."""
-    readout = model.readout
+    readout = P.weight_layers(model)[-1][1]
     return float(readout.multiplier) if isinstance(readout, P.ParametrizedLinear) else 1.0
 
 
@@ -113,7 +113,7 @@ def test_models_check_their_input_shapes():
 def test_model_anatomy_is_what_the_parametrizations_assume():
     """Readin first, readout last, width = the hidden fan: what mupify's rules are keyed on."""
     cases = [
-        (MLP(6, 2, 16, depth=3), 4, [6, 16, 16, 16]),
+        (MLP(d_in=6, d_out=2, width=16, depth=3), 4, [6, 16, 16, 16]),
         (CNN((2, 5, 5), 2, 16, depth=2), 3, [2 * 9, 16 * 9, 16]),
         (ResNet((5, 5), 2, 16, depth=2), 6, [9] + [16 * 9] * 4 + [16]),
     ]

@@ -26,7 +26,7 @@ def bfn(bsz, gen, X=None, y=None, **kwargs):
     return batch_fn
 
 def readout_norm(model, **kwargs):
-    return float(model.readout.weight.detach().norm())
+    return float(model.output_layer.weight.detach().norm())
 
 def pid(**kwargs):
     return os.getpid()
@@ -72,7 +72,7 @@ def test_notebook_defined_batch_function_and_grab_run_on_two_workers(tmp_path, m
 
     cfg = vars(base_args(WIDTH=16, MAX_ITER=40, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"],
                          LOSS_CHECKPOINTS=[1e-9], BATCHED="off"))  # fmt: skip
-    grab = {"norm": lambda model, **kw: float(model.readout.weight.detach().norm())}
+    grab = {"norm": lambda model, **kw: float(model.output_layer.weight.detach().norm())}
     reference = run_job_iterator(
         [range(2), [1.0, 0.5]],
         ["trial", "GAMMA"],

@@ -21,7 +21,7 @@ D_IN, WIDTH, D_OUT = 32, 256, 16
 
 def mlp(seed=0, nonlinearity="relu", bias=False):
     torch.manual_seed(seed)
-    return MLP(D_IN, D_OUT, WIDTH, depth=2, nonlinearity=nonlinearity, bias=bias)
+    return MLP(d_in=D_IN, d_out=D_OUT, width=WIDTH, depth=2, nonlinearity=nonlinearity, bias=bias)
 
 
 def mupify_reference(param, role, fan_in, n):
@@ -42,7 +42,7 @@ def test_sgd_matches_mupify_per_layer(param):
     model = mlp()
     lr = 0.05
     opt = P.apply(model, param, torch.optim.SGD, lr, {"momentum": 0.0, "weight_decay": 0.0})
-    layers = [model.hidden[0], model.hidden[1], model.readout]
+    layers = [model.input_layer, model.hidden_layers[0], model.output_layer]
     expected = [
         mupify_reference(param, "readin", D_IN, WIDTH),
         mupify_reference(param, "hidden", WIDTH, WIDTH),
@@ -55,9 +55,9 @@ def test_sgd_matches_mupify_per_layer(param):
         assert layer.weight.std().item() == pytest.approx(std, rel=0.05)
         assert group["params"][0] is layer.weight
         assert group["lr"] == pytest.approx(lr * lr_factor, rel=1e-12)
-    assert type(model.act) is P.ScaledReLU and model.act.gain == pytest.approx(math.sqrt(2))
+    assert type(model.nonlin) is P.ScaledReLU and model.nonlin.gain == pytest.approx(math.sqrt(2))
     x = torch.randn(5, D_IN)
-    assert torch.allclose(model.act(x), math.sqrt(2) * torch.relu(x))
+    assert torch.allclose(model.nonlin(x), math.sqrt(2) * torch.relu(x))
 
 
 def test_conv_fan_in_counts_channels_times_kernel():
@@ -162,8 +162,10 @@ def test_weight_decay_shrinks_every_layer_by_lr_times_wd(param, opt_cls):
 def test_sp_leaves_the_model_as_built():
     model, reference = mlp(seed=3), mlp(seed=3)
     opt = P.apply(model, "sp", torch.optim.SGD, 0.1, {"momentum": 0.9})
-    assert all(type(m) is nn.Linear for m in (*model.hidden, model.readout))
-    assert type(model.act) is nn.ReLU
+    assert all(
+        type(m) is nn.Linear for m in (model.input_layer, *model.hidden_layers, model.output_layer)
+    )
+    assert type(model.nonlin) is nn.ReLU
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), k
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 0.1
@@ -199,7 +201,7 @@ def test_mupify_adam_keeps_betas_and_uses_the_adam_rule():
     P.mupify(model, opt, "mup")
     assert all(g["betas"] == (0.7, 0.9) and g["eps"] == 1e-10 for g in opt.param_groups)
     # TP-V Adam, effective lr = multiplier * lr: 1/d_in readin, 1/fan_in hidden and readout
-    layers = [model.hidden[0], model.hidden[1], model.readout]
+    layers = [model.input_layer, model.hidden_layers[0], model.output_layer]
     effective = [float(m.multiplier) * g["lr"] for m, g in zip(layers, opt.param_groups)]
     assert effective == pytest.approx([1 / D_IN, 1 / WIDTH, 1 / WIDTH])
 
@@ -212,15 +214,13 @@ def test_second_mupify_raises():
         P.mupify(model, opt, "ntp")
 
 
-def test_mupify_after_a_step_or_with_an_unknown_optimizer_raises():
+def test_mupify_after_a_step_raises():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, D_IN)).sum().backward()
     opt.step()
     with pytest.raises(P.ParametrizationError, match="already taken steps"):
         P.mupify(model, opt, "mup")
-    with pytest.raises(P.ParametrizationError, match="no learning-rate rule for LBFGS"):
-        P.mupify(mlp(), torch.optim.LBFGS(mlp().parameters()), "mup")
 
 
 def test_attention_is_refused_with_the_reason():
@@ -229,7 +229,7 @@ def test_attention_is_refused_with_the_reason():
     with pytest.raises(P.ParametrizationError, match="attention .MultiheadAttention.*1/d_head"):
         P.apply(model, "mup", torch.optim.SGD, 0.1, {})
     with torch.device("meta"):  # what a sweep can check before any job trains
-        P.check_applicable(MLP(4, 1, 8, 2), "mup", torch.optim.AdamW)
+        P.check_applicable(MLP(d_in=4, d_out=1, width=8, depth=2), "mup", torch.optim.AdamW)
         P.check_applicable(Transformer((5, 3), 1, 16, 1), "sp", torch.optim.SGD)
         with pytest.raises(P.ParametrizationError, match="is attention"):
             P.check_applicable(Transformer((5, 3), 1, 16, 1), "ntp", torch.optim.SGD)
@@ -255,7 +255,10 @@ def test_rescale_divides_the_output_and_applies_the_lr_rule(gamma):
 def test_rescale_then_mupify_is_refused():
     model = mlp()
     P.rescale(model, 2.0)
-    assert type(model.readout) is P.ParametrizedLinear and float(model.readout.multiplier) == 0.5
+    assert (
+        type(model.output_layer) is P.ParametrizedLinear
+        and float(model.output_layer.multiplier) == 0.5
+    )
     with pytest.raises(P.ParametrizationError, match="call mupify first"):
         P.mupify(model, torch.optim.SGD(model.parameters(), lr=1.0), "mup")
 
@@ -268,7 +271,7 @@ def test_stacked_functional_call_reproduces_each_parametrized_model():
         P.apply(m, "mup", torch.optim.SGD, 0.1, {})
         models.append(m)
     params, buffers = stack_module_state(models)
-    assert buffers["readout.multiplier"].shape == (2,)
+    assert buffers["output_layer.multiplier"].shape == (2,)
     x = torch.randn(4, D_IN)
 
     def f(p, b):

@@ -33,7 +33,7 @@ def test_ray_results_and_store_equal_local_training(local_ray, tmp_path):
         return batch_fn
 
     def grabs():
-        return {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.readout.weight}
+        return {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.output_layer.weight}
 
     cfg = vars(base_args(WIDTH=16, MAX_ITER=40, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"],
                          LOSS_CHECKPOINTS=[0.5, 1e-9], BATCHED="off"))  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 
 from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.parametrize import weight_layers
 from modelscape.store import load
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -201,7 +202,7 @@ def interrupting_grab(model, step, **kwargs):
     if INTERRUPT_AT and step == INTERRUPT_AT[0]:
         INTERRUPT_AT.clear()
         raise KeyboardInterrupt  # Ctrl-C in the middle of a job
-    return model.readout.weight.detach().sum()
+    return weight_layers(model)[-1][1].weight.detach().sum()  # the readout, in any model
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """Command-line and notebook entry points for hyperparameters (the original's API).
 
-``parse_args()`` for scripts, ``base_args()`` for notebooks. Both return an
-``argparse.Namespace`` holding every hyperparameter; set more attributes on it freely
+``parse_args()`` for scripts, ``base_args()`` for notebooks. Both return an ``Args``
+namespace holding every hyperparameter; set more attributes on it freely
 (``args.CLASSES = [0, 6]``): keys that are not hyperparameters travel to batch functions and
-grabs as user keys.
+grabs as user keys. The original's spellings (``args.width``, ``--width``) read and write the
+current names, with a FutureWarning (the table is ``hparams.DEPRECATED_NAMES``).
 
 Job-scoped options take one or more values. ``--GAMMA 0.1 1 10`` stores the list
 ``[0.1, 1.0, 10.0]``, and ``job_iterator.main`` turns a list-valued hyperparameter into a sweep
@@ -66,7 +67,31 @@ def parse_none_or_str(text: str) -> str | None:
     return None if text.strip().lower() in ("none", "null", "") else text
 
 
+def parse_none_or_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "null", "") else parse_int(text)
+
+
 _PARSERS = {"bool": parse_bool, "int": parse_int, "float": float, "str": str}
+
+# Namespace attributes kept as lists, as the original's parse_args/base_args gave them, so that
+# scripts can iterate them (``iterators = [args.N_SAMPLES, ...]``).
+LIST_ATTRIBUTES = ("N_SAMPLES",)
+
+
+class Args(argparse.Namespace):
+    """The namespace of ``parse_args``/``base_args``.
+
+    Reading or writing an attribute by a legacy spelling (``args.width``) uses its current name
+    (``WIDTH``) with a FutureWarning, so that ``vars(args)`` holds each hyperparameter once.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        if name in H.DEPRECATED_NAMES:
+            return getattr(self, H.canonical_name(name))
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(H.canonical_name(name), value)
 
 
 def _extra_specs(extra: Extra | None) -> dict[str, tuple[Any, str]]:
@@ -74,6 +99,15 @@ def _extra_specs(extra: Extra | None) -> dict[str, tuple[Any, str]]:
     for name, spec in (extra or {}).items():
         if name in H.FIELDS:
             raise H.HParamError(f"{name} is already a built-in hyperparameter; pick another name.")
+        if (
+            name in H.DEPRECATED_NAMES
+            or name in H.LEGACY_MODEL_FILE.values()
+            or (name in H.LEGACY_MODEL_FILE)
+        ):
+            raise H.HParamError(
+                f"{name} is the original modelscape's spelling of "
+                f"{H.DEPRECATED_NAMES.get(name, 'MODEL_CLASS')}; pick another name."
+            )
         default, help_ = spec if isinstance(spec, tuple) else (spec, "user hyperparameter")
         specs[name] = (default, help_)
     return specs
@@ -101,30 +135,14 @@ def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="YAML or JSON file of hyperparameter values.")
     for name, f in H.FIELDS.items():
-        kind = H.kind_of(name)
         help_ = f"{f.metadata['help']} (default: {H.DEFAULTS[name]!r})"
-        if name == "DEVICES":
-            parser.add_argument(f"--{name}", nargs="+", type=parse_device, help=help_)
-        elif name == "LOSS_CHECKPOINTS":
-            parser.add_argument(f"--{name}", nargs="+", type=float, help=help_)
-        elif kind in ("path", "model"):
-            parser.add_argument(f"--{name}", type=parse_none_or_str, help=help_)
-        elif kind == "class":
-            nargs = "+" if f.metadata["scope"] == "job" else None
-            parser.add_argument(f"--{name}", nargs=nargs, type=str, help=help_)
-        else:
-            nargs = "+" if f.metadata["scope"] == "job" else None
-            parser.add_argument(
-                f"--{name}",
-                nargs=nargs,
-                type=_PARSERS[kind],
-                choices=f.metadata["choices"],
-                help=help_,
-            )
+        parser.add_argument(f"--{name}", help=help_, **_flag_options(name))
     for old, new in H.DEPRECATED_NAMES.items():
-        parser.add_argument(
-            f"--{old}", dest=old, nargs="+", type=_PARSERS[H.kind_of(new)], help=argparse.SUPPRESS
-        )
+        if new in H.FIELDS:
+            parser.add_argument(f"--{old}", dest=old, help=argparse.SUPPRESS, **_flag_options(new))
+    for file_key, name_key in H.LEGACY_MODEL_FILE.items():
+        for key in (file_key, name_key):
+            parser.add_argument(f"--{key}", dest=key, type=str, help=argparse.SUPPRESS)
     for name, (default, help_) in _extra_specs(extra).items():
         if isinstance(default, list):
             item = _value_parser(default[0]) if default else str
@@ -132,6 +150,26 @@ def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
         else:
             parser.add_argument(f"--{name}", nargs="+", type=_value_parser(default), help=help_)
     return parser
+
+
+def _flag_options(name: str) -> dict[str, Any]:
+    """``add_argument`` options of a schema field's flag: its parser and how many values."""
+    f = H.FIELDS[name]
+    kind = H.kind_of(name)
+    many = "+" if f.metadata["scope"] == "job" else None
+    if name == "DEVICES":
+        return {"nargs": "+", "type": parse_device}
+    if name == "LOSS_CHECKPOINTS":
+        return {"nargs": "+", "type": float}
+    if kind in ("path", "model"):
+        return {"type": parse_none_or_str}
+    if kind == "optional_int":
+        return {"type": parse_none_or_int}
+    if kind == "class":
+        return {"nargs": many, "type": str}
+    if kind == "dict":
+        return {"type": json.loads}
+    return {"nargs": many, "type": _PARSERS[kind], "choices": f.metadata["choices"]}
 
 
 def _unwrap(value: Any) -> Any:
@@ -177,9 +215,17 @@ def _defaults(extra: Extra | None) -> dict[str, Any]:
     return values
 
 
+def _namespace(values: dict[str, Any]) -> Args:
+    for name in LIST_ATTRIBUTES:
+        if not isinstance(values[name], (list, tuple)):
+            values[name] = [values[name]]
+    args = Args()
+    vars(args).update(values)
+    return args
+
+
 def _apply(values: dict[str, Any], updates: Mapping[str, Any], extra_names: set[str], source: str):
-    for key, value in updates.items():
-        name = H.canonical_name(key)
+    for name, value in H.merge_legacy(updates).items():
         if name not in H.FIELDS and name not in extra_names:
             raise H.HParamError(f"{source}: {H.unknown_message(name)}")
         if name in H.FIELDS:
@@ -217,18 +263,19 @@ def parse_args(argv: Sequence[str] | None = None, extra: Extra | None = None) ->
     extra_lists = {n for n, (d, _) in _extra_specs(extra).items() if isinstance(d, list)}
     flags = {}
     for key, value in given.items():
-        name = H.canonical_name(key)
+        name = H.DEPRECATED_NAMES.get(key, key)
         keep_list = name in extra_lists or (name in H.FIELDS and H.kind_of(name) == "list")
-        flags[name] = value if keep_list else _unwrap(value)
+        flags[key] = value if keep_list or name in LIST_ATTRIBUTES else _unwrap(value)
     _apply(values, flags, extra_names, "command line")
-    return argparse.Namespace(**values)
+    return _namespace(values)
 
 
 def base_args(extra: Extra | None = None, **overrides: Any) -> argparse.Namespace:
     """The defaults as a namespace (for notebooks), with optional ``overrides``.
 
     ``base_args(WIDTH=256, LR=0.1)`` is checked against the schema like the command line.
+    ``N_SAMPLES`` is a list, as in the original, so ``[args.N_SAMPLES, ...]`` is an iterator.
     """
     values = _defaults(extra)
     _apply(values, overrides, set(_extra_specs(extra)), "base_args")
-    return argparse.Namespace(**values)
+    return _namespace(values)

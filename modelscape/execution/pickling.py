@@ -1,21 +1,22 @@
-"""How a sweep's functions travel to worker processes and Ray tasks: by value, with cloudpickle.
+"""How a sweep travels to worker processes and Ray tasks: one ``Payload``, cloudpickled.
 
 Batch functions, grabs, model classes and ``post_init_fn`` defined in a notebook, in ``__main__``
 or as closures and lambdas are pickled with their code, so workers need not import them.
-``dumps`` runs before any worker starts; when something cannot be pickled it raises a
-``SweepError`` that names the object (down to the closure variable or global a function uses)
+``Payload.pickle()`` runs before any worker starts; when something cannot be pickled it raises
+a ``SweepError`` that names the object (down to the closure variable or global a function uses)
 and the fix.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cloudpickle
 
-from modelscape.jobs import Job, SweepError
+from modelscape.errors import SweepError
+from modelscape.jobs import Job
 from modelscape.sweep import SweepSpec
 
 _FIX = (
@@ -23,6 +24,28 @@ _FIX = (
     "data instead, or train in this process (one device with WORKERS_PER_DEVICE=1, or "
     "use_mp=False), where nothing is pickled."
 )
+
+
+class Payload:
+    """A sweep's spec and its groups of jobs: all an executor sends to where jobs train.
+
+    An in-process executor uses ``spec`` and ``groups`` as they are. ``pickle()`` turns them
+    into bytes once, before any worker starts, so that something unpicklable fails the sweep
+    early; ``spec_blob`` and ``group_blob(i)`` are then what travels.
+    """
+
+    def __init__(self, spec: SweepSpec, groups: Sequence[Sequence[Job]]):
+        self.spec = spec
+        self.groups = [list(g) for g in groups]
+        self.spec_blob = b""
+        self._group_blobs: list[bytes] = []
+
+    def pickle(self) -> None:
+        self.spec_blob = dumps(self.spec, "the sweep's functions and data")
+        self._group_blobs = [dumps(g, "a job") for g in self.groups]
+
+    def group_blob(self, gid: int) -> bytes:
+        return self._group_blobs[gid]
 
 
 def dumps(obj: Any, what: str) -> bytes:
@@ -34,6 +57,7 @@ def dumps(obj: Any, what: str) -> bytes:
 
 
 def loads(data: bytes) -> Any:
+    """The object ``dumps`` pickled (in a worker: a spec or a group of jobs)."""
     return cloudpickle.loads(data)
 
 

@@ -1,15 +1,10 @@
-"""Where jobs run. An executor takes groups of jobs and hands each finished record back.
+"""EXECUTOR="local": ``LocalExecutor`` runs long-lived worker processes on this machine.
 
-- ``InProcessExecutor`` trains in the calling process on one device: the debug executor, and
-  the default when a sweep has one worker in total.
-- ``LocalExecutor`` runs WORKERS_PER_DEVICE long-lived worker processes per entry of DEVICES.
-  Workers pull groups from the parent one at a time and stream records back; the parent is the
-  only writer of results. A worker that dies has its unfinished jobs recorded as failed and is
-  replaced. Ctrl-C stops handing out jobs and shuts every worker down.
-- ``RayExecutor`` (EXECUTOR="ray") submits groups as Ray tasks (see ``modelscape.ray_executor``).
-
-Every executor produces the same records: a job's seed and data depend only on its identity,
-never on the worker or the order.
+WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see ``worker.py``)
+pull groups from the parent one at a time and stream records back; the parent is the only
+writer of results. A worker that dies has its unfinished jobs recorded as failed and is
+replaced. Ctrl-C stops handing out jobs and shuts every worker down. With one worker in total,
+``from_hparams`` picks ``InProcessExecutor`` instead.
 """
 
 from __future__ import annotations
@@ -19,56 +14,18 @@ import secrets
 import signal
 import subprocess
 import sys
-from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, wait
 
-import torch
-
 from modelscape import hparams as H
-from modelscape import serialization
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record, resolve_device, train_group
-from modelscape.jobs import Job, SweepError
-from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec
-from modelscape.worker import AUTHKEY_ENV
-
-OnRecord = Callable[[JobRecord], None]
-
-
-class Executor(ABC):
-    """Runs groups of jobs somewhere and calls ``on_record`` in this process for each result."""
-
-    @abstractmethod
-    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        """Train every group; return once every job's record has been passed to ``on_record``."""
-
-    def placement(self) -> list[str]:
-        """The device of each worker, for the progress bar."""
-        return []
-
-
-class InProcessExecutor(Executor):
-    """Train every group in this process, one after another, on ``device``."""
-
-    def __init__(self, device: torch.device, checkpoints: Checkpoints | None = None):
-        self.device = device
-        self.checkpoints = checkpoints
-
-    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        for group in groups:
-            for record in train_group(group, spec, self.device, self.checkpoints):
-                on_record(record)
-
-    def placement(self) -> list[str]:
-        return [str(self.device)]
-
-
-class WorkerDied(RuntimeError):
-    """A worker process ended (killed, out of memory, crashed) while training a job."""
+from modelscape.engine import Checkpoints
+from modelscape.errors import ExecutorError, WorkerDied
+from modelscape.execution.base import Executor, Records, local_device
+from modelscape.execution.inprocess import InProcessExecutor
+from modelscape.execution.pickling import Payload
+from modelscape.execution.worker import AUTHKEY_ENV
 
 
 @dataclass
@@ -78,7 +35,6 @@ class _Worker:
     conn: Connection
     ready: bool = False
     gid: int | None = None  # the group in flight
-    left: list[Job] = field(default_factory=list)  # its jobs with no record yet
 
 
 class LocalExecutor(Executor):
@@ -90,84 +46,86 @@ class LocalExecutor(Executor):
 
     def __init__(
         self,
-        devices: Sequence[str],
+        devices: Sequence[int | str],
         workers_per_device: int = 1,
         checkpoints: Checkpoints | None = None,
         *,
         threads: int | None = None,
     ):
+        super().__init__(checkpoints)
         self.slots = [str(d) for d in devices for _ in range(workers_per_device)]
-        self.checkpoints = checkpoints
         self.threads = threads or max(1, available_cores() // len(self.slots))
         self._authkey = secrets.token_bytes(32)
         self._startup_deaths = 0
 
+    @classmethod
+    def from_hparams(
+        cls, hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
+    ) -> Executor:
+        devices = [local_device(d) for d in hp.DEVICES]
+        n_workers = len(devices) * hp.WORKERS_PER_DEVICE
+        if use_mp is False or (use_mp is None and n_workers == 1):
+            return InProcessExecutor(devices[0], checkpoints)
+        return cls([str(d) for d in devices], hp.WORKERS_PER_DEVICE, checkpoints)
+
     def placement(self) -> list[str]:
         return list(self.slots)
 
-    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        # pickle everything before the first worker starts, so that a bad object fails fast
-        spec_blob = serialization.dumps(spec, "the sweep's functions and data")
-        blobs = [serialization.dumps(list(g), "a job") for g in groups]
+    def _run(self, payload: Payload, records: Records) -> None:
         procs = [self._spawn() for _ in self.slots]  # all import torch at the same time
         workers: list[_Worker] = []
         try:
             for proc, device in zip(procs, self.slots):
-                workers.append(self._connect(proc, device, spec_blob))
-            self._loop(workers, groups, blobs, spec_blob, on_record)
+                workers.append(self._connect(proc, device, payload.spec_blob))
+            self._loop(workers, payload, records)
         finally:
             _shutdown(workers)
             for proc in procs[len(workers) :]:
                 proc.kill()
                 proc.wait()
 
-    def _loop(self, workers, groups, blobs, spec_blob, on_record) -> None:
-        pending = deque(range(len(groups)))
+    def _loop(self, workers: list[_Worker], payload: Payload, records: Records) -> None:
+        pending = deque(range(len(payload.groups)))
         while pending or any(w.gid is not None for w in workers):
             for w in workers:
                 if w.ready and w.gid is None and pending:
                     w.gid = pending.popleft()
-                    w.left = list(groups[w.gid])
-                    w.conn.send((w.gid, blobs[w.gid]))
+                    w.conn.send((w.gid, payload.group_blob(w.gid)))
             by_conn = {w.conn: w for w in workers}
             for conn in wait(list(by_conn)):
                 w = by_conn[conn]
                 try:
                     message = conn.recv()
                 except (EOFError, OSError):
-                    self._bury(w, on_record)
+                    self._bury(w, records)
                     i = workers.index(w)
                     if pending:  # a replacement carries on with the remaining groups
-                        workers[i] = self._connect(self._spawn(), w.device, spec_blob)
+                        workers[i] = self._connect(self._spawn(), w.device, payload.spec_blob)
                     else:
                         del workers[i]
                     continue
-                self._handle(w, message, on_record)
+                self._handle(w, message, records)
 
-    def _handle(self, w: _Worker, message: tuple, on_record: OnRecord) -> None:
+    def _handle(self, w: _Worker, message: tuple, records: Records) -> None:
         kind = message[0]
         if kind == "ready":
             w.ready = True
             self._startup_deaths = 0
         elif kind == "record":
-            record = message[2]
-            w.left = [j for j in w.left if j.key != record.key]
-            on_record(record)
+            records.add(message[1], message[2])
         elif kind == "group_error":
-            for job in w.left:
-                on_record(failed_record(job, RuntimeError(message[2]), w.device))
-            w.left = []
+            records.fail_rest(message[1], RuntimeError(message[2]), w.device)
         elif kind == "done":
             w.gid = None
         elif kind == "fatal":
-            raise SweepError(
+            raise ExecutorError(
                 f"a worker on {w.device} could not load the sweep's functions:\n{message[1]}"
                 "Functions from your own modules must import in a fresh interpreter (the "
                 "worker's sys.path is the parent's); define them in the script or notebook "
                 "instead to send them by value."
             )
 
-    def _bury(self, w: _Worker, on_record: OnRecord) -> None:
+    def _bury(self, w: _Worker, records: Records) -> None:
         """Record the unfinished jobs of a worker whose connection broke as failed."""
         try:
             code = w.proc.wait(timeout=5)
@@ -175,13 +133,13 @@ class LocalExecutor(Executor):
             w.proc.kill()
             code = w.proc.wait()
         how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit code {code}"
-        for job in w.left:
+        if w.gid is not None:
             err = WorkerDied(
                 f"the worker process on {w.device} died ({how}) while training this job: it "
                 "was killed (out of memory?) or crashed. RETRY_FAILED=True reruns it."
             )
-            on_record(failed_record(job, err, w.device))
-        w.gid, w.left = None, []
+            records.fail_rest(w.gid, err, w.device)
+        w.gid = None
         if not w.ready:
             self._startup_died(how)
         _close(w)
@@ -192,7 +150,7 @@ class LocalExecutor(Executor):
         # native thread pools size themselves at import, before torch.set_num_threads runs
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         return subprocess.Popen(
-            [sys.executable, "-c", "from modelscape.worker import main; main()"],
+            [sys.executable, "-c", "from modelscape.execution.worker import main; main()"],
             stdout=subprocess.PIPE,
             env=env,
             text=True,
@@ -222,7 +180,7 @@ class LocalExecutor(Executor):
     def _startup_died(self, how: str) -> None:
         self._startup_deaths += 1
         if self._startup_deaths > 2 * len(self.slots):
-            raise SweepError(
+            raise ExecutorError(
                 f"worker processes keep dying before they start ({how}); see their errors "
                 "above, or train in this process (use_mp=False) to debug."
             )
@@ -265,32 +223,3 @@ def available_cores() -> int:
     if sys.platform.startswith("linux"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def executor_for(
-    hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
-) -> Executor:
-    """The executor EXECUTOR, DEVICES and WORKERS_PER_DEVICE ask for.
-
-    One worker in total trains in this process, several in worker processes; ``use_mp``
-    (the original's flag) forces one or the other.
-    """
-    if hp.EXECUTOR == "ray":
-        from modelscape.ray_executor import RayExecutor
-
-        return RayExecutor(hp.DEVICES, hp.WORKERS_PER_DEVICE, checkpoints)
-    devices = [_device(d) for d in hp.DEVICES]
-    n_workers = len(devices) * hp.WORKERS_PER_DEVICE
-    if use_mp is False or (use_mp is None and n_workers == 1):
-        return InProcessExecutor(devices[0], checkpoints)
-    return LocalExecutor([str(d) for d in devices], hp.WORKERS_PER_DEVICE, checkpoints)
-
-
-def _device(spec: int | str) -> torch.device:
-    device = resolve_device(spec)
-    if spec != "cpu" and device.type == "cpu":
-        print(
-            f"modelscape: CUDA is not available; DEVICES entry {spec} runs on the CPU.",
-            file=sys.stderr,
-        )
-    return device

@@ -20,13 +20,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from modelscape import serialization
-from modelscape.checkpoint import Checkpoints
-from modelscape.engine import failed_record
-from modelscape.executors import Executor, OnRecord
-from modelscape.jobs import Job, SweepError
+from modelscape.engine import Checkpoints
+from modelscape.errors import ExecutorError
+from modelscape.execution.base import Executor, Records
+from modelscape.execution.pickling import Payload
+from modelscape.progress import notice
 from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec
 
 
 def _train_group_task(
@@ -37,17 +36,18 @@ def _train_group_task(
     sys_path: list[str],
 ) -> list[JobRecord]:
     """The body of one Ray task: train a group on the device Ray assigned."""
+    # imported in the task: this function travels to Ray's workers by value
     import torch
 
     from modelscape.engine import train_group
+    from modelscape.execution.base import join_sys_path
+    from modelscape.execution.pickling import loads
 
-    sys.path[:] = sys_path + [p for p in sys.path if p not in sys_path]
+    join_sys_path(sys_path)
     torch.set_num_threads(1)  # the task holds one CPU
     # Ray restricts CUDA_VISIBLE_DEVICES to the task's GPU, so it is always cuda:0 here
     device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    spec = serialization.loads(spec_blob)
-    group = serialization.loads(group_blob)
-    return list(train_group(group, spec, device, checkpoints))
+    return list(train_group(loads(group_blob), loads(spec_blob), device, checkpoints))
 
 
 class RayExecutor(Executor):
@@ -59,26 +59,24 @@ class RayExecutor(Executor):
         workers_per_device: int = 1,
         checkpoints: Checkpoints | None = None,
     ):
+        super().__init__(checkpoints)
         self.devices = list(devices)
         self.use_gpu = any(d != "cpu" for d in devices)
         self.gpu_fraction = 1.0 / workers_per_device
-        self.checkpoints = checkpoints
 
     def placement(self) -> list[str]:
         if self.use_gpu:
             return [f"ray GPU/{round(1 / self.gpu_fraction)} per task"]
         return ["ray CPU"]
 
-    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
+    def _run(self, payload: Payload, records: Records) -> None:
         ray = _import_ray()
-        spec_blob = serialization.dumps(spec, "the sweep's functions and data")
-        blobs = [serialization.dumps(list(g), "a job") for g in groups]
         started_here = not ray.is_initialized()
         if started_here:
             address = os.environ.get("RAY_ADDRESS") or None
             options: dict[str, Any] = {} if address else {"include_dashboard": False}
             ray.init(address=address, **options)
-        pending: dict[Any, Sequence[Job]] = {}
+        pending: dict[Any, int] = {}
         try:
             use_gpu = self.use_gpu and self._cluster_has_gpus(ray)
             task = ray.remote(_train_group_task).options(
@@ -86,16 +84,20 @@ class RayExecutor(Executor):
                 num_gpus=self.gpu_fraction if use_gpu else 0,
                 max_retries=0,  # a job that crashes its worker is recorded as failed, not rerun
             )
-            spec_ref = ray.put(spec_blob)
-            for group, blob in zip(groups, blobs):
+            spec_ref = ray.put(payload.spec_blob)
+            for gid in range(len(payload.groups)):
+                blob = payload.group_blob(gid)
                 ref = task.remote(spec_ref, blob, use_gpu, self.checkpoints, list(sys.path))
-                pending[ref] = group
+                pending[ref] = gid
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    group = pending.pop(ref)
-                    for record in _records(ray, ref, group):
-                        on_record(record)
+                    gid = pending.pop(ref)
+                    try:
+                        for record in ray.get(ref):
+                            records.add(gid, record)
+                    except ray.exceptions.RayError as err:  # the task's worker died, or it raised
+                        records.fail_rest(gid, err, "ray")
         finally:
             for ref in pending:  # Ctrl-C or an error: stop what is still queued or running
                 ray.cancel(ref, force=True)
@@ -105,25 +107,15 @@ class RayExecutor(Executor):
     def _cluster_has_gpus(self, ray: Any) -> bool:
         if ray.cluster_resources().get("GPU", 0) > 0:
             return True
-        print(
-            f"modelscape: CUDA is not available; DEVICES={self.devices} runs on the CPU.",
-            file=sys.stderr,
-        )
+        notice(f"CUDA is not available; DEVICES={self.devices} runs on the CPU.")
         return False
-
-
-def _records(ray: Any, ref: Any, group: Sequence[Job]) -> list[JobRecord]:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as err:  # the task's worker died, or the task raised
-        return [failed_record(job, err, "ray") for job in group]
 
 
 def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise SweepError(
+        raise ExecutorError(
             "EXECUTOR='ray' needs Ray: pip install 'modelscape[ray]' (or EXECUTOR='local')."
         ) from None
     return ray

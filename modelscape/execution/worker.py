@@ -5,12 +5,14 @@ The worker is a fresh interpreter: it never re-runs the user's script, so script
 private address that it prints on stdout, receives the sweep (cloudpickled) once, then trains
 the groups of jobs it is sent one at a time, sending each record back as soon as it exists.
 It exits when told to stop, when the connection closes, or when its parent dies.
+
+Messages to the parent: ``("ready", pid)``, ``("fatal", traceback)`` (the sweep does not load),
+``("record", gid, record)``, ``("group_error", gid, traceback)`` and ``("done", gid)``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import traceback
@@ -28,18 +30,19 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _serve(conn: Connection) -> None:
+    # imported here: the worker prints its address before the slow torch import
     import torch
 
-    from modelscape import serialization
     from modelscape.engine import train_group
+    from modelscape.execution.base import join_sys_path
+    from modelscape.execution.pickling import loads
 
     init = conn.recv()
-    # functions pickled by reference (from the user's modules) import as they do in the parent
-    sys.path[:] = init["sys_path"] + [p for p in sys.path if p not in init["sys_path"]]
+    join_sys_path(init["sys_path"])
     torch.set_num_threads(init["threads"])
     device = torch.device(init["device"])
     try:
-        spec = serialization.loads(init["spec"])
+        spec = loads(init["spec"])
     except Exception:  # noqa: BLE001 - reported to the parent, which stops the sweep
         conn.send(("fatal", traceback.format_exc()))
         return
@@ -53,7 +56,7 @@ def _serve(conn: Connection) -> None:
             return
         gid, blob = message
         try:
-            group = serialization.loads(blob)
+            group = loads(blob)
             for record in train_group(group, spec, device, init["checkpoints"]):
                 conn.send(("record", gid, record))
         except Exception:  # noqa: BLE001 - the group's unfinished jobs become failed records

@@ -1,0 +1,76 @@
+"""How jobs are trained: one job at a time, or a group as one stacked model.
+
+- ``setup``: a ``Job`` becomes a ``Problem`` (data, model, optimizer, loss).
+- ``tracking``: the loop rules (EMA, timekeys, exits, divergence, curves, VERBOSE, the record),
+  once for every engine.
+- ``loop``: the one-job training loop, the reference.
+- ``stacked``: compatible jobs as one model with a leading job dimension (``grouping``,
+  ``stack``, ``kernels``, ``optimizers``, ``run``).
+- ``state``: checkpoints, shared by both engines.
+- ``group``: ``train_group``, what executors call; every record's ``trained_by`` says how the
+  job trained.
+"""
+
+from modelscape.engine.group import deterministic_algorithms, train_group
+from modelscape.engine.loop import run_job, train
+from modelscape.engine.setup import (
+    Problem,
+    check_model,
+    evaluate_grabs,
+    job_config,
+    model_spec,
+    optimizer_kwargs,
+    resolve_class,
+    resolve_device,
+    setup_job,
+    to_device,
+    training_rng_seed,
+)
+from modelscape.engine.stacked.grouping import (
+    GROUP_BYTES,
+    MAX_GROUP,
+    can_batch,
+    group_cap,
+    group_jobs,
+    job_bytes,
+    why_single,
+)
+from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register
+from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
+from modelscape.engine.state import Checkpoints
+from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
+
+__all__ = [
+    "GROUP_BYTES",
+    "MAX_GROUP",
+    "STACKED_OPTIMIZERS",
+    "SYNC_EVERY",
+    "Checkpoints",
+    "Curves",
+    "Problem",
+    "StackedOptimizer",
+    "Track",
+    "Tracker",
+    "can_batch",
+    "check_model",
+    "deterministic_algorithms",
+    "evaluate_grabs",
+    "failed_record",
+    "group_cap",
+    "group_jobs",
+    "job_bytes",
+    "job_config",
+    "model_spec",
+    "optimizer_kwargs",
+    "register",
+    "resolve_class",
+    "resolve_device",
+    "run_job",
+    "setup_job",
+    "to_device",
+    "train",
+    "train_group",
+    "train_stacked",
+    "training_rng_seed",
+    "why_single",
+]

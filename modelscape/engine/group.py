@@ -1,0 +1,67 @@
+"""How a group of jobs trains on one device: stacked, or one job at a time and why.
+
+``train_group`` is what every executor calls. It asks ``stacked.grouping.why_single`` (decided
+from the jobs alone, before anything trains) and trains the group with ``stacked.run`` or the
+one-job ``loop``; every record's ``trained_by`` says which, and why a stack was not used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from modelscape.engine.loop import run_job
+from modelscape.engine.stacked.grouping import why_single
+from modelscape.engine.stacked.run import train_stacked
+from modelscape.engine.state import Checkpoints
+from modelscape.jobs import Job
+from modelscape.results import JobRecord
+from modelscape.sweep import SweepSpec
+
+
+def train_group(
+    jobs: Sequence[Job],
+    spec: SweepSpec,
+    device: torch.device,
+    checkpoints: Checkpoints | None = None,
+) -> Iterator[JobRecord]:
+    """Train a group of jobs on one device, yielding each job's record as it finishes.
+
+    A group the stacked engine can take trains as one model (a job's numbers then do not
+    depend on which other jobs share its group); otherwise, and alone, jobs train one by one.
+    With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
+    (ops without a deterministic version warn instead of failing).
+    """
+    with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
+        trained_by = why_single(jobs)
+        if trained_by is None:
+            yield from train_stacked(jobs, spec, device, checkpoints)
+            return
+        for job in jobs:
+            yield run_job(job, spec, device, checkpoints, trained_by)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` for a window, restoring the caller's setting.
+
+    cuBLAS is deterministic only with a fixed workspace (CUBLAS_WORKSPACE_CONFIG), which it
+    reads when it creates its handle, at a process's first matrix product on a device. The
+    variable is set here, before the group's first step; DETERMINISTIC is the same for every
+    job of a sweep's group and workers train one sweep, so no earlier product of the process ran
+    without it unless the caller's own code did (then set the variable yourself).
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn_only)

@@ -1,0 +1,358 @@
+"""What a job trains on: ``setup_job`` turns a ``Job`` into a ``Problem``.
+
+This module owns drawing a job's data (each stream from its named sub-seed), building its model,
+optimizer (with OPTIMIZER_KWARGS, MOMENTUM and WEIGHT_DECAY) and loss, the centering caches,
+evaluation of the test loss and of grabs, and the checks ``check_model`` runs before a sweep
+trains. Both engines (``loop`` and ``stacked``) start from a ``Problem``, so a job's data and
+initial weights do not depend on which engine trains it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelscape import parametrize
+from modelscape.jobs import Job, SubSeeds, SweepError
+from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
+from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
+
+EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
+
+
+def resolve_device(spec: int | str) -> torch.device:
+    """A DEVICES entry as a torch device; a CUDA id without CUDA falls back to the CPU."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        if int(spec) >= torch.cuda.device_count():
+            raise SweepError(
+                f"DEVICES has {spec}, but only {torch.cuda.device_count()} CUDA "
+                "devices are visible."
+            )
+        return torch.device("cuda", int(spec))
+    return torch.device("cpu")
+
+
+def resolve_class(spec: Any, module: Any, what: str) -> type:
+    """A torch class given by name (``"SGD"``, ``"MSELoss"``) or as a class."""
+    if isinstance(spec, type):
+        return spec
+    cls = getattr(module, spec, None)
+    if not isinstance(cls, type):
+        names = sorted(
+            n for n in dir(module) if isinstance(getattr(module, n), type) and not n.startswith("_")
+        )
+        raise SweepError(
+            f"{what}={spec!r} is not in {module.__name__}. Choices: {', '.join(names)}."
+        )
+    return cls
+
+
+def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
+    """The optimizer's arguments besides the parameters and ``lr`` (which comes from LR).
+
+    ``momentum`` and ``weight_decay`` come from MOMENTUM and WEIGHT_DECAY, every other argument
+    from OPTIMIZER_KWARGS; nothing else (a user key or batch-function option named ``eps`` is
+    not an optimizer argument). A name the optimizer does not take is an error.
+    """
+    params = inspect.signature(opt_cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [
+        n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD
+    ]
+    own = {"lr": "LR", "momentum": "MOMENTUM", "weight_decay": "WEIGHT_DECAY"}
+    for name in job.hp.OPTIMIZER_KWARGS:
+        if name in own:
+            raise SweepError(
+                f"OPTIMIZER_KWARGS has {name!r}: set {own[name]} instead (one name per value)."
+            )
+        if name not in valid and not takes_any:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            others = ", ".join(n for n in valid if n not in own)
+            raise SweepError(
+                f"OPTIMIZER_KWARGS has {name!r}, which {opt_cls.__name__} does not take.{hint} "
+                f"Its arguments: {others}."
+            )
+    for name in ("momentum", "weight_decay"):
+        value = getattr(job.hp, own[name])
+        if value and name not in params:
+            raise SweepError(
+                f"{own[name]}={value} but {opt_cls.__name__} takes no {name} argument; set "
+                f"{own[name]}=0 (arguments it takes: {', '.join(valid)})."
+            )
+    kwargs = {n: getattr(job.hp, own[n]) for n in ("momentum", "weight_decay") if n in params}
+    return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
+
+
+@dataclass
+class Problem:
+    """Everything one job trains on, built once before its first step."""
+
+    job: Job
+    device: torch.device
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    gamma: float
+    X_te: torch.Tensor
+    y_te: torch.Tensor
+    f0_te: torch.Tensor | None
+    X_tr: torch.Tensor | None = None  # offline only: the fixed training set
+    y_tr: torch.Tensor | None = None
+    f0_tr: torch.Tensor | None = None  # offline centering cache
+    batch_fn: BatchFn | None = None  # online only
+    gen: torch.Generator | None = None  # the training data's generator (its state is checkpointed)
+    model0: nn.Module | None = None  # online centering: a frozen copy of the initial model
+    squeeze: bool = False  # y is 1-D, the model's (n, 1) output is squeezed
+    config: dict[str, Any] = field(default_factory=dict)  # what grabs and user code receive
+    grabs: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The training batch for ``step`` and its centering offset."""
+        if self.batch_fn is None:
+            return self.X_tr, self.y_tr, self.f0_tr  # type: ignore[return-value]
+        X, y = self.batch_fn(step)
+        if step == 0:
+            check_batch(X, y, self.job.hp.N_SAMPLES, "batch_fn(0)")
+        X, y = to_device(X, y, self.device, self.job.hp.DTYPE)
+        f0 = None
+        if self.model0 is not None:
+            with torch.no_grad():
+                f0 = self.model0(X)
+        return X, y, f0
+
+    def output(self, X: torch.Tensor, f0: torch.Tensor | None) -> torch.Tensor:
+        """The trained function: (f(x) - f_init(x)) / GAMMA."""
+        out = self.model(X)
+        if f0 is not None:
+            out = out - f0
+        out = out / self.gamma
+        return out.squeeze(-1) if self.squeeze else out
+
+    @torch.no_grad()
+    def test_loss(self) -> float:
+        """The loss on the test set, in eval mode (no dropout), the model's mode restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = []
+            for start in range(0, self.X_te.shape[0], EVAL_CHUNK):
+                sl = slice(start, start + EVAL_CHUNK)
+                f0 = None if self.f0_te is None else self.f0_te[sl]
+                outs.append(self.output(self.X_te[sl], f0))
+            return float(self.loss_fn(torch.cat(outs), self.y_te))
+        finally:
+            self.model.train(was_training)
+
+
+def to_device(X: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str):
+    """Move a batch to the device; floating tensors take DTYPE, integer labels stay integers."""
+    dt = getattr(torch, dtype)
+    X = X.to(device, dt if X.is_floating_point() else X.dtype, non_blocking=True)
+    y = y.to(device, dt if y.is_floating_point() else y.dtype, non_blocking=True)
+    return X, y
+
+
+def job_config(job: Job, spec: SweepSpec) -> dict[str, Any]:
+    """What grabs, models and post_init_fn see: user keys, hyperparameters, iterator values."""
+    return {**spec.user_config, **dataclasses.asdict(job.hp), **job.values}
+
+
+def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
+    if not y.is_floating_point():
+        if "d_out" in config and "D_OUT" not in config:
+            raise SweepError("the number of classes is D_OUT; rename the config key d_out.")
+        d_out = config.get("D_OUT")
+        if d_out is None:
+            raise SweepError(
+                "y holds integer class labels, so the output dimension cannot be "
+                "read from it: set D_OUT (the number of classes) in global_config."
+            )
+        return int(d_out), False
+    if y.ndim == 1:
+        return 1, True
+    return int(np.prod(y.shape[1:])), False
+
+
+def model_spec(
+    job: Job, config: Mapping[str, Any], in_shape: tuple[int, ...], d_out: int
+) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The job's model class and its constructor arguments, matched by name."""
+    hp = job.hp
+    model_cls = resolve_model_class(hp.MODEL_CLASS)
+    provided = standard_kwargs(in_shape, d_out, hp.WIDTH, hp.DEPTH, hp.NONLINEARITY, hp.BIAS)
+    return model_cls, constructor_kwargs(model_cls, provided, config)
+
+
+def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> None:
+    """Before training: the model can be built and its parametrization applies.
+
+    The model is built on the meta device (no memory, no random numbers). A constructor that
+    cannot run there is left for the job itself to report.
+    """
+    config = job_config(job, spec)
+    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, config)[0])
+    opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
+    optimizer_kwargs(opt_cls, job)
+    resolve_class(job.hp.LOSS, nn, "LOSS")
+    if job.hp.PARAMETRIZATION == "sp":
+        return
+    try:
+        with torch.device("meta"):
+            model = model_cls(**kwargs)
+    except Exception:  # noqa: BLE001 - the job reports a real construction error itself
+        return
+    try:
+        parametrize.check_applicable(model, job.hp.PARAMETRIZATION, opt_cls)
+    except parametrize.ParametrizationError as err:
+        raise SweepError(f"job ({job.label()}): {err}") from None
+
+
+def training_rng_seed(job: Job) -> int:
+    """The seed of torch's global RNG while the job trains (dropout, user code), in any engine."""
+    return SubSeeds.of(job.seed).training_rng
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded to ``seed``, restoring the caller's state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
+    """Draw the job's data, build its model and optimizer, and cache what centering needs."""
+    hp = job.hp
+    seeds = SubSeeds.of(job.seed)
+    config = job_config(job, spec)
+
+    # A batch function may draw from the global RNG instead of `gen`; seed it per draw so that
+    # the data still depend only on the job.
+    if spec.X_te is not None:
+        X_te, y_te = spec.X_te, spec.y_te
+    else:
+        gen_te = torch.Generator(device).manual_seed(seeds.test_data)
+        with seeded_global_rng(seeds.test_draw_rng, device):
+            draw = spec.make_batch_fn(
+                bsz=hp.N_TEST, gen=gen_te, X=None, y=None, job_values=job.values
+            )
+            X_te, y_te = draw(0)
+        check_batch(X_te, y_te, hp.N_TEST, "test set (batch_fn with bsz=N_TEST)")
+    X_te, y_te = to_device(X_te, y_te, device, hp.DTYPE)
+
+    gen_tr = torch.Generator(device).manual_seed(seeds.train_data)
+    batch_fn = None
+    X_tr = y_tr = None
+    with seeded_global_rng(seeds.train_draw_rng, device):
+        draw = spec.make_batch_fn(
+            bsz=hp.N_SAMPLES, gen=gen_tr, X=None, y=None, job_values=job.values
+        )
+        if hp.ONLINE:
+            batch_fn = draw
+        else:
+            X_tr, y_tr = draw(job.trial)
+    if not hp.ONLINE:
+        check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
+        X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
+
+    d_out, squeeze = _output_dim(y_te, config)
+    model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
+    opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
+    opt_kwargs = optimizer_kwargs(opt_cls, job)
+    gamma = hp.GAMMA
+    # Model init uses the global RNG (nn.Module initializers); fork it so that a job's init
+    # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds.model_init)
+        model = model_cls(**kwargs).to(getattr(torch, hp.DTYPE))
+        opt = parametrize.apply(
+            model,
+            hp.PARAMETRIZATION,
+            opt_cls,
+            hp.LR * parametrize.lr_gamma_factor(gamma),
+            opt_kwargs,
+        )
+        if spec.post_init_fn is not None:
+            extra = accepted_kwargs(spec.post_init_fn, config)
+            model, opt = spec.post_init_fn(model, opt, **extra)
+    model.to(device)
+
+    loss_fn = resolve_class(hp.LOSS, nn, "LOSS")()
+    problem = Problem(
+        job=job,
+        device=device,
+        model=model,
+        opt=opt,
+        loss_fn=loss_fn,
+        gamma=gamma,
+        X_te=X_te,
+        y_te=y_te,
+        f0_te=None,
+        X_tr=X_tr,
+        y_tr=y_tr,
+        batch_fn=batch_fn,
+        gen=gen_tr,
+        squeeze=squeeze,
+        config=config,
+        grabs=spec.grabs,
+    )
+    if hp.CENTER:
+        # f_init is the initial network as a function: eval mode, so dropout does not make it
+        # random
+        model0 = copy.deepcopy(model).requires_grad_(False).eval()
+        devices = [device] if device.type == "cuda" else []
+        # seeded: a user model may still draw random numbers in eval mode
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seeds.centering)
+            problem.f0_te = _chunked(model0, X_te)
+            if X_tr is not None:
+                problem.f0_tr = model0(X_tr)
+            else:
+                problem.model0 = model0
+    return problem
+
+
+def _chunked(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(X[i : i + EVAL_CHUNK]) for i in range(0, X.shape[0], EVAL_CHUNK)])
+
+
+def evaluate_grabs(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int):
+    """Call every grab with the documented keyword arguments; values become numpy arrays."""
+    out = {}
+    for name, fn in problem.grabs.items():
+        value = fn(
+            model=problem.model,
+            X_tr=X,
+            y_tr=y,
+            X_te=problem.X_te,
+            y_te=problem.y_te,
+            opt=problem.opt,
+            step=step,
+            **problem.config,
+        )
+        out[name] = to_numpy(value, name)
+    return out
+
+
+def to_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise SweepError(
+            f"grab {name!r} returned {type(value).__name__}; grabs return numbers or arrays."
+        )
+    return arr

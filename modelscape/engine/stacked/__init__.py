@@ -1,0 +1,5 @@
+"""The stacked engine: jobs of one group trained as one model with a leading job dimension.
+
+``grouping`` (which jobs may share a stack), ``stack`` (the stacked tensors), ``kernels`` (losses
+and gradients), ``optimizers`` (one class per torch optimizer), ``run`` (the training run).
+"""

@@ -1,0 +1,150 @@
+"""Which jobs may train together as one stacked model, and why a group may not.
+
+Jobs that share their shapes (model, width, depth, sample count, dtype, optimizer class...) and
+differ only in ``PER_JOB`` hyperparameters form a group (``group_jobs``), capped by a memory
+budget (``group_cap``). ``why_single`` decides, before anything trains, whether a group trains
+stacked; its answer is what every record's ``trained_by`` says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from modelscape import hparams as H
+from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
+from modelscape.jobs import Job, SweepError
+
+GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
+MAX_GROUP = 256  # jobs per group at most, whatever the budget says
+
+# Hyperparameters that may differ between the jobs of one group; every other job-scoped one is
+# part of the group's shape and must be equal.
+PER_JOB = frozenset(
+    {
+        "LR",
+        "GAMMA",
+        "SEED",
+        "MOMENTUM",
+        "WEIGHT_DECAY",
+        "OPTIMIZER_KWARGS",
+        "EMA_SMOOTHER",
+        "LOSS_CHECKPOINTS",
+        "MAX_ITER",
+        "NUM_TRIALS",
+    }
+)
+SAME_IN_GROUP = tuple(n for n in H.JOB_FIELDS if n not in PER_JOB) + H.SWEEP_FIELDS
+
+STACKED = "stacked"
+SINGLE = "single"
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def group_key(job: Job) -> tuple:
+    """What must be equal for two jobs to share a stacked model."""
+    return tuple((n, _hashable(getattr(job.hp, n))) for n in SAME_IN_GROUP)
+
+
+def job_bytes(job: Job) -> int:
+    """A rough size of one job's share of a group: weights with gradients, optimizer state and a
+    snapshot, plus the activations of one step (WIDTH stands in for the input dimension)."""
+    hp = job.hp
+    itemsize = 8 if hp.DTYPE == "float64" else 4
+    weights = hp.WIDTH * hp.WIDTH * hp.DEPTH + 2 * hp.WIDTH
+    activations = hp.N_SAMPLES * hp.WIDTH * (2 * hp.DEPTH + 2)
+    return itemsize * (6 * weights + 2 * activations)
+
+
+def group_cap(job: Job, group_bytes: int = GROUP_BYTES) -> int:
+    """The most jobs ``group_jobs`` puts in this job's group (``MAX_GROUP``, ``group_bytes``).
+
+    A function of the job's shape hyperparameters only, so the same in every run and for every
+    job of a group. A job whose cap is 1 always trains alone, which lets its stack skip the
+    pairing that keeps a one-job stack's numbers equal to those of a larger one
+    (``kernels.bmm``).
+    """
+    return max(1, min(MAX_GROUP, group_bytes // max(1, job_bytes(job))))
+
+
+def optimizer_refusal(job: Job) -> str | None:
+    """Why the job's optimizer cannot be stacked, or None when it can."""
+    opt = job.hp.OPTIMIZER
+    cls = opt if isinstance(opt, type) else getattr(torch.optim, str(opt), None)
+    if cls in STACKED_OPTIMIZERS:
+        return None
+    name = getattr(cls, "__name__", opt)
+    known = ", ".join(c.__name__ for c in STACKED_OPTIMIZERS)
+    return f"OPTIMIZER={name!r} has no stacked version ({known})"
+
+
+def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list[Job]]:
+    """Split jobs into groups that can train as one stacked model, in first-seen order.
+
+    Jobs with the same ``group_key`` share a group, up to ``MAX_GROUP`` jobs and
+    ``group_bytes`` of estimated memory; a job whose optimizer cannot be stacked stays alone
+    (its record says why).
+    """
+    buckets: dict[tuple, list[list[Job]]] = {}
+    order: list[list[Job]] = []
+    for job in jobs:
+        if optimizer_refusal(job) is not None:
+            order.append([job])
+            continue
+        cap = group_cap(job, group_bytes)
+        groups = buckets.setdefault(group_key(job), [])
+        if not groups or len(groups[-1]) >= cap:
+            groups.append([])
+            order.append(groups[-1])
+        groups[-1].append(job)
+    return order
+
+
+def why_single(jobs: Sequence[Job]) -> str | None:
+    """None when this group trains stacked; else its records' ``trained_by``.
+
+    ``"single"``: a lone job or BATCHED="off"; ``"single: <reason>"``: the jobs could have
+    shared a stack but these cannot (decided from the jobs alone; what only the built models
+    reveal is decided in ``run.train_stacked``). BATCHED="on" makes a reason an error.
+    """
+    if jobs[0].hp.BATCHED == "off":
+        return SINGLE
+    reason = optimizer_refusal(jobs[0])
+    if reason is None:
+        key = group_key(jobs[0])
+        for job in jobs[1:]:
+            other = group_key(job)
+            if other != key:
+                names = [a[0] for a, b in zip(key, other) if a != b]
+                reason = f"jobs differ in {', '.join(names)}"
+                break
+    if reason is None:
+        # a job alone trains in the one-job loop: stacking one job would cost it a second copy
+        return SINGLE if len(jobs) < 2 else None
+    return refuse(jobs[0], reason)
+
+
+def refuse(job: Job, reason: str) -> str:
+    """The ``trained_by`` of jobs that cannot train stacked; an error with BATCHED="on"."""
+    if job.hp.BATCHED == "on":
+        raise SweepError(
+            f"BATCHED='on' but these jobs cannot train as one stacked model: {reason}. "
+            "Use BATCHED='auto' to train them one at a time."
+        )
+    return f"{SINGLE}: {reason}"
+
+
+def can_batch(jobs: Sequence[Job]) -> bool:
+    """True when this group trains as one stacked model (see ``why_single``)."""
+    return why_single(jobs) is None

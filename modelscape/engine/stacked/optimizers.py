@@ -1,0 +1,305 @@
+"""Torch optimizers applied to stacked parameters: one class per optimizer, in a registry.
+
+Each ``StackedOptimizer`` reads every job's settings from that job's own torch optimizer (its
+param groups, so per-layer learning rates from a parametrization carry over), names its state
+slots, takes a step on the whole stack, and exports a row's state back into the job's torch
+optimizer (for checkpoints and grabs), in torch's own format.
+
+To stack another torch optimizer, write one subclass and register it for the torch class with
+``@register(torch.optim.X)``; grouping, the stacked run and checkpoints pick it up from
+``STACKED_OPTIMIZERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from modelscape.engine.setup import Problem
+from modelscape.engine.stacked.stack import Stack, Unbatchable
+
+Tensors = list[torch.Tensor]
+
+STACKED_OPTIMIZERS: dict[type[torch.optim.Optimizer], type[StackedOptimizer]] = {}
+
+
+def register(*torch_classes: type[torch.optim.Optimizer]) -> Callable[[type], type]:
+    """Class decorator: the stacked version of these torch optimizer classes."""
+
+    def add(cls: type[StackedOptimizer]) -> type[StackedOptimizer]:
+        for torch_cls in torch_classes:
+            STACKED_OPTIMIZERS[torch_cls] = cls
+        return cls
+
+    return add
+
+
+def as_rows(values: Sequence[float], like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Per-job values as a tensor that broadcasts against the stacked parameter ``like``."""
+    t = torch.tensor(values, dtype=dtype or like.dtype, device=like.device)
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+class StackedOptimizer:
+    """A torch optimizer's update on stacked parameters, one set of settings per job.
+
+    A subclass names the settings it reads from a param group (``settings``, filled by
+    ``read``), derives the tensors its step uses (``derive``), names its state (``slot_names``),
+    and implements ``step`` and ``export_state``.
+    """
+
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, problems: Sequence[Problem], names: list[str]):
+        cls = type(problems[0].opt)
+        values: dict[str, list[list[float]]] = {k: [[] for _ in names] for k in self.settings}
+        trained: list[bool] | None = None
+        flags: set[tuple] = set()
+        for p in problems:
+            if type(p.opt) is not cls:
+                raise Unbatchable("the jobs' optimizers are of different classes")
+            groups = {id(q): g for g in p.opt.param_groups for q in g["params"]}
+            params = dict(p.model.named_parameters())
+            mine = [id(params[n]) in groups and params[n].requires_grad for n in names]
+            if trained is None:
+                trained = mine
+            elif mine != trained:
+                raise Unbatchable("the jobs' optimizers train different parameters")
+            for i, n in enumerate(names):
+                g = groups.get(id(params[n]))
+                if g is None:
+                    continue
+                if g.get("maximize") or g.get("differentiable"):
+                    raise Unbatchable("maximize and differentiable have no stacked version")
+                read, group_flags = self.read(g, cls)
+                flags.update(group_flags.items())
+                for k, v in zip(self.settings, read):
+                    values[k][i].append(float(v))
+        if len(flags) > len(dict(flags)):
+            raise Unbatchable(f"the jobs' optimizers differ in {sorted(flags)}")
+        self.trained = [i for i, t in enumerate(trained) if t]
+        self.flags = dict(flags)
+        self.values = values
+        self.any = {k: any(v for per_param in vs for v in per_param) for k, vs in values.items()}
+        self._cache: tuple | None = None
+
+    # -- what a subclass provides
+
+    def read(self, group: dict[str, Any], torch_cls: type) -> tuple[Sequence[float], dict]:
+        """The values of ``settings`` in this param group, and flags that must agree."""
+        raise NotImplementedError
+
+    def derive(self, hyper: dict[str, Tensors], like: Tensors) -> None:
+        """Add the tensors the step needs beyond the settings themselves."""
+
+    def slot_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def step(self, stack: Stack, grads: Tensors, n_done: int) -> None:
+        """One update; ``n_done`` steps were taken before it (0: the first step)."""
+        raise NotImplementedError
+
+    def export_state(self, stack: Stack, i: int, r: int, n_done: int) -> dict | None:
+        """Row ``r``'s state of parameter ``i`` in the torch optimizer's format (None: none)."""
+        raise NotImplementedError
+
+    # -- shared
+
+    def hyper(self, like: Tensors) -> dict[str, Tensors]:
+        """The settings as tensors that broadcast against each stacked parameter."""
+        hyper = {
+            k: [as_rows(per_param[i] or [0.0] * p.shape[0], p) for i, p in enumerate(like)]
+            for k, per_param in self.values.items()
+        }
+        self.derive(hyper, like)
+        return hyper
+
+    def _trained(self, stack: Stack) -> tuple[Tensors, dict[str, Tensors]]:
+        """The trained parameters and their settings (cached: this runs every step)."""
+        if self._cache is None or self._cache[0] is not stack:
+            idx = self.trained
+            hy = {k: [v[i] for i in idx] for k, v in stack.hyper.items()}
+            self._cache = (stack, [stack.params[i] for i in idx], hy)
+        return self._cache[1], self._cache[2]
+
+    def export(self, stack: Stack, r: int, problem: Problem, names: list[str], n_done: int):
+        """Write row ``r``'s optimizer state into the job's own torch optimizer."""
+        params = dict(problem.model.named_parameters())
+        for i in self.trained:
+            state = self.export_state(stack, i, r, n_done)
+            if state is not None:
+                problem.opt.state[params[names[i]]] = state
+
+    def import_slots(self, problems: Sequence[Problem], names: list[str], params: Tensors):
+        """Optimizer state from the jobs' torch optimizers (zeros at a fresh start)."""
+        slots = {}
+        for slot in self.slot_names():
+            per_param = []
+            for i, p in enumerate(params):
+                rows = []
+                for j, prob in enumerate(problems):
+                    state = prob.opt.state.get(dict(prob.model.named_parameters())[names[i]], {})
+                    value = state.get(slot)
+                    rows.append(torch.zeros_like(p[j]) if value is None else value.to(p))
+                per_param.append(torch.stack(rows))
+            slots[slot] = per_param
+        return slots
+
+
+@register(torch.optim.SGD)
+class StackedSGD(StackedOptimizer):
+    """SGD with momentum, dampening, Nesterov and weight decay."""
+
+    settings = ("lr", "momentum", "dampening", "weight_decay")
+
+    def read(self, group, torch_cls):
+        values = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
+        return values, {"nesterov": bool(group["nesterov"])}
+
+    def derive(self, hyper, like):
+        # With momentum 0 torch uses the gradient itself; buf = 0*buf + 1*grad is the same.
+        hyper["keep"] = [
+            as_rows(
+                [
+                    1.0 if m == 0 else 1.0 - d
+                    for m, d in zip(
+                        self.values["momentum"][i] or [0.0] * p.shape[0],
+                        self.values["dampening"][i] or [0.0] * p.shape[0],
+                    )
+                ],
+                p,
+            )
+            for i, p in enumerate(like)
+        ]
+
+    def slot_names(self):
+        return ["momentum_buffer"] if self.any["momentum"] else []
+
+    def step(self, stack, grads, n_done):
+        with torch.no_grad():
+            ps, hy = self._trained(stack)
+            gs = [grads[i] for i in self.trained]
+            if self.any["weight_decay"]:
+                gs = [g + p * wd for g, p, wd in zip(gs, ps, hy["weight_decay"])]
+            if self.any["momentum"]:
+                bufs = [stack.slots["momentum_buffer"][i] for i in self.trained]
+                if n_done == 0:
+                    torch._foreach_copy_(bufs, gs)
+                else:
+                    torch._foreach_mul_(bufs, hy["momentum"])
+                    torch._foreach_add_(bufs, torch._foreach_mul(gs, hy["keep"]))
+                if self.flags.get("nesterov"):
+                    gs = torch._foreach_add(gs, torch._foreach_mul(bufs, hy["momentum"]))
+                else:
+                    gs = bufs
+            torch._foreach_sub_(ps, torch._foreach_mul(gs, hy["lr"]))
+
+    def export_state(self, stack, i, r, n_done):
+        if self.any["momentum"] and stack.hyper["momentum"][i][r].item() != 0:
+            return {"momentum_buffer": stack.slots["momentum_buffer"][i][r].clone()}
+        return None
+
+
+@register(torch.optim.Adam, torch.optim.AdamW)
+class StackedAdam(StackedOptimizer):
+    """Adam and AdamW (decoupled weight decay); amsgrad has no stacked version."""
+
+    settings = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+    def read(self, group, torch_cls):
+        if group.get("amsgrad"):
+            raise Unbatchable("amsgrad has no stacked version")
+        values = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+        decoupled = torch_cls is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
+        return values, {"decoupled": decoupled}
+
+    def derive(self, hyper, like):
+        # Like torch, bias corrections and the step size are computed in double precision.
+        for k in ("beta1", "beta2", "lr"):
+            hyper[k + "64"] = [
+                as_rows(self.values[k][i] or [0.0] * p.shape[0], p, torch.float64)
+                for i, p in enumerate(like)
+            ]
+        for k in ("beta1", "beta2"):
+            hyper["1-" + k] = [(1 - b).to(p.dtype) for b, p in zip(hyper[k + "64"], like)]
+        hyper["decay"] = [
+            (1 - lr * wd.double()).to(p.dtype)
+            for lr, wd, p in zip(hyper["lr64"], hyper["weight_decay"], like)
+        ]
+
+    def slot_names(self):
+        return ["exp_avg", "exp_avg_sq"]
+
+    def step(self, stack, grads, n_done):
+        t = n_done + 1
+        has_wd, decoupled = self.any["weight_decay"], self.flags["decoupled"]
+        with torch.no_grad():
+            for i in self.trained:
+                p, g = stack.params[i], grads[i]
+                hy = {k: v[i] for k, v in stack.hyper.items()}
+                if has_wd and not decoupled:
+                    g = g + p * hy["weight_decay"]
+                if has_wd and decoupled:
+                    p.mul_(hy["decay"])
+                m, v = stack.slots["exp_avg"][i], stack.slots["exp_avg_sq"][i]
+                m.lerp_(g, hy["1-beta1"])
+                v.mul_(hy["beta2"]).add_(g * g * hy["1-beta2"])
+                step_size = (hy["lr64"] / (1 - hy["beta164"] ** t)).to(p.dtype)
+                bc2_sqrt = (1 - hy["beta264"] ** t).sqrt().to(p.dtype)
+                denom = (v.sqrt() / bc2_sqrt).add_(hy["eps"])
+                p.sub_((m / denom) * step_size)
+
+    def export_state(self, stack, i, r, n_done):
+        return {
+            "step": torch.tensor(float(n_done)),
+            "exp_avg": stack.slots["exp_avg"][i][r].clone(),
+            "exp_avg_sq": stack.slots["exp_avg_sq"][i][r].clone(),
+        }
+
+
+@register(torch.optim.RMSprop)
+class StackedRMSprop(StackedOptimizer):
+    """RMSprop with momentum and weight decay; centered RMSprop has no stacked version."""
+
+    settings = ("lr", "alpha", "eps", "weight_decay", "momentum")
+
+    def read(self, group, torch_cls):
+        if group.get("centered"):
+            raise Unbatchable("centered RMSprop has no stacked version")
+        values = (group["lr"], group["alpha"], group["eps"], group["weight_decay"])
+        return (*values, group["momentum"]), {}
+
+    def derive(self, hyper, like):
+        hyper["1-alpha"] = [1 - a for a in hyper["alpha"]]
+
+    def slot_names(self):
+        return ["square_avg", "momentum_buffer"] if self.any["momentum"] else ["square_avg"]
+
+    def step(self, stack, grads, n_done):
+        with torch.no_grad():
+            for i in self.trained:
+                p, g = stack.params[i], grads[i]
+                hy = {k: v[i] for k, v in stack.hyper.items()}
+                if self.any["weight_decay"]:
+                    g = g + p * hy["weight_decay"]
+                v = stack.slots["square_avg"][i]
+                v.mul_(hy["alpha"]).add_(g * g * hy["1-alpha"])
+                avg = v.sqrt().add_(hy["eps"])
+                if self.any["momentum"]:
+                    # a job with momentum 0 keeps buf = grad/avg: torch's update without momentum
+                    buf = stack.slots["momentum_buffer"][i]
+                    buf.mul_(hy["momentum"]).add_(g / avg)
+                    p.sub_(buf * hy["lr"])
+                else:
+                    p.sub_((g / avg) * hy["lr"])
+
+    def export_state(self, stack, i, r, n_done):
+        state = {
+            "step": torch.tensor(float(n_done)),
+            "square_avg": stack.slots["square_avg"][i][r].clone(),
+        }
+        if self.any["momentum"] and stack.hyper["momentum"][i][r].item() != 0:
+            state["momentum_buffer"] = stack.slots["momentum_buffer"][i][r].clone()
+        return state

@@ -1,0 +1,118 @@
+"""The ``Executor`` base class: the work every backend shares.
+
+``Executor.run`` packs the sweep into one ``Payload`` (pickled when the backend trains in other
+processes), hands it to the backend's ``_run``, and streams every record to the caller through
+``Records``, which also turns the jobs of a group that never produced a record into failed
+records. A backend overrides only ``_run`` (and, where it differs, ``placement`` and
+``from_hparams``), as submitit's executors override one method each.
+
+Every executor produces the same records: a job's seed and data depend only on its identity,
+never on the worker or the order.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+
+from modelscape import hparams as H
+from modelscape.engine import Checkpoints, failed_record, resolve_device
+from modelscape.execution import executor_class
+from modelscape.execution.pickling import Payload
+from modelscape.jobs import Job
+from modelscape.progress import notice
+from modelscape.results import JobRecord
+from modelscape.sweep import SweepSpec
+
+OnRecord = Callable[[JobRecord], None]
+
+
+class Records:
+    """The caller's end of a sweep: passes each record on as it arrives, and knows which jobs of
+    each group (by index) still have none."""
+
+    def __init__(self, groups: Sequence[Sequence[Job]], on_record: OnRecord):
+        self._left = [{job.key: job for job in group} for group in groups]
+        self._on_record = on_record
+
+    def add(self, gid: int, record: JobRecord) -> None:
+        """Hand ``record``, from group ``gid``, to the caller."""
+        self._left[gid].pop(record.key, None)
+        self._on_record(record)
+
+    def fail_rest(self, gid: int, err: BaseException, device: str) -> None:
+        """Record every job of group ``gid`` that has no record yet as failed with ``err``."""
+        for job in list(self._left[gid].values()):
+            self.add(gid, failed_record(job, err, device))
+
+    def unfinished(self) -> list[int]:
+        """The groups with jobs still lacking a record."""
+        return [gid for gid, left in enumerate(self._left) if left]
+
+
+class Executor(ABC):
+    """Runs groups of jobs somewhere and calls ``on_record`` in this process for each result.
+
+    ``pickles``: whether jobs train in other processes, so the payload must be pickled first.
+    """
+
+    pickles: ClassVar[bool] = True
+
+    def __init__(self, checkpoints: Checkpoints | None = None):
+        self.checkpoints = checkpoints
+
+    @classmethod
+    def from_hparams(
+        cls, hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
+    ) -> Executor:
+        """The executor for DEVICES and WORKERS_PER_DEVICE (``use_mp``: the original's flag)."""
+        return cls(hp.DEVICES, hp.WORKERS_PER_DEVICE, checkpoints)  # type: ignore[call-arg]
+
+    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
+        """Train every group; return once every job's record has been passed to ``on_record``."""
+        payload = Payload(spec, groups)
+        if self.pickles:
+            payload.pickle()  # before any worker starts, so that a bad object fails fast
+        records = Records(payload.groups, on_record)
+        self._run(payload, records)
+        for gid in records.unfinished():  # nothing a backend forgets goes unreported
+            lost = RuntimeError(f"the {type(self).__name__} returned no record for this job.")
+            records.fail_rest(gid, lost, "unknown")
+
+    @abstractmethod
+    def _run(self, payload: Payload, records: Records) -> None:
+        """Train every group of ``payload``, passing each record to ``records.add``."""
+
+    def placement(self) -> list[str]:
+        """The device of each worker, for the progress bar."""
+        return []
+
+
+def executor_for(
+    hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
+) -> Executor:
+    """The executor EXECUTOR, DEVICES and WORKERS_PER_DEVICE ask for.
+
+    One worker in total trains in this process, several in worker processes; ``use_mp``
+    (the original's flag) forces one or the other.
+    """
+    cls = executor_class(hp.EXECUTOR)
+    return cls.from_hparams(hp, use_mp=use_mp, checkpoints=checkpoints)
+
+
+def local_device(spec: int | str) -> torch.device:
+    """The torch device of a DEVICES entry, saying so when a CUDA id falls back to the CPU."""
+    device = resolve_device(spec)
+    if spec != "cpu" and device.type == "cpu":
+        notice(f"CUDA is not available; DEVICES entry {spec} runs on the CPU.")
+    return device
+
+
+def join_sys_path(parent: Sequence[str]) -> None:
+    """Put the parent's ``sys.path`` first, so that functions pickled by reference (from the
+    user's modules) import in a worker as they do in the parent."""
+    sys.path[:] = list(parent) + [p for p in sys.path if p not in parent]

@@ -1,0 +1,31 @@
+"""``InProcessExecutor``: trains every group in the calling process, one after another.
+
+The debug executor (nothing is pickled, a debugger stops inside the batch function), and what
+EXECUTOR="local" uses when the sweep has one worker in total.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modelscape.engine import Checkpoints, train_group
+from modelscape.execution.base import Executor, Records
+from modelscape.execution.pickling import Payload
+
+
+class InProcessExecutor(Executor):
+    """Train every group in this process, one after another, on ``device``."""
+
+    pickles = False
+
+    def __init__(self, device: torch.device, checkpoints: Checkpoints | None = None):
+        super().__init__(checkpoints)
+        self.device = device
+
+    def _run(self, payload: Payload, records: Records) -> None:
+        for gid, group in enumerate(payload.groups):
+            for record in train_group(group, payload.spec, self.device, self.checkpoints):
+                records.add(gid, record)
+
+    def placement(self) -> list[str]:
+        return [str(self.device)]

@@ -1,0 +1,278 @@
+"""The orchestrator of a sweep: ``main(iterators, iterator_names, global_config, ...)``.
+
+A sweep flows: ``plan`` (resolve every job's hyperparameters and validate them, then a
+preflight that calls the batch function and builds each distinct model once) -> open the store
+(resuming SAVE_DIR) -> group the unfinished jobs for stacking and balance the groups over the
+workers -> the executor trains them, streaming each record into the store and the progress bar
+-> a ``Result`` whose keys are the original's (``jobs``, ``var_axes``, ``losses``,
+``train_losses``, ``timekeys``, ``extras``, ``errors``), each trace in expt-core's serialized
+form. Failures and jobs that could not train stacked are reported once, at the end.
+
+``modelscape.backend.job_iterator.main`` (the original's API) and ``modelscape.run_sweep`` are
+this ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from modelscape import hparams as H
+from modelscape.engine import Checkpoints, check_model, group_jobs
+from modelscape.errors import SweepError
+from modelscape.execution.base import Executor, executor_for
+from modelscape.jobs import Job, axis_target, build_jobs, materialize
+from modelscape.progress import Progress, notice, placement_text
+from modelscape.results import JobRecord, Result
+from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
+from modelscape.sweep import SweepSpec, check_batch, check_input_dim
+
+
+def _as_dict(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    if isinstance(config, argparse.Namespace):
+        return dict(vars(config))
+    if not isinstance(config, Mapping):
+        raise SweepError(
+            f"global_config must be a dict or the namespace from parse_args(), "
+            f"got {type(config).__name__}."
+        )
+    return dict(config)
+
+
+def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[str, list]]:
+    """Job hyperparameters given several values (``--GAMMA 0.1 1 10``) become sweep axes;
+    one value in a list (the original's ``N_SAMPLES=[1024]``) is that value."""
+    covered = {axis_target(n) for n in names}
+    axes = []
+    for name, value in list(hps.items()):
+        scalar_job_hp = H.FIELDS[name].metadata["scope"] == "job" and H.kind_of(name) != "list"
+        if scalar_job_hp and isinstance(value, (list, tuple)) and len(value) == 1:
+            hps[name] = value[0]
+        elif scalar_job_hp and isinstance(value, (list, tuple)) and name not in covered:
+            axes.append((name, list(value)))
+            del hps[name]
+        elif scalar_job_hp and isinstance(value, (list, tuple)):
+            del hps[name]  # the explicit iterator wins
+    return axes
+
+
+def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
+    """Before training: call the batch function once, and check that every distinct model,
+    optimizer and parametrization of the sweep can be built, so bad input fails early."""
+    gen = torch.Generator().manual_seed(0)
+    # the probe must not move the caller's global RNG (a batch function may draw from it)
+    with torch.random.fork_rng(devices=[]):
+        _probe(jobs, spec, gen)
+
+
+def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
+    job = jobs[0]
+    try:
+        fn = spec.make_batch_fn(
+            bsz=job.hp.N_SAMPLES, gen=gen, X=None, y=None, job_values=job.values
+        )
+        X, y = fn(job.trial)
+    except SweepError:
+        raise
+    except Exception as err:
+        raise SweepError(
+            f"the batch function failed on the first job ({job.label()}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    check_input_dim(job.hp.D_IN, X)
+    if spec.X_te is None:
+        X_te, y_te = spec.make_batch_fn(
+            bsz=job.hp.N_TEST, gen=gen, X=None, y=None, job_values=job.values
+        )(0)
+        check_batch(
+            X_te, y_te, job.hp.N_TEST,
+            "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
+            "set as X_te/y_te in global_config",
+        )  # fmt: skip
+    seen = set()
+    for job in jobs:
+        hp = job.hp
+        combo = (repr(hp.MODEL_CLASS), hp.PARAMETRIZATION, repr(hp.OPTIMIZER), repr(hp.LOSS))
+        if combo not in seen:
+            seen.add(combo)
+            check_model(job, spec, X, y)
+
+
+def plan(
+    iterators: Sequence[Iterable],
+    iterator_names: Sequence[str],
+    global_config: Mapping[str, Any] | argparse.Namespace,
+    bfn_config: Mapping[str, Any] | None,
+) -> tuple[list[str], list[list], list[Job], SweepSpec]:
+    """Resolve and validate the whole sweep: (axes, axis values, jobs, shared spec)."""
+    hps, user = H.split_config(_as_dict(global_config))
+    names = list(iterator_names)
+    values = materialize(iterators, names)
+    for name, extra_values in _list_valued_axes(hps, names):
+        names.append(name)
+        values.append(extra_values)
+    jobs = build_jobs(values, names, hps)
+    spec = SweepSpec.from_configs(bfn_config, user)
+    _preflight(jobs, spec)
+    return names, values, jobs, spec
+
+
+def main(
+    iterators: Sequence[Iterable],
+    iterator_names: Sequence[str],
+    global_config: Mapping[str, Any] | argparse.Namespace,
+    bfn_config: Mapping[str, Any] | None = None,
+    *,
+    use_mp: bool | None = None,
+    executor: Executor | None = None,
+    progress: bool = True,
+) -> Result:
+    """Train the cartesian product of ``iterators`` and return the labelled result.
+
+    ``global_config``: hyperparameters (see ``modelscape.HParams``) plus your own keys, which
+    reach batch functions and grabs; ``otherreturns`` holds grabs, ``X_te``/``y_te`` a fixed test
+    set. ``bfn_config``: ``{"base_bfn": fn, **static_kwargs}`` or ``{"bfn_file", "bfn_name"}``.
+
+    Where jobs run follows EXECUTOR, DEVICES and WORKERS_PER_DEVICE: one worker in total trains
+    in this process, several are worker processes (or Ray tasks). ``use_mp=False`` (the
+    original's flag) forces this process, ``use_mp=True`` worker processes.
+
+    With SAVE_DIR set, every finished job is stored there as it completes; rerunning the same
+    sweep skips finished jobs (and failed ones unless RETRY_FAILED) and continues killed jobs
+    from their checkpoints. The returned result holds every job of this sweep.
+    """
+    names, values, jobs, spec = plan(iterators, iterator_names, global_config, bfn_config)
+    hp = jobs[0].hp
+    store = _open_store(hp, names, values, jobs, spec)
+    trained_by: Counter[str] = Counter()
+    try:
+        todo = _unfinished(jobs, store, hp.RETRY_FAILED)
+        checkpoints = None
+        if store.checkpoint_dir is not None:
+            checkpoints = Checkpoints(store.checkpoint_dir, hp.CHECKPOINT_EVERY)
+        if todo:
+            if executor is None:
+                executor = executor_for(hp, use_mp=use_mp, checkpoints=checkpoints)
+            trained_by = _train(todo, spec, hp, executor, store, checkpoints, len(jobs), progress)
+        records = [store.get(job.key) for job in jobs]
+    finally:
+        store.close()
+    result = Result(
+        names,
+        values,
+        [r for r in records if r is not None],
+        only_thresholds=hp.ONLYTHRESHOLDS,
+        config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS},
+        grab_names=list(spec.grabs),
+    )
+    if hp.BATCHED != "off":
+        _report_unstacked(trained_by)
+    _report_failures(result)
+    return result
+
+
+def _train(
+    todo: list[Job],
+    spec: SweepSpec,
+    hp: H.HParams,
+    executor: Executor,
+    store: Store,
+    checkpoints: Checkpoints | None,
+    total: int,
+    progress: bool,
+) -> Counter[str]:
+    """Train ``todo`` on ``executor``, storing each record as it arrives; how the jobs trained
+    (``JobRecord.trained_by`` counts)."""
+    groups = group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
+    placement = executor.placement()
+    groups = balance(groups, len(placement))
+    bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)
+    trained_by: Counter[str] = Counter()
+
+    def on_record(record: JobRecord) -> None:
+        store.add(record)
+        trained_by[record.trained_by] += 1
+        # Only once the record is stored. A failed job keeps its checkpoint: a worker killed by
+        # the OOM killer, say, then continues from it under RETRY_FAILED.
+        if checkpoints is not None and record.status != "failed":
+            checkpoints.clear(record.key)
+        bar.update(record)
+
+    try:
+        executor.run(groups, spec, on_record)
+    except KeyboardInterrupt:
+        bar.close()
+        where = (
+            f"stored in SAVE_DIR={hp.SAVE_DIR}; rerun the same sweep to continue"
+            if hp.SAVE_DIR is not None
+            else "lost (set SAVE_DIR to keep results across interruptions)"
+        )
+        print(f"\nmodelscape: interrupted; the jobs finished so far are {where}.", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    return trained_by
+
+
+def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
+    """Split the largest groups until every worker has one (a group trains on one worker).
+
+    Halves keep at least two jobs: a job alone trains in the one-job loop, whose rounding differs
+    from the stacked engine's, so splitting off a single job would make results depend on the
+    number of workers.
+    """
+    groups = [list(g) for g in groups]
+    while len(groups) < n_workers:
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]), default=None)
+        if largest is None or len(groups[largest]) < 4:
+            break
+        group = groups.pop(largest)
+        half = (len(group) + 1) // 2
+        groups[largest:largest] = [group[:half], group[half:]]
+    return groups
+
+
+def _open_store(
+    hp: H.HParams, names: list[str], values: list[list], jobs: list[Job], spec: SweepSpec
+) -> Store:
+    if hp.SAVE_DIR is None:
+        return MemoryStore()
+    return RunStore.open(hp.SAVE_DIR, describe_sweep(names, jobs, spec), jobs, values)
+
+
+def _unfinished(jobs: list[Job], store: Store, retry_failed: bool) -> list[Job]:
+    """The jobs the store has no record of, and under RETRY_FAILED those that failed."""
+    statuses = store.statuses()
+    todo = []
+    for job in jobs:
+        status = statuses.get(key_id(job.key))
+        if status is None or (status == "failed" and retry_failed):
+            todo.append(job)
+    return todo
+
+
+def _report_unstacked(trained_by: Counter[str]) -> None:
+    """Say once per sweep how many of the jobs it trained could not stack, and why."""
+    total = sum(trained_by.values())
+    for way, n in trained_by.most_common():
+        if way.startswith("single:"):
+            reason = way.split(":", 1)[1].strip()
+            notice(f"{n} of {total} jobs trained one at a time: {reason}")
+
+
+def _report_failures(result: Result) -> None:
+    failed = result.failed
+    if not failed:
+        return
+    lines = [f"{len(failed)} of {len(result.records)} jobs failed:"]
+    for r in failed[:10]:
+        lines.append(f"  {dict(zip(result.axes, r.key))}: {r.error}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more (see result['errors']).")
+    notice("\n".join(lines))

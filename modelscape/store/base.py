@@ -1,0 +1,42 @@
+"""The ``Store`` interface the runner uses, and ``key_id``, a job key's identity as text."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modelscape.jobs import stable_repr
+from modelscape.records import JobRecord
+
+
+def key_id(key: Sequence[Any]) -> str:
+    """The text identity of a job key, equal in every process and every run."""
+    return repr(tuple(stable_repr(v) for v in key))
+
+
+class Store(ABC):
+    """Records keyed by job key; the last record for a key wins."""
+
+    @abstractmethod
+    def add(self, record: JobRecord) -> None:
+        """Keep ``record`` (durably, for a persistent store, before returning)."""
+
+    @abstractmethod
+    def get(self, key: tuple) -> JobRecord | None:
+        """The record of the job with this key, or None if it has not finished."""
+
+    @abstractmethod
+    def statuses(self) -> dict[str, str]:
+        """``key_id -> status`` of every stored record: what a resumed sweep need not rerun."""
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """Where running jobs keep checkpoints, or None when the store does not outlive the
+        sweep (then a checkpoint could never be resumed from)."""
+        return None
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and locks."""

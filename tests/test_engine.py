@@ -1,0 +1,121 @@
+"""The engine's contracts that are not about stacked-vs-reference numbers: optimizer arguments
+come from one place, sub-seeds are named, and the loop rules are one implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import modelscape
+from modelscape import engine
+from modelscape.backend.job_iterator import plan
+from modelscape.engine.tracking import Track, Tracker
+from modelscape.jobs import SubSeeds, SweepError, sub_seeds
+
+CPU = torch.device("cpu")
+
+
+def quadratic_bfn(bsz, gen, X=None, y=None, d=4, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, d, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1]
+
+    return batch_fn
+
+
+BASE = {
+    "WIDTH": 8,
+    "N_SAMPLES": 16,
+    "N_TEST": 50,
+    "MAX_ITER": 40,
+    "LOSS_CHECKPOINTS": [0.5, 1e-9],
+    "DTYPE": "float64",
+    "DEVICES": ["cpu"],
+}
+
+
+def run(config, axes=None):
+    axes = axes or {"trial": range(2)}
+    return modelscape.run_sweep(
+        list(axes.values()),
+        list(axes),
+        {**BASE, **config},
+        {"base_bfn": quadratic_bfn},
+        progress=False,
+    )
+
+
+def test_an_unknown_optimizer_argument_fails_before_training_with_a_suggestion():
+    with pytest.raises(SweepError, match=r"'nesterow'.*Did you mean 'nesterov'\?.*dampening"):
+        run({"MOMENTUM": 0.9, "OPTIMIZER_KWARGS": {"nesterow": True}})
+    with pytest.raises(SweepError, match="set MOMENTUM instead"):
+        run({"OPTIMIZER_KWARGS": {"momentum": 0.9}})
+    with pytest.raises(SweepError, match="takes no momentum argument"):
+        run({"OPTIMIZER": "Adam", "MOMENTUM": 0.9})
+
+
+def test_optimizer_arguments_come_from_optimizer_kwargs_never_silently_from_a_key():
+    adam = {"OPTIMIZER": "Adam", "LR": 0.01}
+    plain = run(adam)
+    chosen = run({**adam, "OPTIMIZER_KWARGS": {"eps": 0.5}})
+    assert not np.allclose(plain.to_xarray()["test_loss"], chosen.to_xarray()["test_loss"])
+    # a config key named like an optimizer argument is the original's spelling: taken, loudly
+    with pytest.warns(FutureWarning, match=r"write OPTIMIZER_KWARGS=\{'eps': 0.5\}"):
+        legacy = run({**adam, "eps": 0.5})
+    np.testing.assert_array_equal(legacy.to_xarray()["test_loss"], chosen.to_xarray()["test_loss"])
+
+
+def test_an_axis_sweeps_one_optimizer_argument_in_a_stack():
+    config = {**BASE, "MOMENTUM": 0.9, "OPTIMIZER_KWARGS": {"dampening": 0.0}}
+    axes = {"trial": range(2), "OPTIMIZER_KWARGS.nesterov": [False, True]}
+    _, _, jobs, spec = plan(list(axes.values()), list(axes), config, {"base_bfn": quadratic_bfn})
+    assert [job.hp.OPTIMIZER_KWARGS for job in jobs[:2]] == [
+        {"dampening": 0.0, "nesterov": False},
+        {"dampening": 0.0, "nesterov": True},
+    ]
+    problem = engine.setup_job(jobs[1], spec, CPU)
+    assert problem.opt.param_groups[0]["nesterov"] is True
+    # Nesterov is a flag of a whole stack: jobs that differ in it train one at a time, and say so
+    (group,) = engine.group_jobs(jobs)
+    records = list(engine.train_group(group, spec, CPU))
+    assert {r.trained_by for r in records} == {
+        "single: the jobs' optimizers differ in [('nesterov', False), ('nesterov', True)]"
+    }
+    refs = {job.key: engine.run_job(job, spec, CPU) for job in jobs}
+    for r in records:
+        assert r.status == "ok"
+        assert abs(r.test_loss - refs[r.key].test_loss) <= 1e-6 * abs(refs[r.key].test_loss)
+    by_flag = {r.key[1]: r.test_loss for r in records if r.key[0] == 0}
+    assert by_flag[False] != by_flag[True]
+
+
+def test_sub_seeds_are_named_in_their_historical_order():
+    seeds = SubSeeds.of(1234)
+    assert list(seeds) == sub_seeds(1234, 7)
+    assert seeds.training_rng == sub_seeds(1234, 7)[3]
+    assert len(set(seeds)) == 7
+
+
+def test_the_tracker_consumes_a_window_of_many_jobs_as_each_job_alone():
+    """One window of losses [jobs x steps] gives each job what step-by-step feeding gives."""
+    _, _, jobs, _ = plan(
+        [[0.5, 0.9]],
+        ["EMA_SMOOTHER"],
+        {**BASE, "LOSS_CHECKPOINTS": [1.0, 0.3], "MAX_ITER": 6},
+        {"base_bfn": quadratic_bfn},
+    )
+    losses = torch.tensor([[2.0, 0.9, 0.2, 0.1, 0.05, 0.01], [2.0, 1.0, float("nan"), 0, 0, 0]])
+    window = Tracker([Track.start(job) for job in jobs])
+    window.consume(0, losses, [0, 1])
+    for row, job in enumerate(jobs):
+        alone = Track.start(job)
+        for step, value in enumerate(losses[row].tolist()):
+            if alone.exit is None:
+                alone.consume(step, [value])
+        got = window.tracks[row]
+        assert (got.exit, got.diverged, got.ema) == (alone.exit, alone.diverged, alone.ema)
+        np.testing.assert_array_equal(got.timekeys, alone.timekeys)
+    fast, diverging = window.tracks
+    assert not fast.diverged and fast.exit == 4 and fast.timekeys.tolist() == [2.0, 4.0]
+    assert diverging.diverged and diverging.exit == 2

@@ -1,0 +1,66 @@
+"""The executor registry and the base class's shared work: a backend overrides only ``_run``."""
+
+import pytest
+import torch
+
+from modelscape import hparams as H
+from modelscape.backend.cli import base_args
+from modelscape.engine import train_group
+from modelscape.execution import EXECUTORS, REGISTRY, executor_class
+from modelscape.execution.base import Executor, executor_for
+from modelscape.execution.inprocess import InProcessExecutor
+from modelscape.runner import main
+
+
+def bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 3, generator=gen)
+        return Xb, Xb.sum(1)
+
+    return batch_fn
+
+
+def config(**overrides):
+    hp = dict(WIDTH=8, MAX_ITER=5, N_SAMPLES=8, N_TEST=16, DEVICES=["cpu"], BATCHED="off")
+    hp.update(overrides)
+    return vars(base_args(**hp))
+
+
+def test_executor_choices_are_the_registry():
+    assert H.FIELDS["EXECUTOR"].metadata["choices"] == EXECUTORS == tuple(REGISTRY)
+    for name in EXECUTORS:
+        assert issubclass(executor_class(name), Executor)
+    with pytest.raises(KeyError, match="choose one of local, ray"):
+        executor_class("slurm")
+
+
+def test_one_worker_trains_in_this_process_and_several_in_workers():
+    one = executor_for(H.HParams(DEVICES=["cpu"]))
+    assert isinstance(one, InProcessExecutor) and not one.pickles
+    two = executor_for(H.HParams(DEVICES=["cpu"], WORKERS_PER_DEVICE=2))
+    assert type(two) is executor_class("local") and two.pickles
+    assert two.placement() == ["cpu", "cpu"]
+
+
+class FirstJobOnly(Executor):
+    """A backend that trains only the first job of each group, in this process."""
+
+    pickles = False
+
+    def _run(self, payload, records):
+        for gid, group in enumerate(payload.groups):
+            for record in train_group(group[:1], payload.spec, torch.device("cpu")):
+                records.add(gid, record)
+
+
+def test_jobs_a_backend_returns_no_record_for_are_recorded_as_failed():
+    result = main(
+        [[0, 1, 2]], ["trial"], config(), {"base_bfn": bfn}, executor=FirstJobOnly(), progress=False
+    )
+    assert [r.status for r in result.records] == ["ok", "ok", "ok"]  # BATCHED=off: groups of 1
+    stacked = main(
+        [[0, 1, 2]], ["trial"], config(BATCHED="on"), {"base_bfn": bfn},
+        executor=FirstJobOnly(), progress=False,
+    )  # fmt: skip
+    assert [r.status for r in stacked.records] == ["ok", "failed", "failed"]
+    assert "FirstJobOnly returned no record for this job" in stacked.records[1].error
