@@ -38,6 +38,8 @@ PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 NONLINEARITIES = ("relu", "tanh", "gelu", "linear", "silu")
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("fp32", "tf32", "bf16-mixed")
+COMPILE_MODES = ("auto", "off")
 
 # The original modelscape's spellings (its code, README, tests and examples) and the name each
 # maps to, accepted with a FutureWarning naming the new spelling. The one table every boundary
@@ -148,6 +150,7 @@ class HParams:
         "OPTIMIZER_KWARGS.<arg> sweeps one.",
     )
     DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
+    PRECISION: str = hp("fp32", "Matmuls: fp32, tf32 (CUDA) or bf16-mixed.", choices=PRECISIONS)
 
     # --- models and parametrizations ---
     PARAMETRIZATION: str = hp(
@@ -182,6 +185,7 @@ class HParams:
         scope="sweep",
         choices=BATCHED_MODES,
     )
+    COMPILE: str = hp("auto", "auto: CUDA graphs on GPU.", scope="sweep", choices=COMPILE_MODES)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
@@ -384,6 +388,8 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
     if h.D_IN is not None and h.D_IN <= 0:
         raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
+    if h.PRECISION != "fp32" and h.DTYPE != "float32":
+        raise HParamError(f"PRECISION={h.PRECISION!r} needs DTYPE='float32', not {h.DTYPE!r}.")
     if h.GAMMA <= 0:
         raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
     if h.LR < 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from modelscape.engine import precision
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import Checkpoints, restore, snapshot
 from modelscape.engine.tracking import Tracker, evaluate, failed_record
@@ -29,7 +30,7 @@ def train(
     """
     devices = [problem.device] if problem.device.type == "cuda" else []
     # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), precision.matmuls(problem.job.hp.PRECISION):
         torch.manual_seed(training_rng_seed(problem.job))
         return _loop(problem, checkpoints, trained_by)
 
@@ -42,10 +43,12 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     tracker = Tracker([track])
     model, opt, loss_fn = problem.model, problem.opt, problem.loss_fn
     X = y = None
+    autocast = precision.autocast(hp.PRECISION, problem.device)
     model.train()
     for step in range(track.step + 1, hp.MAX_ITER):
         X, y, f0 = problem.batch(step)
-        loss = loss_fn(problem.output(X, f0), y)
+        with autocast:
+            loss = loss_fn(problem.output(X, f0), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
