@@ -21,7 +21,7 @@ from torch import nn
 
 from modelscape import parametrize
 from modelscape.engine.setup import Problem
-from modelscape.engine.stacked.stack import BUFFER, Layout, Stack
+from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
 from modelscape.models import MLP
 
 aten = torch.ops.aten
@@ -92,6 +92,33 @@ def baddbmm(
         result = torch.baddbmm(*two)[:1]
         return result if out is None else out.copy_(result)
     return torch.baddbmm(bias, a, b) if out is None else torch.baddbmm(bias, a, b, out=out)
+
+
+def per_segment(
+    layout: Layout,
+    shape: tuple[int, ...] | torch.Size,
+    like: torch.Tensor,
+    fn: Callable[[Segment, torch.Tensor | None], torch.Tensor],
+    per_job: bool = False,
+) -> torch.Tensor:
+    """``fn(segment, out)`` for every segment of ``layout``, as one tensor of ``shape`` (flat
+    over the samples, or over the jobs with ``per_job``) and ``like``'s dtype and device.
+
+    A stack of one sample count uses ``fn``'s result as it is (``out`` None); several segments
+    write into views of one buffer, allocated without deterministic mode's NaN fill, since
+    every element of it is written.
+    """
+    if len(layout.segments) == 1:
+        return fn(layout.segments[0], None).reshape(shape)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    for s in layout.segments:
+        fn(s, out[s.jobs] if per_job else s.view(out))
+    return out
 
 
 def kernel_for(problem: Problem) -> type[MLPKernel] | type[FuncKernel]:
@@ -170,14 +197,15 @@ class MLPKernel:
         if self.compute is not None:
             a, W = a.to(self.compute), W.to(self.compute)
             b = None if b is None else b.to(self.compute)
-        out = a.new_empty(a.shape[0], W.shape[1] if transpose else W.shape[2])
-        for s in layout.segments:
+
+        def product(s: Segment, out: torch.Tensor | None) -> torch.Tensor:
             Ws = W[s.jobs].mT if transpose else W[s.jobs]
             if b is None:
-                bmm(s.view(a), Ws, s.pair, out=s.view(out))
-            else:
-                baddbmm(b[s.jobs, None], s.view(a), Ws, s.pair, out=s.view(out))
-        return out
+                return bmm(s.view(a), Ws, s.pair, out=out)
+            return baddbmm(b[s.jobs, None], s.view(a), Ws, s.pair, out=out)
+
+        width = W.shape[1] if transpose else W.shape[2]
+        return per_segment(layout, (a.shape[0], width), a, product)
 
     def _forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor, keep: bool):
         layout, factors = stack.layout, stack.samples
@@ -212,9 +240,13 @@ class MLPKernel:
             out = out / factors["gamma"]
         r = out - y.reshape(f.shape)
         squares = r.square()
-        losses = torch.empty(len(layout.sizes), dtype=r.dtype, device=r.device)
-        for s in layout.segments:
-            torch.mean(s.view(squares), (1, 2), out=losses[s.jobs])
+        losses = per_segment(
+            layout,
+            (len(layout.sizes),),
+            r,
+            lambda s, out: torch.mean(s.view(squares), (1, 2), out=out),
+            per_job=True,
+        )
         g = r * factors["scale"]
         if factors["gamma"] is not None:
             g = g / factors["gamma"]
@@ -234,28 +266,36 @@ class MLPKernel:
             h_in = saved[-1]
             grads[wi] = self._weight_grad(layout, gz, h_in, W)
             if bi is not None:
-                grads[bi] = torch.empty_like(params[bi])
-                for s in layout.segments:
-                    torch.sum(s.view(gz), 1, out=grads[bi][s.jobs])
-            if k > 0:
-                if W.shape[1] == 1:
-                    # an outer product (one output) is faster as a broadcast multiply
-                    gh = gz.new_empty(
-                        gz.shape[0], W.shape[2], dtype=torch.promote_types(gz.dtype, W.dtype)
-                    )
-                    for s in layout.segments:
-                        torch.mul(s.view(gz), W[s.jobs], out=s.view(gh))
-                else:
-                    gh = self._mm(layout, gz, W, None, False)
+                grads[bi] = per_segment(
+                    layout,
+                    params[bi].shape,
+                    gz,
+                    lambda s, out, gz=gz: torch.sum(s.view(gz), 1, out=out),
+                    per_job=True,
+                )
+            if k > 0 and W.shape[1] == 1:
+                # an outer product (one output) is faster as a broadcast multiply
+                gh = per_segment(
+                    layout,
+                    (gz.shape[0], W.shape[2]),
+                    gz if gz.dtype == torch.promote_types(gz.dtype, W.dtype) else W,
+                    lambda s, out, gz=gz, W=W: torch.mul(s.view(gz), W[s.jobs], out=out),
+                )
+            elif k > 0:
+                gh = self._mm(layout, gz, W, None, False)
         return losses, grads
 
     def _weight_grad(self, layout: Layout, gz, h_in, W) -> torch.Tensor:
         """Per segment gz.mT @ h_in: each job's weight gradient, in the weight's dtype."""
         if self.compute is not None:
             gz, h_in = gz.to(self.compute), h_in.to(self.compute)
-        grad = torch.empty(W.shape, dtype=gz.dtype, device=W.device)
-        for s in layout.segments:
-            bmm(s.view(gz).mT, s.view(h_in), s.pair, out=grad[s.jobs])
+        grad = per_segment(
+            layout,
+            W.shape,
+            gz,
+            lambda s, out: bmm(s.view(gz).mT, s.view(h_in), s.pair, out=out),
+            per_job=True,
+        )
         return grad.to(W.dtype)
 
 

@@ -3,8 +3,10 @@
 Each job is still built by ``setup.setup_job``, so its data and initial weights are exactly
 those of the one-job loop; the stacked run reproduces ``loop.train`` up to float rounding
 (timekeys exactly). Losses stay on the device; every ``sync_every`` steps (and at evaluation
-steps) the window's losses [jobs x steps] go to ``tracking.Tracker`` in one transfer, which
-applies the same loop rules as the one-job loop. A job that exits inside a window is replayed
+steps) the window's losses [jobs x steps] go to ``tracking.Tracker``, which applies the same
+loop rules as the one-job loop where the losses are and copies back, once, what is recorded.
+Jobs with different N_SAMPLES share a stack when the MLP kernel trains them (their samples lie
+ragged along ``stack.Layout``). A job that exits inside a window is replayed
 from the window's start on its own, so its final parameters are those of its exit step; the
 others carry on, and the exited job's rows leave the stack. The test loss and grabs run on the
 job's own module (its ``Problem.model``, with the stacked values copied in) only where they are
@@ -12,7 +14,9 @@ recorded.
 
 Whether a group trains here is decided before any step (``grouping.why_single``, and
 ``Unbatchable`` for what only the built models reveal); once a stack trains, an error fails its
-unfinished jobs and is never retried elsewhere.
+unfinished jobs and is never retried elsewhere, except running out of device memory: then the
+unfinished jobs train again in two smaller stacks (``memory``). PRECISION and COMPILE apply
+here as in the one-job loop (``precision``, ``graphs``).
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ def train_stacked(
     ``checkpoints``, each running job is saved under its own key in the one-job loop's format,
     so a job resumes here or in ``loop.train`` alike; jobs resumed from different steps train
     as separate stacks. A group whose built models cannot share a stack (``Unbatchable``)
-    trains one job at a time, and its records say why.
+    trains one job at a time, and its records say why. On CUDA the group trains in chunks that
+    fit the device's free memory (``memory.chunks``); a stack that runs out of memory anyway is
+    split in two and its unfinished jobs start again (from their checkpoints, if any).
     """
     jobs = list(jobs)
     done: set = set()
@@ -104,6 +110,7 @@ def _train_alone_or_fail(job, spec, device, checkpoints, sync_every):
 
 
 def _train_jobs(jobs, spec, device, checkpoints, sync_every, group_bytes):
+    """Set up and train jobs that fit the device together, measuring their footprint."""
     with memory.Footprint(jobs, device):
         yield from _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes)
 
