@@ -36,6 +36,10 @@ from modelscape.engine.setup import Problem, evaluate_grabs
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 
+# Steps per window: the losses of a window are copied to the host and consumed at once (the only
+# sync), by the stacked engine and the one-job loop alike.
+SYNC_EVERY = 32
+
 
 class Curves:
     """Per-step curves for ONLYTHRESHOLDS=False: EMA every step, tests and grabs on a cadence."""
@@ -137,8 +141,8 @@ class Tracker:
         its exit step.
 
         On a GPU the rules run where the losses are (``scan``, vectorized over the jobs) and
-        one copy brings back what is recorded; host losses (a CPU stack, the one-job loop's
-        scalar) run the same ``scan`` on numpy.
+        one copy brings back what is recorded; host losses (a CPU stack or one job) run the
+        same ``scan`` on numpy.
         """
         tracks = [self.tracks[r] for r in rows]
         xp = torch if isinstance(losses, torch.Tensor) and losses.device.type != "cpu" else np

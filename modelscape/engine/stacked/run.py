@@ -36,12 +36,17 @@ from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.engine.stacked.stack import Layout, Stack, Unbatchable
 from modelscape.engine.state import Checkpoints, restore, snapshot
-from modelscape.engine.tracking import Track, Tracker, evaluate, failed_record, say
+from modelscape.engine.tracking import (
+    SYNC_EVERY,
+    Track,
+    Tracker,
+    evaluate,
+    failed_record,
+    say,
+)
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec, check_batch
-
-SYNC_EVERY = 32  # default steps between copies of the loss buffer to the host (the only sync)
 
 # Modules whose training step is random or updates buffers: replaying a window from a snapshot of
 # the parameters would not reproduce them, so their models train one job at a time.
