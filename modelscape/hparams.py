@@ -32,6 +32,7 @@ import torch
 from modelscape.activations import ACTIVATIONS
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
+from modelscape.legacy_names import DEPRECATED_NAMES, LEGACY_MODEL_FILE, REFUSED_NAMES
 
 Scope = Literal["job", "sweep"]
 
@@ -39,49 +40,11 @@ PARAMETRIZATIONS = ("sp", "ntp", "mup", "mfp", "ntp-lr", "mup-lr")
 NONLINEARITIES = tuple(ACTIVATIONS)
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("fp32", "tf32", "bf16-mixed")
+COMPILE_MODES = ("auto", "off")
 
-# The original modelscape's spellings (its code, README, tests and examples) and the name each
-# maps to, accepted with a FutureWarning naming the new spelling. The one table every boundary
-# uses: global_config keys, iterator_names, command-line flags, --config files and attribute
-# reads/writes on the parse_args()/base_args() namespace. A value that is not a schema field
-# (post_init_fn) is a special config key.
-DEPRECATED_NAMES = {
-    "N_TRIAN": "N_TRAIN",
-    "DETERMINSITIC": "DETERMINISTIC",
-    "width": "WIDTH",
-    "depth": "DEPTH",
-    "DIM": "D_IN",
-    "dim": "D_IN",
-    "d_in": "D_IN",
-    "model_class": "MODEL_CLASS",
-    "optimizer": "OPTIMIZER",
-    "OPTIMIZER_CLASS": "OPTIMIZER",
-    "optimizer_class": "OPTIMIZER",
-    "OPTIMIZER_FN": "OPTIMIZER",
-    "optimizer_fn": "OPTIMIZER",
-    "loss": "LOSS",
-    "LOSS_CLASS": "LOSS",
-    "loss_class": "LOSS",
-    "LOSS_FN": "LOSS",
-    "loss_fn": "LOSS",
-    "momentum": "MOMENTUM",
-    "weight_decay": "WEIGHT_DECAY",
-    "EXPT_NAME": "SAVE_DIR",
-    "POST_INIT_FN": "post_init_fn",
-}
-
-# The original's model-from-file pair; together they are MODEL_CLASS="file.py:Name".
-LEGACY_MODEL_FILE = {"MODEL_FILE": "MODEL_NAME", "model_file": "model_name"}
-
-# Original keys that cannot be honoured, with the fix.
-REFUSED_NAMES = {
-    "OPTIMIZER_INSTANCE": "an optimizer built before the sweep cannot train the models each job "
-    "builds; give OPTIMIZER (a class or torch.optim name) with MOMENTUM/WEIGHT_DECAY, or a "
-    "post_init_fn(model, opt) that returns your own optimizer.",
-    "LOSS_INSTANCE": "give LOSS, a torch.nn loss name or class (each job builds its own).",
-}
-REFUSED_NAMES["optimizer_instance"] = REFUSED_NAMES["OPTIMIZER_INSTANCE"]
-REFUSED_NAMES["loss_instance"] = REFUSED_NAMES["LOSS_INSTANCE"]
+# The legacy tables live in modelscape.legacy_names and are re-exported here.
+__all__ = ["DEPRECATED_NAMES", "LEGACY_MODEL_FILE", "REFUSED_NAMES"]
 
 
 def hp(
@@ -149,6 +112,7 @@ class HParams:
         "OPTIMIZER_KWARGS.<arg> sweeps one.",
     )
     DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
+    PRECISION: str = hp("fp32", "Matmuls: fp32, tf32 (CUDA) or bf16-mixed.", choices=PRECISIONS)
 
     # --- models and parametrizations ---
     PARAMETRIZATION: str = hp(
@@ -194,6 +158,7 @@ class HParams:
     MAX_RETRIES: int = hp(1, "Retries of a job lost to a dead worker or Ray node.", scope="sweep")
     JOB_TIMEOUT: float = hp(0.0, "Seconds before a hung worker job fails; 0 is off.", scope="sweep")
     RESUME_CHANGED_CODE: bool = hp(False, "Resume a SAVE_DIR whose code changed.", scope="sweep")
+    COMPILE: str = hp("auto", "auto: CUDA graphs on GPU.", scope="sweep", choices=COMPILE_MODES)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}
@@ -400,6 +365,8 @@ def check_ranges(h: HParams) -> None:
         raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
     if h.D_IN is not None and h.D_IN <= 0:
         raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
+    if h.PRECISION != "fp32" and h.DTYPE != "float32":
+        raise HParamError(f"PRECISION={h.PRECISION!r} needs DTYPE='float32', not {h.DTYPE!r}.")
     if h.GAMMA <= 0:
         raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
     if not h.LOSS_CHECKPOINTS:

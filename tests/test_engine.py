@@ -110,9 +110,10 @@ def test_the_tracker_consumes_a_window_of_many_jobs_as_each_job_alone():
     window.consume(0, losses, [0, 1])
     for row, job in enumerate(jobs):
         alone = Track.start(job)
+        one = Tracker([alone])
         for step, value in enumerate(losses[row].tolist()):
             if alone.exit is None:
-                alone.consume(step, [value])
+                one.consume(step, [[value]], [0])  # as the one-job loop feeds it
         got = window.tracks[row]
         assert (got.exit, got.diverged, got.ema) == (alone.exit, alone.diverged, alone.ema)
         np.testing.assert_array_equal(got.timekeys, alone.timekeys)

@@ -119,7 +119,11 @@ def assert_same(a, b):
 
 
 def test_parent_sigkilled_half_way_then_the_rerun_trains_only_the_missing_jobs(script, tmp_path):
-    flags = ["--MAX_ITER", "300", "--NUM_TRIALS", "4", "--WORKERS_PER_DEVICE", "2"]
+    # One job at a time on each of 2 workers: records arrive in pairs 3 s apart, so the kill
+    # after the first 3 stored always leaves jobs unfinished (two stacks of 4 would finish
+    # within milliseconds of each other, and a kill could come after both).
+    flags = ["--MAX_ITER", "300", "--NUM_TRIALS", "4", "--BATCHED", "off"]
+    flags += ["--WORKERS_PER_DEVICE", "2"]
     # the uninterrupted reference trains in one process: placement does not matter either
     reference_dir = tmp_path / "reference"
     reference = start(

@@ -4,7 +4,7 @@
 namespace holding every hyperparameter; set more attributes on it freely
 (``args.CLASSES = [0, 6]``): keys that are not hyperparameters travel to batch functions and
 grabs as user keys. The original's spellings (``args.width``, ``--width``) read and write the
-current names, with a FutureWarning (the table is ``hparams.DEPRECATED_NAMES``).
+current names, with a FutureWarning (the table is ``legacy_names.DEPRECATED_NAMES``).
 
 Job-scoped options take one or more values. ``--GAMMA 0.1 1 10`` stores the list
 ``[0.1, 1.0, 10.0]``, and ``job_iterator.main`` turns a list-valued hyperparameter into a sweep

@@ -2,10 +2,11 @@
 
 - ``setup``: a ``Job`` becomes a ``Problem`` (data, model, optimizer, loss).
 - ``tracking``: the loop rules (EMA, timekeys, exits, divergence, curves, VERBOSE, the record),
-  once for every engine.
+  once for every engine, vectorized over the jobs of a window.
+- ``precision``: PRECISION (fp32, tf32, bf16-mixed), for every engine.
 - ``loop``: the one-job training loop, the reference.
 - ``stacked``: compatible jobs as one model with a leading job dimension (``grouping``,
-  ``stack``, ``kernels``, ``optimizers``, ``run``).
+  ``stack``, ``kernels``, ``optimizers``, ``run``, ``memory``, ``graphs``).
 - ``state``: checkpoints, shared by both engines.
 - ``group``: ``train_group``, what executors call; every record's ``trained_by`` says how the
   job trained.

@@ -1,17 +1,25 @@
 """The one-job training loop: the reference every other engine must reproduce.
 
 Each step draws the batch, takes the forward pass, the loss, the backward pass and the
-optimizer step, then hands the loss to ``tracking`` (the loop rules: EMA, timekeys, exits,
-curves). ``run_job`` wraps setup and training so that a failing job becomes a failed record.
+optimizer step. The losses stay tensors for a window of ``SYNC_EVERY`` steps (shorter when an
+evaluation or a checkpoint is due), then ``tracking`` applies the loop rules (EMA, timekeys, exits,
+curves) to the whole window at once. A job that exited inside the window is rewound to the
+window's start (parameters, buffers, optimizer, data generator, global RNG) and rerun up to its
+exit step, so the record is the one a step-by-step loop would give, bit for bit.
+``run_job`` wraps setup and training so that a failing job becomes a failed record.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 
+from modelscape.engine import precision
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import Checkpoints, restore, snapshot
-from modelscape.engine.tracking import Tracker, evaluate, failed_record
+from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate, failed_record
 from modelscape.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
@@ -30,7 +38,7 @@ def train(
     """
     devices = [problem.device] if problem.device.type == "cuda" else []
     # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), precision.matmuls(problem.job.hp.PRECISION):
         torch.manual_seed(training_rng_seed(problem.job))
         return _loop(problem, checkpoints, trained_by)
 
@@ -41,25 +49,70 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     if checkpoints is not None:
         checkpoints.reset_clock()
     tracker = Tracker([track])
-    model, opt, loss_fn = problem.model, problem.opt, problem.loss_fn
+    autocast = precision.autocast(hp.PRECISION, problem.device)
+    problem.model.train()
     X = y = None
-    model.train()
-    for step in range(track.step + 1, hp.MAX_ITER):
-        problem.step = step
-        X, y, f0 = problem.batch(step)
-        loss = loss_fn(problem.output(X, f0), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # the one-job loop syncs every step; the stacked engine once per window
-        tracker.consume(step, [[loss.item()]], (0,))
+    t = track.step + 1
+    while t < hp.MAX_ITER:
+        # One window: losses stay tensors and the loop rules run once on all of them (one host
+        # sync); a job that exited inside it is rewound to the window's start and rerun.
+        start = _rewind_point(problem)
+        losses = []
+        for step in range(t, min(t + SYNC_EVERY, hp.MAX_ITER)):
+            X, y, loss = _step(problem, step, autocast)
+            losses.append(loss.detach())
+            # an evaluation or a checkpoint needs the state after exactly this step
+            if track.eval_due(step) or (checkpoints is not None and checkpoints.due()):
+                break
+        tracker.consume(t, torch.stack(losses).to(torch.float64)[None], (0,))
+        if track.exit is not None and track.exit < step:
+            _rewind(problem, start)
+            for step in range(t, track.exit + 1):
+                X, y, _ = _step(problem, step, autocast)
         if track.eval_due(step):
             track.curves.add_eval(step, evaluate(problem, X, y, step))
         if track.exit is not None:
             break
         if checkpoints is not None and checkpoints.due():
             checkpoints.save(problem.job.key, snapshot(problem, track, tracker.seconds(track)))
+        t = step + 1
     return tracker.finish(track, problem, (X, y), trained_by)
+
+
+def _step(problem: Problem, step: int, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step: the batch of ``step`` and its loss (before the update)."""
+    problem.step = step  # a failure is recorded with the step it happened at
+    X, y, f0 = problem.batch(step)
+    with autocast:
+        loss = problem.loss_fn(problem.output(X, f0), y)
+    problem.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    problem.opt.step()
+    return X, y, loss
+
+
+def _rewind_point(problem: Problem) -> dict[str, Any]:
+    """A copy of what a step changes (parameters, buffers, optimizer, data generator, global
+    RNG), so that a window can be rerun bit-identically from its start."""
+    point = {
+        "model": {k: v.clone() for k, v in problem.model.state_dict().items()},
+        "opt": copy.deepcopy(problem.opt.state_dict()),
+        "gen": None if problem.gen is None else problem.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if problem.device.type == "cuda":
+        point["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
+    return point
+
+
+def _rewind(problem: Problem, point: dict[str, Any]) -> None:
+    problem.model.load_state_dict(point["model"])
+    problem.opt.load_state_dict(point["opt"])
+    if problem.gen is not None:
+        problem.gen.set_state(point["gen"])
+    torch.set_rng_state(point["torch_rng"])
+    if "cuda_rng" in point:
+        torch.cuda.set_rng_state(point["cuda_rng"], problem.device)
 
 
 def run_job(

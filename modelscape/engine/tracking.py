@@ -36,6 +36,10 @@ from modelscape.engine.setup import Problem, evaluate_grabs
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 
+# Steps per window: the losses of a window are copied to the host and consumed at once (the only
+# sync), by the stacked engine and the one-job loop alike.
+SYNC_EVERY = 32
+
 
 class Curves:
     """Per-step curves for ONLYTHRESHOLDS=False: EMA every step, tests and grabs on a cadence."""
@@ -104,30 +108,6 @@ class Track:
             return False
         return step % self.job.hp.EVAL_EVERY == 0 or self.exit == step
 
-    def consume(self, t0: int, values: Sequence[float]) -> None:
-        """Apply the loop rules to the losses of steps t0, t0+1, ...; stops at the exit step."""
-        hp = self.job.hp
-        s = hp.EMA_SMOOTHER
-        ema, crossed, thresholds = self.ema, self.crossed, self.thresholds
-        for i, value in enumerate(values):
-            step = t0 + i
-            if not math.isfinite(value):
-                self.diverged, self.exit = True, step
-                break
-            ema = value if step == 0 else s * ema + (1 - s) * value
-            while crossed < len(thresholds) and ema < thresholds[crossed]:
-                self.timekeys[crossed] = step
-                crossed += 1
-            if self.curves is not None:
-                self.curves.train[step] = ema
-            if hp.VERBOSE and step % hp.EVAL_EVERY == 0:
-                say(f"[{self.job.label()}] step {step}: train loss {value:.4g} (ema {ema:.4g})")
-            self.step = step
-            if crossed == len(thresholds) or step == hp.MAX_ITER - 1:
-                self.exit = step
-                break
-        self.ema = ema
-
     def loop_state(self, seconds: float) -> dict[str, Any]:
         """The loop's part of a checkpoint (the model's part is ``state.snapshot``)."""
         return {
@@ -156,14 +136,60 @@ class Tracker:
         self.clock = time.perf_counter()
 
     def consume(self, t0: int, losses: torch.Tensor | Sequence[Sequence[float]], rows) -> None:
-        """Feed the losses [len(rows) x steps] of steps t0...; row k belongs to ``rows[k]``.
+        """Apply the loop rules to the losses [len(rows) x steps] of steps t0...; row k
+        belongs to ``rows[k]``. A job that exits inside the window ignores the losses after
+        its exit step.
 
-        A job that exits inside the window ignores the losses after its exit step.
+        On a GPU the rules run where the losses are (``scan``, vectorized over the jobs) and
+        one copy brings back what is recorded; host losses (a CPU stack or one job) run the
+        same ``scan`` on numpy.
         """
-        if isinstance(losses, torch.Tensor):
-            losses = losses.to("cpu", torch.float64).tolist()  # the window's one host sync
-        for r, values in zip(rows, losses):
-            self.tracks[r].consume(t0, values)
+        tracks = [self.tracks[r] for r in rows]
+        xp = torch if isinstance(losses, torch.Tensor) and losses.device.type != "cpu" else np
+        if xp is np:
+            losses = losses.numpy() if isinstance(losses, torch.Tensor) else np.asarray(losses)
+        width = losses.shape[1]
+        trail = any(t.curves is not None or t.job.hp.VERBOSE for t in tracks)
+        ema, timekeys, thresholds, s, last = self._state(xp, tracks, losses)
+        with np.errstate(invalid="ignore"):  # NaN losses are expected (divergence)
+            packed = scan(xp, t0, losses, ema, timekeys, thresholds, s, last, trail)
+        if xp is torch:
+            packed = packed.cpu().numpy()  # the window's one host sync
+        k = timekeys.shape[1]
+        for track, row in zip(tracks, packed):
+            track.timekeys = row[:k].copy()
+            exit_step, diverged, track.ema = int(row[k]), bool(row[k + 1]), float(row[k + 2])
+            if exit_step >= 0:
+                track.exit, track.diverged = exit_step, diverged
+            track.step = exit_step - diverged if exit_step >= 0 else t0 + width - 1
+            if trail:
+                self._record_trail(track, t0, row[k + 3 : k + 3 + width], row[k + 3 + width :])
+
+    @staticmethod
+    def _state(xp, tracks: Sequence[Track], losses):
+        """The tracks' state before the window, as arrays on the losses' device."""
+        ema = np.array([t.ema for t in tracks], dtype=np.float64)
+        timekeys = np.stack([t.timekeys for t in tracks]).astype(np.float64)
+        thresholds = np.array([t.thresholds for t in tracks], dtype=np.float64)
+        s = np.array([t.job.hp.EMA_SMOOTHER for t in tracks], dtype=np.float64)
+        last = np.array([t.job.hp.MAX_ITER - 1 for t in tracks], dtype=np.float64)
+        arrays = (ema, timekeys, thresholds, s, last)
+        if xp is np:
+            return arrays
+        return [torch.as_tensor(a).to(losses.device, non_blocking=True) for a in arrays]
+
+    @staticmethod
+    def _record_trail(track: Track, t0: int, emas: np.ndarray, values: np.ndarray) -> None:
+        """The curves' EMA and the VERBOSE lines of the steps the job took in the window."""
+        hp = track.job.hp
+        taken = int(np.count_nonzero(~np.isnan(emas)))
+        if track.curves is not None:
+            track.curves.train[t0 : t0 + taken] = emas[:taken]
+        if hp.VERBOSE:
+            for i in range(taken):
+                if (t0 + i) % hp.EVAL_EVERY == 0:
+                    line = f"train loss {values[i]:.4g} (ema {emas[i]:.4g})"
+                    say(f"[{track.job.label()}] step {t0 + i}: {line}")
 
     def seconds(self, track: Track) -> float:
         """The job's share of the wall time since training started (see the module docstring)."""
@@ -198,6 +224,70 @@ class Tracker:
                 record.curves = track.curves.finish(step, diverged=False)
         record.seconds = self.seconds(track)
         return record
+
+
+INF = float("inf")
+
+
+def _f64(xp: Any, a: Any) -> Any:
+    return a.to(torch.float64) if xp is torch else np.asarray(a, dtype=np.float64)
+
+
+def scan(
+    xp: Any,
+    t0: int,
+    losses: Any,
+    ema: Any,
+    timekeys: Any,
+    thresholds: Any,
+    s: Any,
+    last: Any,
+    trail: bool,
+) -> Any:
+    """The loop rules over steps t0..t0+W-1 of R jobs, on numpy (``xp=np``) or torch.
+
+    ``losses`` [R, W]; per job the state before the window: ``ema`` [R], ``timekeys`` [R, K]
+    (NaN: not crossed yet), ``thresholds`` [R, K] (descending), ``s`` [R] (EMA_SMOOTHER) and
+    ``last`` [R] (MAX_ITER - 1). Returns one float64 array [R, K + 3 (+ 2W)]: the timekeys
+    after the window, the exit step (-1: none), diverged (0/1), the EMA after the window and,
+    with ``trail``, the EMA and the loss of every step (NaN after the exit): everything a host
+    needs, in one piece, so that a device copies it once.
+    """
+    R, W = losses.shape
+    x = _f64(xp, losses).T  # [W, R]: a step across the jobs
+    emas = xp.empty_like(x)
+    u = (1 - s) * x  # (1-s)*loss for every step at once: elementwise, the same rounding
+    tmp = xp.empty_like(ema)
+    prev = ema
+    for i in range(W):
+        if t0 + i == 0:
+            emas[0] = x[0]
+        else:
+            xp.multiply(s, prev, out=tmp)
+            xp.add(tmp, u[i], out=emas[i])
+        prev = emas[i]
+    device = {} if xp is np else {"device": x.device}
+    steps = xp.arange(t0, t0 + W, dtype=xp.float64, **device)[:, None]  # [W, 1]
+    first_bad = xp.amin(xp.where(xp.isfinite(x), INF, steps), 0)  # [R]
+    valid = (steps < first_bad) & (steps <= last)  # [W, R]: steps the loop took
+    below = (emas[:, :, None] < thresholds[None]) & valid[:, :, None]  # [W, R, K]
+    hit = xp.amin(xp.where(below, steps[:, :, None], INF), 0)  # [R, K]: first crossing here
+    new = xp.where(xp.isnan(timekeys) & (hit < INF), hit, timekeys)
+    done = xp.where(xp.isnan(new).any(1), INF, xp.amax(new, 1))  # every threshold crossed
+    stop = xp.minimum(done, last)
+    diverged = first_bad <= stop
+    exit_step = xp.where(diverged, first_bad, stop)
+    exit_step = xp.where(exit_step < t0 + W, exit_step, -1.0)
+    # the EMA after the window: at the exit step, before a divergence, or at the window's end
+    upto = xp.where(exit_step < 0, float(t0 + W - 1), exit_step) - _f64(xp, diverged)
+    index = (upto - t0).clip(0, None) if xp is np else (upto - t0).clamp(min=0)
+    index = index.astype(np.int64) if xp is np else index.long()
+    final = xp.where(upto < t0, ema, emas[index, xp.arange(R, **device)])
+    parts = [new, exit_step[:, None], _f64(xp, diverged)[:, None], final[:, None]]
+    if trail:
+        kept = valid & ((exit_step < 0) | (steps <= exit_step))
+        parts += [xp.where(kept, emas, np.nan).T, xp.where(kept, x, np.nan).T]
+    return xp.concatenate(parts, 1)
 
 
 def evaluate(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, Any]:

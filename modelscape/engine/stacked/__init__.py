@@ -1,5 +1,7 @@
 """The stacked engine: jobs of one group trained as one model with a leading job dimension.
 
-``grouping`` (which jobs may share a stack), ``stack`` (the stacked tensors), ``kernels`` (losses
-and gradients), ``optimizers`` (one class per torch optimizer), ``run`` (the training run).
+``grouping`` (which jobs may share a stack), ``stack`` (the stacked tensors and their ragged
+sample layout), ``kernels`` (losses and gradients), ``optimizers`` (one class per torch
+optimizer), ``run`` (the training run), ``memory`` (how many jobs a device holds at once),
+``graphs`` (COMPILE: the step as a CUDA graph).
 """

@@ -2,7 +2,9 @@
 
 Jobs that share their shapes (model, width, depth, sample count, dtype, optimizer class...) and
 differ only in ``PER_JOB`` hyperparameters form a group (``group_jobs``), capped by a memory
-budget (``group_cap``). ``why_single`` decides, before anything trains, whether a group trains
+budget (``group_cap``). Jobs of the built-in MLP with MSE loss may also differ in N_SAMPLES
+(``across_sample_counts``): their stack lays the samples out ragged, without padding
+(``stack.Layout``). ``why_single`` decides, before anything trains, whether a group trains
 stacked; its answer is what every record's ``trained_by`` says.
 """
 
@@ -12,10 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from modelscape import hparams as H
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.jobs import Job, SweepError
+from modelscape.models import MLP
 
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says
@@ -52,9 +56,28 @@ def _hashable(value: Any) -> Any:
         return repr(value)
 
 
+def across_sample_counts(job: Job) -> bool:
+    """Whether the job may share a stack with jobs of other N_SAMPLES: its model and loss take
+    ``kernels.MLPKernel`` (the built-in MLP, MSE loss), which stacks ragged samples. Decided
+    from hyperparameters; a stack whose built models need ``FuncKernel`` after all (a
+    ``post_init_fn`` replaced the model) trains one stack per sample count."""
+    hp = job.hp
+    return hp.MODEL_CLASS in (None, "MLP", MLP) and hp.LOSS in ("MSELoss", nn.MSELoss)
+
+
 def group_key(job: Job) -> tuple:
     """What must be equal for two jobs to share a stacked model."""
-    return tuple((n, _hashable(getattr(job.hp, n))) for n in SAME_IN_GROUP)
+    ragged = across_sample_counts(job)
+    return tuple(
+        (n, _hashable(getattr(job.hp, n)))
+        for n in SAME_IN_GROUP
+        if not (ragged and n == "N_SAMPLES")
+    )
+
+
+def shape_key(job: Job) -> tuple:
+    """What makes two jobs take the same memory: their group key and sample count."""
+    return (group_key(job), job.hp.N_SAMPLES)
 
 
 def job_bytes(job: Job) -> int:
@@ -96,19 +119,34 @@ def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list
     ``group_bytes`` of estimated memory; a job whose optimizer cannot be stacked stays alone
     (its record says why).
     """
+    budget = device_budget(jobs[0]) if jobs and group_bytes == GROUP_BYTES else group_bytes
     buckets: dict[tuple, list[list[Job]]] = {}
+    used: dict[int, int] = {}  # bytes of each open group
     order: list[list[Job]] = []
     for job in jobs:
-        if optimizer_refusal(job) is not None:
-            order.append([job])
+        if optimizer_refusal(job) is not None or group_cap(job, group_bytes) == 1:
+            order.append([job])  # a job whose cap is 1 always trains alone (kernels.bmm)
             continue
-        cap = group_cap(job, group_bytes)
         groups = buckets.setdefault(group_key(job), [])
-        if not groups or len(groups[-1]) >= cap:
+        size = job_bytes(job)
+        if not groups or len(groups[-1]) >= MAX_GROUP or used[id(groups[-1])] + size > budget:
             groups.append([])
             order.append(groups[-1])
+            used[id(groups[-1])] = 0
         groups[-1].append(job)
+        used[id(groups[-1])] += size
     return order
+
+
+def device_budget(job: Job) -> int:
+    """The memory budget of a group: ``GROUP_BYTES``, or on CUDA devices the smallest one's
+    memory (a stack is trained in chunks that fit its free memory, ``memory.chunks``)."""
+    cuda = [d for d in job.hp.DEVICES if d != "cpu"]
+    if not cuda or not torch.cuda.is_available():
+        return GROUP_BYTES
+    count = torch.cuda.device_count()
+    sizes = [torch.cuda.get_device_properties(d).total_memory for d in cuda if d < count]
+    return max(GROUP_BYTES, min(sizes, default=GROUP_BYTES))
 
 
 def why_single(jobs: Sequence[Job]) -> str | None:

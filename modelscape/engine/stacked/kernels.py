@@ -1,10 +1,12 @@
 """How a stack computes its jobs' losses and gradients: the model kernels.
 
-``MLPKernel`` runs the built-in MLP with MSE loss as batched matmuls with a hand-written
-backward pass (its activations come from ``KERNEL_ACTIVATIONS``: one entry per activation);
-``FuncKernel`` runs any other model through ``torch.func`` (``vmap`` over ``functional_call``)
-with autograd. ``bmm``/``baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs
-share its stack.
+``MLPKernel`` runs the built-in MLP with MSE loss, under every PARAMETRIZATION, as batched
+matmuls with a hand-written backward pass (its activations come from ``KERNEL_ACTIVATIONS``:
+one entry per activation); ``FuncKernel`` runs any other model through ``torch.func``
+(``vmap`` over ``functional_call``) with autograd. ``kernel_for`` says which one a job takes.
+``bmm``/``baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs share its
+stack. Both take the samples flat (see ``stack.Layout``); only ``MLPKernel`` takes a stack
+whose jobs differ in N_SAMPLES.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelscape import parametrize
 from modelscape.engine.setup import Problem
-from modelscape.engine.stacked.stack import BUFFER, Stack
+from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
 from modelscape.models import MLP
 
 aten = torch.ops.aten
@@ -40,6 +43,12 @@ KERNEL_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
     nn.ReLU: lambda m: Activation(
         lambda z: z.relu_(), lambda g, out: aten.threshold_backward(g, out, 0), False
     ),
+    # the parametrizations' ReLU: gain * relu(z); autograd takes relu's backward of gain * g
+    parametrize.ScaledReLU: lambda m: Activation(
+        lambda z: z.relu() * m.gain,
+        lambda g, out: aten.threshold_backward(g * m.gain, out, 0),
+        False,
+    ),
     nn.Tanh: lambda m: Activation(lambda z: z.tanh_(), aten.tanh_backward, False),
     nn.Identity: lambda m: Activation(lambda z: z, lambda g, out: g, False),
     nn.GELU: lambda m: Activation(
@@ -51,7 +60,9 @@ KERNEL_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
 }
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, pair: bool) -> torch.Tensor:
+def bmm(
+    a: torch.Tensor, b: torch.Tensor, pair: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``torch.bmm`` whose result for a job does not depend on how many jobs are stacked.
 
     With a single job torch computes the product on another path (``mm``/``gemv``), whose
@@ -59,125 +70,254 @@ def bmm(a: torch.Tensor, b: torch.Tensor, pair: bool) -> torch.Tensor:
     the same in any group, so results do not depend on workers, placement or resumption. The
     pair costs twice the work, so it is made only when ``pair`` (``pair_singletons``: the job
     could share a stack, ``group_cap`` >= 2); a job that always trains alone is computed as
-    the plain stack of one it always is.
+    the plain stack of one it always is. ``out``: write the product there (a view into a flat
+    activation buffer).
     """
     if pair and a.shape[0] == 1:
-        return torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
-    return torch.bmm(a, b)
+        result = torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
+        return result if out is None else out.copy_(result)
+    return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
 
 
-def baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pair: bool) -> torch.Tensor:
+def baddbmm(
+    bias: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pair: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``torch.baddbmm`` with the same stack-size independence as ``bmm``."""
     if pair and a.shape[0] == 1:
-        out = torch.baddbmm(bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
-        return out[:1]
-    return torch.baddbmm(bias, a, b)
+        two = (bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
+        result = torch.baddbmm(*two)[:1]
+        return result if out is None else out.copy_(result)
+    return torch.baddbmm(bias, a, b) if out is None else torch.baddbmm(bias, a, b, out=out)
+
+
+def per_segment(
+    layout: Layout,
+    shape: tuple[int, ...] | torch.Size,
+    like: torch.Tensor,
+    fn: Callable[[Segment, torch.Tensor | None], torch.Tensor],
+    per_job: bool = False,
+) -> torch.Tensor:
+    """``fn(segment, out)`` for every segment of ``layout``, as one tensor of ``shape`` (flat
+    over the samples, or over the jobs with ``per_job``) and ``like``'s dtype and device.
+
+    A stack of one sample count uses ``fn``'s result as it is (``out`` None); several segments
+    write into views of one buffer, allocated without deterministic mode's NaN fill, since
+    every element of it is written.
+    """
+    if len(layout.segments) == 1:
+        return fn(layout.segments[0], None).reshape(shape)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+    for s in layout.segments:
+        fn(s, out[s.jobs] if per_job else s.view(out))
+    return out
+
+
+def kernel_for(problem: Problem) -> type[MLPKernel] | type[FuncKernel]:
+    """The kernel a stack of this job's model trains with (the same for every job of a group)."""
+    return MLPKernel if MLPKernel.check(problem) else FuncKernel
 
 
 class MLPKernel:
     """The built-in MLP with MSE loss as batched matmuls, with its backward pass written out.
 
     Autograd is skipped because, for small models, its bookkeeping costs more than the math.
-    ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``bmm``).
+    Parametrized layers (``ParametrizedLinear``) compute ``g * (W x + b)`` with each job's own
+    multiplier ``g``; GAMMA divides the output. The samples are flat along ``stack.layout``:
+    the matmuls run once per segment (jobs with the same N_SAMPLES), the rest once per stack.
+    ``compute``: the matmuls' dtype under PRECISION="bf16-mixed" (their operands are cast to
+    it, as autocast does; gradients come back in the parameters' dtype).
     """
 
-    def __init__(self, model: MLP, names: list[str], pair_singletons: bool):
-        self.pair = pair_singletons
+    name = "mlp"
+
+    def __init__(self, model: MLP, names: list[str], compute: torch.dtype | None = None):
         self.act = KERNEL_ACTIVATIONS[type(model.nonlin)](model.nonlin)
+        self.compute = compute
         index = {n: i for i, n in enumerate(names)}
-        hidden = ["input_layer"] + [f"hidden_layers.{k}" for k in range(len(model.hidden_layers))]
-        self.layers = [(index[f"{h}.weight"], index.get(f"{h}.bias")) for h in hidden]
-        self.readout = (index["output_layer.weight"], index.get("output_layer.bias"))
+        prefixes = (
+            ["input_layer"]
+            + [f"hidden_layers.{k}" for k in range(len(model.hidden_layers))]
+            + ["output_layer"]
+        )
+        modules = _linears(model)
+        # (weight index, bias index or None, whether the layer has a multiplier)
+        self.layers = [
+            (index[f"{p}.weight"], index.get(f"{p}.bias"), type(m) is not nn.Linear)
+            for p, m in zip(prefixes, modules)
+        ]
 
     @staticmethod
-    def check(problem: Problem, parametrization: str) -> bool:
+    def check(problem: Problem) -> bool:
         """Whether this kernel computes exactly what the job's model and loss do."""
         model, loss_fn = problem.model, problem.loss_fn
         return (
             type(model) is MLP
             and problem.y_te.is_floating_point()
             and problem.y_te.dim() <= 2
-            and parametrization == "sp"
             and type(loss_fn) is nn.MSELoss
             and loss_fn.reduction == "mean"
             and type(model.nonlin) in KERNEL_ACTIVATIONS
-            and all(
-                type(m) is nn.Linear
-                for m in [model.input_layer, *model.hidden_layers, model.output_layer]
-            )
+            and (type(model.nonlin) is not parametrize.ScaledReLU or model.nonlin.gain > 0)
+            and all(type(m) in _LINEARS for m in _linears(model))
             and not _has_hooks(model)
         )
 
-    def _forward(self, params: list[torch.Tensor], X: torch.Tensor, keep: bool):
-        h = X.reshape(X.shape[0], X.shape[1], -1)
+    def samples(self, problems: list[Problem], layout: Layout) -> dict[str, torch.Tensor | None]:
+        """What the kernel multiplies by, per sample ([rows, 1], for ``Stack.samples``): each
+        layer's multiplier (None for plain layers), 1/GAMMA's divisor (None when every GAMMA
+        is 1: dividing by 1 is exact) and the loss's 2/(N d_out)."""
+        p0 = problems[0]
+        like = next(p0.model.parameters())
+        out: dict[str, torch.Tensor | None] = {}
+        for k, (_, _, has) in enumerate(self.layers):
+            if not has:
+                out[f"g{k}"] = None
+                continue
+            mods = [_linears(p.model)[k] for p in problems]
+            out[f"g{k}"] = layout.per_sample(torch.stack([m.multiplier for m in mods]).to(like))
+        gammas = [p.gamma for p in problems]
+        gamma = torch.tensor(gammas, dtype=like.dtype, device=like.device)
+        out["gamma"] = None if all(g == 1.0 for g in gammas) else layout.per_sample(gamma)
+        d_out = p0.y_te[0].numel()
+        sizes = torch.tensor(layout.sizes, dtype=torch.float64, device=like.device)
+        out["scale"] = layout.per_sample((2.0 / (sizes * d_out)).to(like.dtype))
+        return out
+
+    def _mm(self, layout: Layout, a: torch.Tensor, W: torch.Tensor, b, transpose: bool):
+        """Per segment: a @ W.mT (+ b) (``transpose``) or a @ W, into one flat tensor."""
+        if self.compute is not None:
+            a, W = a.to(self.compute), W.to(self.compute)
+            b = None if b is None else b.to(self.compute)
+
+        def product(s: Segment, out: torch.Tensor | None) -> torch.Tensor:
+            Ws = W[s.jobs].mT if transpose else W[s.jobs]
+            if b is None:
+                return bmm(s.view(a), Ws, s.pair, out=out)
+            return baddbmm(b[s.jobs, None], s.view(a), Ws, s.pair, out=out)
+
+        width = W.shape[1] if transpose else W.shape[2]
+        return per_segment(layout, (a.shape[0], width), a, product)
+
+    def _forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor, keep: bool):
+        layout, factors = stack.layout, stack.samples
+        h = X.reshape(X.shape[0], -1)
         saved = [h]
-        for wi, bi in self.layers:
-            W = params[wi]
-            z = (
-                bmm(h, W.mT, self.pair)
-                if bi is None
-                else baddbmm(params[bi][:, None], h, W.mT, self.pair)
-            )
-            if self.act.saves_input:
+        last = len(self.layers) - 1
+        for k, (wi, bi, _) in enumerate(self.layers):
+            z = self._mm(layout, h, params[wi], None if bi is None else params[bi], True)
+            if factors[f"g{k}"] is not None:
+                z = z * factors[f"g{k}"]
+            if k == last:
+                return z, saved
+            if self.act.saves_input and keep:
                 saved.append(z)
             h = self.act.forward(z)
-            saved.append(h)
-        wi, bi = self.readout
-        W = params[wi]
-        f = (
-            bmm(h, W.mT, self.pair)
-            if bi is None
-            else baddbmm(params[bi][:, None], h, W.mT, self.pair)
-        )
-        return f, (saved if keep else None)
+            if keep:
+                saved.append(h)
+        raise AssertionError("an MLP has a readout layer")
 
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-        return self._forward(params, X, keep=False)[0]
+        """The outputs [rows, d_out] of the stacked models ``params`` on flat inputs."""
+        return self._forward(stack, params, X, keep=False)[0]
 
     def loss_and_grads(
         self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
-        params = stack.params
-        f, saved = self._forward(params, X, keep=True)
-        gamma = stack.data["gamma_b"]
+        params, layout, factors = stack.params, stack.layout, stack.samples
+        f, saved = self._forward(stack, params, X, keep=True)
         out = f if f0 is None else f - f0
-        if gamma is not None:
-            out = out / gamma
+        if factors["gamma"] is not None:
+            out = out / factors["gamma"]
         r = out - y.reshape(f.shape)
-        losses = r.square().mean((1, 2))
-        g = r * (2.0 / (r.shape[1] * r.shape[2]))
-        if gamma is not None:
-            g = g / gamma
+        squares = r.square()
+        losses = per_segment(
+            layout,
+            (len(layout.sizes),),
+            r,
+            lambda s, out: torch.mean(s.view(squares), (1, 2), out=out),
+            per_job=True,
+        )
+        g = r * factors["scale"]
+        if factors["gamma"] is not None:
+            g = g / factors["gamma"]
         grads: list[torch.Tensor | None] = [None] * len(params)
-        wi, bi = self.readout
-        W, h = params[wi], saved[-1]
-        grads[wi] = bmm(g.mT, h, self.pair)
-        # an outer product (one output) is faster as a broadcast multiply than as a bmm
-        gh = g * W if W.shape[1] == 1 else bmm(g, W, self.pair)
-        if bi is not None:
-            grads[bi] = g.sum(1)
+        gh = g  # the gradient of the current layer's output (first: the readout's)
         for k in range(len(self.layers) - 1, -1, -1):
-            wi, bi = self.layers[k]
-            h_out = saved.pop()  # this layer's output; below it, its input (and pre-activation)
-            gz = self.act.backward(gh, saved.pop() if self.act.saves_input else h_out)
+            wi, bi, _ = self.layers[k]
+            W = params[wi]
+            gz = gh
+            if k < len(self.layers) - 1:
+                h_out = saved.pop()  # this layer's output; below it, its input (pre-activation)
+                gz = self.act.backward(
+                    gh.to(h_out.dtype), saved.pop() if self.act.saves_input else h_out
+                )
+            if factors[f"g{k}"] is not None:
+                gz = gz * factors[f"g{k}"]
             h_in = saved[-1]
-            grads[wi] = bmm(gz.mT, h_in, self.pair)
+            grads[wi] = self._weight_grad(layout, gz, h_in, W)
             if bi is not None:
-                grads[bi] = gz.sum(1)
-            if k > 0:
-                gh = bmm(gz, params[wi], self.pair)
+                grads[bi] = per_segment(
+                    layout,
+                    params[bi].shape,
+                    gz,
+                    lambda s, out, gz=gz: torch.sum(s.view(gz), 1, out=out),
+                    per_job=True,
+                )
+            if k > 0 and W.shape[1] == 1:
+                # an outer product (one output) is faster as a broadcast multiply
+                gh = per_segment(
+                    layout,
+                    (gz.shape[0], W.shape[2]),
+                    gz if gz.dtype == torch.promote_types(gz.dtype, W.dtype) else W,
+                    lambda s, out, gz=gz, W=W: torch.mul(s.view(gz), W[s.jobs], out=out),
+                )
+            elif k > 0:
+                gh = self._mm(layout, gz, W, None, False)
         return losses, grads
+
+    def _weight_grad(self, layout: Layout, gz, h_in, W) -> torch.Tensor:
+        """Per segment gz.mT @ h_in: each job's weight gradient, in the weight's dtype."""
+        if self.compute is not None:
+            gz, h_in = gz.to(self.compute), h_in.to(self.compute)
+        grad = per_segment(
+            layout,
+            W.shape,
+            gz,
+            lambda s, out: bmm(s.view(gz).mT, s.view(h_in), s.pair, out=out),
+            per_job=True,
+        )
+        return grad.to(W.dtype)
 
 
 class FuncKernel:
     """Any model: ``vmap`` over ``torch.func.functional_call``, gradients by autograd.
 
     ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``as_pair``).
+    ``compute``: run the forward pass and loss under ``torch.autocast`` in that dtype. Its
+    stack's jobs all have the same N_SAMPLES.
     """
 
-    def __init__(self, problems: list[Problem], names: list[str], pair_singletons: bool):
+    name = "torch.func"
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        names: list[str],
+        pair_singletons: bool,
+        compute: torch.dtype | None = None,
+    ):
         self.pair = pair_singletons
+        self.compute = compute
         p0 = problems[0]
         self.module = copy.deepcopy(p0.model).train()
         self.names = names
@@ -199,10 +339,25 @@ class FuncKernel:
         mapping = (dict(zip(self.names, params)), buffers)
         return torch.func.functional_call(self.module, mapping, (x,))
 
+    def _autocast(self, X: torch.Tensor):
+        return torch.autocast(X.device.type, self.compute or X.dtype, enabled=bool(self.compute))
+
+    @staticmethod
+    def _jobs(stack: Stack, flat: torch.Tensor | None) -> torch.Tensor | None:
+        """A flat (rows, ...) tensor as [jobs, n, ...] (a stack of one sample count)."""
+        if flat is None:
+            return None
+        sizes = stack.layout.sizes
+        return flat.view(len(sizes), sizes[0], *flat.shape[1:])
+
     def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+        """The outputs (rows, ...) of the stacked models ``params`` on flat inputs."""
+        X = self._jobs(stack, X)
         n = X.shape[0]
         args = as_pair((tuple(params), self._buffers(stack), X), n, self.pair)
-        return torch.func.vmap(self._apply)(*args)[:n]
+        with self._autocast(X):
+            out = torch.func.vmap(self._apply)(*args)[:n]
+        return out.reshape(-1, *out.shape[2:])
 
     def loss_and_grads(
         self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
@@ -220,10 +375,12 @@ class FuncKernel:
             return self.loss_fn(out, yy)
 
         in_dims = (0, 0, 0, 0, None if f0 is None else 0, 0)
+        X, y, f0 = self._jobs(stack, X), self._jobs(stack, y), self._jobs(stack, f0)
         n = X.shape[0]
         data = (tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"])
         args = as_pair(data, n, self.pair)
-        losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
+        with self._autocast(X):
+            losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         if any(g is None for g in grads):
             # torch optimizers skip a parameter without a gradient; the stacked ones cannot
@@ -244,6 +401,14 @@ def as_pair(tree: Any, n_jobs: int, pair: bool) -> Any:
     if isinstance(tree, tuple):
         return tuple(as_pair(v, n_jobs, pair) for v in tree)
     return tree  # None
+
+
+_LINEARS = (nn.Linear, parametrize.ParametrizedLinear)
+
+
+def _linears(model: MLP) -> list[nn.Module]:
+    """The MLP's linear layers, readin first, readout last."""
+    return [model.input_layer, *model.hidden_layers, model.output_layer]
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -3,8 +3,10 @@
 Each job is still built by ``setup.setup_job``, so its data and initial weights are exactly
 those of the one-job loop; the stacked run reproduces ``loop.train`` up to float rounding
 (timekeys exactly). Losses stay on the device; every ``sync_every`` steps (and at evaluation
-steps) the window's losses [jobs x steps] go to ``tracking.Tracker`` in one transfer, which
-applies the same loop rules as the one-job loop. A job that exits inside a window is replayed
+steps) the window's losses [jobs x steps] go to ``tracking.Tracker``, which applies the same
+loop rules as the one-job loop where the losses are and copies back, once, what is recorded.
+Jobs with different N_SAMPLES share a stack when the MLP kernel trains them (their samples lie
+ragged along ``stack.Layout``). A job that exits inside a window is replayed
 from the window's start on its own, so its final parameters are those of its exit step; the
 others carry on, and the exited job's rows leave the stack. The test loss and grabs run on the
 job's own module (its ``Problem.model``, with the stacked values copied in) only where they are
@@ -12,29 +14,39 @@ recorded.
 
 Whether a group trains here is decided before any step (``grouping.why_single``, and
 ``Unbatchable`` for what only the built models reveal); once a stack trains, an error fails its
-unfinished jobs and is never retried elsewhere.
+unfinished jobs and is never retried elsewhere, except running out of device memory: then the
+unfinished jobs train again in two smaller stacks (``memory``). PRECISION and COMPILE apply
+here as in the one-job loop (``precision``, ``graphs``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from modelscape.engine import precision
 from modelscape.engine.loop import train
 from modelscape.engine.setup import Problem, setup_job, to_device, training_rng_seed
+from modelscape.engine.stacked import graphs, memory
 from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, group_cap, refuse
-from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel
+from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
-from modelscape.engine.stacked.stack import Stack, Unbatchable
+from modelscape.engine.stacked.stack import Layout, Stack, Unbatchable
 from modelscape.engine.state import Checkpoints, restore, snapshot
-from modelscape.engine.tracking import Track, Tracker, evaluate, failed_record
+from modelscape.engine.tracking import (
+    SYNC_EVERY,
+    Track,
+    Tracker,
+    evaluate,
+    failed_record,
+    say,
+)
 from modelscape.jobs import Job
 from modelscape.results import JobRecord
 from modelscape.sweep import SweepSpec, check_batch
-
-SYNC_EVERY = 32  # default steps between copies of the loss buffer to the host (the only sync)
 
 # Modules whose training step is random or updates buffers: replaying a window from a snapshot of
 # the parameters would not reproduce them, so their models train one job at a time.
@@ -66,25 +78,81 @@ def train_stacked(
     ``checkpoints``, each running job is saved under its own key in the one-job loop's format,
     so a job resumes here or in ``loop.train`` alike; jobs resumed from different steps train
     as separate stacks. A group whose built models cannot share a stack (``Unbatchable``)
-    trains one job at a time, and its records say why.
+    trains one job at a time, and its records say why. On CUDA the group trains in chunks that
+    fit the device's free memory (``memory.chunks``); a stack that runs out of memory anyway is
+    split in two and its unfinished jobs start again (from their checkpoints, if any).
     """
+    jobs = list(jobs)
+    done: set = set()
+    try:
+        for chunk in memory.chunks(jobs, device):
+            for record in _train_jobs(chunk, spec, device, checkpoints, sync_every, group_bytes):
+                done.add(record.key)
+                yield record
+    except torch.OutOfMemoryError:
+        # A stack too large for the device: the jobs not reported yet train again, from their
+        # start (or checkpoint), in two halves; their numbers do not depend on the stack.
+        left = [job for job in jobs if job.key not in done]
+        memory.release(device)
+        if len(left) == 1:
+            yield from _train_alone_or_fail(left[0], spec, device, checkpoints, sync_every)
+            return
+        say(f"modelscape: out of memory in a stack of {len(left)} jobs; splitting it.", sys.stderr)
+        half = (len(left) + 1) // 2
+        for part in (left[:half], left[half:]):
+            yield from train_stacked(
+                part, spec, device, checkpoints, sync_every=sync_every, group_bytes=group_bytes
+            )
+
+
+def _train_alone_or_fail(job, spec, device, checkpoints, sync_every):
+    """A job whose stack of one ran out of memory: once more (memory was released), then a
+    failed record."""
+    try:
+        yield from _train_jobs([job], spec, device, checkpoints, sync_every, GROUP_BYTES)
+    except torch.OutOfMemoryError as err:
+        yield failed_record(job, err, device, STACKED)
+
+
+def _train_jobs(jobs, spec, device, checkpoints, sync_every, group_bytes):
+    """Set up and train jobs that fit the device together, measuring their footprint."""
+    with memory.Footprint(jobs, device):
+        yield from _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes)
+
+
+def _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes):
     problems: list[Problem] = []
     for job in jobs:
         try:
             problems.append(setup_job(job, spec, device))
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # noqa: BLE001 - isolation, as in loop.run_job
             yield failed_record(job, err, device, STACKED)
     if not problems:
         return
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), precision.matmuls(jobs[0].hp.PRECISION):
         resumed = [restore(p, checkpoints) for p in problems]
         if checkpoints is not None:
             checkpoints.reset_clock()
         starts = [track.step + 1 for track, _ in resumed]
         for start in sorted(set(starts)):
             part = [(p, *r) for p, r, s in zip(problems, resumed, starts) if s == start]
-            yield from _train_part(part, device, checkpoints, start, sync_every, group_bytes)
+            for sizes in _parts_by_kernel(part):
+                yield from _train_part(sizes, device, checkpoints, start, sync_every, group_bytes)
+
+
+def _parts_by_kernel(part):
+    """The part as it can stack: whole when its kernel takes mixed N_SAMPLES (``MLPKernel``),
+    else one part per sample count (a group formed from hyperparameters whose built models
+    turned out to need ``FuncKernel``, e.g. after a ``post_init_fn``)."""
+    if kernel_for(part[0][0]) is MLPKernel:
+        return [part]
+    by_n: dict[int, list] = {}
+    for item in part:
+        by_n.setdefault(item[0].job.hp.N_SAMPLES, []).append(item)
+    return list(by_n.values())
 
 
 def _train_part(part, device, checkpoints, start, sync_every, group_bytes):
@@ -101,6 +169,8 @@ def _train_part(part, device, checkpoints, start, sync_every, group_bytes):
         return
     try:
         yield from run.records()
+    except torch.OutOfMemoryError:
+        raise  # train_stacked splits the stack
     except Exception as err:  # noqa: BLE001 - the group's unfinished jobs become failed records
         for r in run.stack.rows if run.stack is not None else []:
             if run.tracks[r].exit is None:  # not reported yet
@@ -111,6 +181,8 @@ class Run:
     """One stacked training run of jobs that all start at step ``start``."""
 
     def __init__(self, part, device, checkpoints, start, sync_every, group_bytes):
+        # rows sorted by sample count: each count's jobs form one segment of the layout
+        part = sorted(part, key=lambda item: item[0].job.hp.N_SAMPLES)
         problems = [p for p, _, _ in part]
         self.problems = problems
         self.device = device
@@ -126,15 +198,17 @@ class Run:
         # numbers are those of any larger stack; one whose cap is 1 always trains alone, in
         # every run, and skips the pair's second copy. The cap depends on the shape
         # hyperparameters only, so it is the same for every job of the group.
-        pair = group_cap(p0.job, group_bytes) >= 2
-        if MLPKernel.check(p0, self.hp.PARAMETRIZATION):
-            self.kernel: MLPKernel | FuncKernel = MLPKernel(p0.model, self.names, pair)
+        self.pairs = [group_cap(p.job, group_bytes) >= 2 for p in problems]
+        compute = precision.compute_dtype(self.hp.PRECISION)
+        if kernel_for(p0) is MLPKernel:
+            self.kernel: MLPKernel | FuncKernel = MLPKernel(p0.model, self.names, compute)
         else:
-            self.kernel = FuncKernel(problems, self.names, pair)
+            self.kernel = FuncKernel(problems, self.names, self.pairs[0], compute)
         opt_cls = STACKED_OPTIMIZERS.get(type(p0.opt))
         if opt_cls is None:
             raise Unbatchable(f"optimizer {type(p0.opt).__name__} has no stacked version")
         self.opt = opt_cls(problems, self.names)
+        self.step_fn = graphs.step_function(self.kernel.loss_and_grads, self.hp.COMPILE, device)
         self.tracks = [track for _, track, _ in part]
         self.tracker = Tracker(self.tracks)
         # The one-job loop seeds the global RNG per job; keep a state per job in case an online
@@ -160,8 +234,10 @@ class Run:
                 raise Unbatchable("the jobs' models have different parameters")
             if type(p.model) is not type(p0.model) or p.squeeze != p0.squeeze:
                 raise Unbatchable("the jobs' models are of different classes")
-            if not self.online and (p.X_tr.shape != p0.X_tr.shape or p.y_tr.shape != p0.y_tr.shape):
-                raise Unbatchable("the jobs' training sets have different shapes")
+            if not self.online and (
+                p.X_tr.shape[1:] != p0.X_tr.shape[1:] or p.y_tr.shape[1:] != p0.y_tr.shape[1:]
+            ):
+                raise Unbatchable("the jobs' training samples have different shapes")
         if self.online and self.hp.CENTER and p0.model0 is None:
             raise Unbatchable("online centering without an initial model")
 
@@ -173,27 +249,25 @@ class Run:
         ]
         hyper = self.opt.hyper(params)
         slots = self.opt.import_slots(ps, self.names, params)
-        gammas = [p.gamma for p in ps]
-        gamma = torch.tensor(gammas, dtype=params[0].dtype, device=self.device)
-        data: dict[str, torch.Tensor | None] = {
-            "gamma": gamma,
-            # Dividing by 1 is exact, so a group without GAMMA != 1 skips the division.
-            "gamma_b": None if all(g == 1.0 for g in gammas) else gamma.view(-1, 1, 1),
-            "X": None if self.online else torch.stack([p.X_tr for p in ps]),
-            "y": None if self.online else torch.stack([p.y_tr for p in ps]),
-            "f0": None
-            if self.online or ps[0].f0_tr is None
-            else torch.stack([p.f0_tr for p in ps]),
+        gamma = torch.tensor([p.gamma for p in ps], dtype=params[0].dtype, device=self.device)
+        data: dict[str, torch.Tensor | None] = {"gamma": gamma}
+        layout = Layout([p.job.hp.N_SAMPLES for p in ps], self.pairs)
+        samples: dict[str, torch.Tensor | None] = {
+            "X": None if self.online else torch.cat([p.X_tr for p in ps]),
+            "y": None if self.online else torch.cat([p.y_tr for p in ps]),
+            "f0": None if self.online or ps[0].f0_tr is None else torch.cat([p.f0_tr for p in ps]),
         }
         if isinstance(self.kernel, FuncKernel):
             data.update(self.kernel.stacked_buffers(ps))
+        else:
+            samples.update(self.kernel.samples(ps, layout))
         init = None
         if self.online and self.hp.CENTER:
             init = [
                 torch.stack([dict(p.model0.named_parameters())[n].detach() for p in ps])
                 for n in self.names
             ]
-        return Stack(list(range(len(ps))), params, slots, hyper, data, init)
+        return Stack(list(range(len(ps))), params, slots, hyper, data, samples, layout, init)
 
     # -- batches
 
@@ -215,7 +289,7 @@ class Run:
             X, y = to_device(X, y, self.device, p.job.hp.DTYPE)
             Xs.append(X)
             ys.append(y)
-        X, y = torch.stack(Xs), torch.stack(ys)
+        X, y = torch.cat(Xs), torch.cat(ys)
         f0 = None
         if stack.init is not None:
             with torch.no_grad():
@@ -224,14 +298,14 @@ class Run:
 
     def _batch(self, stack: Stack, step: int, cache: list | None):
         if not self.online:
-            return stack.data["X"], stack.data["y"], stack.data["f0"]
+            return stack.samples["X"], stack.samples["y"], stack.samples["f0"]
         batch = self._draw(stack, step)
         if cache is not None:
             cache.append(batch)
         return batch
 
     def _train_step(self, stack: Stack, X, y, f0, step: int) -> torch.Tensor:
-        losses, grads = self.kernel.loss_and_grads(stack, X, y, f0)
+        losses, grads = self.step_fn(stack, X, y, f0)
         self.opt.step(stack, grads, step)
         return losses
 
@@ -292,16 +366,25 @@ class Run:
 
     def _replay(self, stack: Stack, saved, replay: list[int], cache, t0: int):
         """Rerun the window for the jobs that exited inside it, each up to its exit step."""
-        sub = Stack(list(stack.rows), *saved, stack.hyper, stack.data, stack.init).take(replay)
+        whole = Stack(
+            list(stack.rows),
+            *saved,
+            stack.hyper,
+            stack.data,
+            stack.samples,
+            stack.layout,
+            stack.init,
+        )
+        sub = whole.take(replay)
+        flat = torch.tensor(stack.layout.take(replay)[1], device=self.device)
         end = max(self.tracks[r].exit for r in sub.rows)
         for step in range(t0, end + 1):
             if self.online:
                 X, y, f0 = cache[step - t0]
-                idx = torch.tensor(replay, device=X.device)
-                X, y = X.index_select(0, idx), y.index_select(0, idx)
-                f0 = None if f0 is None else f0.index_select(0, idx)
+                X, y = X.index_select(0, flat), y.index_select(0, flat)
+                f0 = None if f0 is None else f0.index_select(0, flat)
             else:
-                X, y, f0 = sub.data["X"], sub.data["y"], sub.data["f0"]
+                X, y, f0 = sub.samples["X"], sub.samples["y"], sub.samples["f0"]
             self._train_step(sub, X, y, f0, step)
             for pos, r in enumerate(sub.rows):
                 if self.tracks[r].exit == step:
@@ -319,7 +402,8 @@ class Run:
     def _eval(self, stack: Stack, pos: int, r: int, batch, step: int) -> None:
         p = self.problems[r]
         self._load_job(stack, pos, r, step, with_opt=bool(p.grabs))
-        values = evaluate(p, batch[0][pos], batch[1][pos], step)
+        rows = stack.layout.rows_of(pos)
+        values = evaluate(p, batch[0][rows], batch[1][rows], step)
         self.tracks[r].curves.add_eval(step, values)
 
     def _finish(self, stack: Stack, pos: int, r: int, batch) -> JobRecord:
@@ -330,7 +414,8 @@ class Run:
                 self._eval(stack, pos, r, batch, step)
             else:
                 self._load_job(stack, pos, r, step, with_opt=bool(p.grabs))
-            return self.tracker.finish(track, p, (batch[0][pos], batch[1][pos]), STACKED)
+            rows = stack.layout.rows_of(pos)
+            return self.tracker.finish(track, p, (batch[0][rows], batch[1][rows]), STACKED)
         except Exception as err:  # noqa: BLE001 - a failing grab fails its job only
             return failed_record(p.job, err, self.device, STACKED, step)
 
