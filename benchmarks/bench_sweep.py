@@ -23,7 +23,8 @@ Printed per case: time(plain) / time(modelscape), the achieved GFLOP/s of each (
 weights per step, plus 2 x for the initial model's forward in online centering) as a fraction
 of this machine's float32 GEMM peak (measured here), and the median final test loss of each.
 Timings are the best of ``--repeats`` interleaved runs, since other processes may share the
-machine; the load average is printed with the table.
+machine; the load average is printed with the table. Both sides run under the allocator
+settings a sweep sets for its process (``engine.allocator``), set before the first run.
 
     python benchmarks/bench_sweep.py                    # every case
     python benchmarks/bench_sweep.py --cases hea,mixed  # some of them
@@ -45,6 +46,7 @@ from torch import nn
 import modelscape
 from modelscape import engine
 from modelscape.demo import quadratic_bfn
+from modelscape.engine.allocator import keep_freed_memory
 from modelscape.runner import plan
 
 D = 32
@@ -216,6 +218,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     cases = select(args.cases)
+    # modelscape keeps freed memory for reuse (engine/allocator.py), for the rest of the
+    # process once a sweep ran; set it first, so that both sides run under the same allocator
+    keep_freed_memory()
     steps, repeats = (100, 1) if args.quick else (args.steps, args.repeats)
     peak = gemm_peak()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

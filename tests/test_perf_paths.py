@@ -15,6 +15,7 @@ having really run.
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,37 @@ def test_the_gpu_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     for precision in ("fp32", "tf32", "bf16-mixed"):
         assert f"| {precision} |" in table
     assert "job-steps/s" in table and "HEA-like" in table
+
+
+
+CHURN = """
+import resource, torch
+from modelscape.engine.allocator import keep_freed_memory
+
+print(keep_freed_memory())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for step in range(20):
+    # a step's temporaries: 8 buffers of about 1 MiB, a little larger each step (a stack
+    # that grows would do that; glibc then maps each one afresh however it adapts)
+    buffers = [torch.ones(2**18 + step * 2**12) for _ in range(8)]
+    del buffers
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_buffers_are_reused_by_the_next_step():
+    """20 steps that each allocate and free about 8 MiB of temporaries: under glibc's default
+    thresholds every step maps its ~2048 pages afresh; after ``keep_freed_memory`` (which every
+    group's training calls) the first step's pages are reused."""
+    runs = {}
+    for setting in ("default", "modelscape"):
+        env = {**os.environ, "MODELSCAPE_MALLOC": setting}
+        out = subprocess.run(
+            [sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env=env
+        ).stdout.split()
+        runs[setting] = (out[0] == "True", int(out[1]))
+    pages = 8 * 2**20 // 4096
+    assert runs["default"][0] is False and runs["modelscape"][0] is True
+    assert runs["default"][1] > 15 * pages  # fresh pages nearly every step
+    assert runs["modelscape"][1] < 3 * pages  # the first step's, then reused

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from modelscape.engine.allocator import keep_freed_memory
 from modelscape.engine.loop import run_job
 from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
@@ -35,8 +36,10 @@ def train_group(
     A group the stacked engine can take trains as one model (a job's numbers then do not
     depend on which other jobs share its group); otherwise, and alone, jobs train one by one.
     With DETERMINISTIC=True, PyTorch's deterministic algorithms are on while the group trains
-    (ops without a deterministic version warn instead of failing).
+    (ops without a deterministic version warn instead of failing). Freed buffers stay in the
+    process for the next step (``allocator.keep_freed_memory``).
     """
+    keep_freed_memory()
     with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
         trained_by = why_single(jobs)
         if trained_by is None:
