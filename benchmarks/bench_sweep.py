@@ -19,9 +19,11 @@ job's data, initial weights, parametrized model and torch optimizer (with its pe
 GAMMA's LR factor) come from ``engine.setup_job``, so both sides train the same models on the
 same numbers and their median test losses agree to float rounding.
 
-Printed per case: time(plain) / time(modelscape), the achieved GFLOP/s of each (6 x samples x
-weights per step, plus 2 x for the initial model's forward in online centering) as a fraction
-of this machine's float32 GEMM peak (measured here), and the median final test loss of each.
+Printed per case: time(plain) / time(modelscape) from the best time of each side; the median
+(and range) of the ratios of each repeat's two back-to-back runs; the achieved GFLOP/s of each
+(6 x samples x weights per step, plus 2 x for the initial model's forward in online centering)
+as a fraction of this machine's float32 GEMM peak (measured here); the median final test loss
+of each.
 Timings are the best of ``--repeats`` interleaved runs, since other processes may share the
 machine; the load average is printed with the table. Both sides run under the allocator
 settings a sweep sets for its process (``engine.allocator``), set before the first run.
@@ -228,9 +230,10 @@ def main() -> None:
     print(f"{steps} steps per job; load average at start {os.getloadavg()[0]:.1f}\n")
     print(
         f"| {'case':24s} | jobs | {'plain s':>8s} | {'ms s':>7s} | {'ratio':>6s} | "
-        f"{'plain %pk':>9s} | {'ms %pk':>7s} | {'plain loss':>10s} | {'ms loss':>8s} |"
+        f"{'paired ratios':>19s} | {'plain %pk':>9s} | {'ms %pk':>7s} | {'plain loss':>10s} | "
+        f"{'ms loss':>8s} |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
         plain, ms = [], []
         for _ in range(repeats):
@@ -238,11 +241,15 @@ def main() -> None:
             ms.append(run_modelscape(case, steps))
         t_plain, loss_plain = min(plain)
         t_ms, loss_ms = min(ms)
+        # each repeat's two runs are seconds apart, so their ratio is what a shared machine's
+        # changing speed disturbs least
+        paired = sorted(p[0] / m[0] for p, m in zip(plain, ms))
+        spread = f"{statistics.median(paired):.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"
         gflop = sweep_flop(case, steps) / 1e9
         n_jobs = len(jobs_of(case, steps)[0])
         print(
             f"| {case.name:24s} | {n_jobs:4d} | {t_plain:8.2f} | {t_ms:7.2f} | "
-            f"{t_plain / t_ms:5.2f}x | {gflop / t_plain / peak:9.1%} | "
+            f"{t_plain / t_ms:5.2f}x | {spread:>19s} | {gflop / t_plain / peak:9.1%} | "
             f"{gflop / t_ms / peak:7.1%} | {loss_plain:10.4f} | {loss_ms:8.4f} |",
             flush=True,
         )

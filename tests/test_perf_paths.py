@@ -260,6 +260,31 @@ def test_vectorized_loop_rules_equal_the_scalar_rules_bit_for_bit():
     assert {tracks[r].exit for r in rows} >= {0, 17, 39, 99}  # diverged, diverged, MAX_ITER
 
 
+@pytest.mark.parametrize("t0", [0, 32, 64])
+def test_the_device_loop_rules_equal_the_host_ones_bit_for_bit(t0):
+    """``scan`` on torch tensors (what a CUDA stack runs, here on CPU tensors) gives the numpy
+    path's result bit for bit: timekeys, exits, divergence, the EMA and the trail. With the
+    test above (numpy against a scalar oracle), the device path equals the one-job loop."""
+    rng = np.random.default_rng(t0)
+    R, W, K = 12, 32, 3
+    losses = np.exp(-rng.uniform(0.005, 0.08, (R, 1)) * np.arange(t0, t0 + W))
+    losses = (losses * rng.uniform(0.8, 1.25, losses.shape)).astype(np.float32)
+    losses[1, 5], losses[4, 0], losses[7, 31] = np.nan, np.inf, -np.inf
+    ema = rng.uniform(0.2, 1.0, R)
+    thresholds = np.sort(rng.uniform(0.05, 0.9, (R, K)), 1)[:, ::-1].copy()
+    timekeys = np.full((R, K), np.nan)
+    timekeys[2, 0] = t0 - 3.0  # a threshold crossed in an earlier window
+    s = rng.choice([0.0, 0.5, 0.9, 0.99], R)
+    last = rng.choice([t0 + 10, t0 + W + 40, 10**6], R).astype(np.float64)
+    host_args = (losses, ema, timekeys, thresholds, s, last)
+    host = tracking.scan(np, t0, *host_args, True)
+    device = tracking.scan(torch, t0, *map(torch.from_numpy, host_args), True).numpy()
+    assert host.shape == (R, K + 3 + 2 * W)
+    np.testing.assert_array_equal(device, host)
+    exits = host[:, K]
+    assert (exits >= 0).any() and (exits < 0).any() and host[:, K + 1].any()
+
+
 # ----------------------------------------------------------------------------- precision
 
 
@@ -327,7 +352,6 @@ def test_the_gpu_benchmark_runs_in_its_cpu_smoke_mode(tmp_path):
     for precision in ("fp32", "tf32", "bf16-mixed"):
         assert f"| {precision} |" in table
     assert "job-steps/s" in table and "HEA-like" in table
-
 
 
 CHURN = """
