@@ -22,8 +22,9 @@ same numbers and their median test losses agree to float rounding.
 Printed per case: time(plain) / time(modelscape) from the best time of each side; the median
 (and range) of the ratios of each repeat's two back-to-back runs; the achieved GFLOP/s of each
 (6 x samples x weights per step, plus 2 x for the initial model's forward in online centering)
-as a fraction of this machine's float32 GEMM peak (measured here); the median final test loss
-of each.
+as a fraction of this machine's float32 GEMM peak (measured here); how long the sweep's
+matrix products alone take at the stacked shapes (``gemm_seconds``) and which share of
+modelscape's time that is; the median final test loss of each.
 Timings are the best of ``--repeats`` interleaved runs, since other processes may share the
 machine; the load average is printed with the table. Both sides run under the allocator
 settings a sweep sets for its process (``engine.allocator``), set before the first run.
@@ -148,6 +149,47 @@ def gemm_peak() -> float:
     return 2 * 2048**3 / best / 1e9
 
 
+def gemm_seconds(case: Case, steps: int, timed: int = 20) -> float:
+    """How long the sweep's matrix products alone take at the stacked engine's shapes.
+
+    Per step and sample count n (k jobs): each layer's forward product [k, n, fan_in] x
+    [k, fan_in, fan_out] (twice with online centering: the initial model's forward), its
+    weight gradient and, above the readin, its input gradient; timed over ``timed`` steps on
+    the same tensors (so warm in cache: a lower bound) and scaled to ``steps``. The ratio of
+    this to modelscape's time is the share of the GEMM rate the engine achieves.
+    """
+    jobs, _ = jobs_of(case, steps)
+    counts: dict[int, int] = {}
+    for job in jobs:
+        counts[job.hp.N_SAMPLES] = counts.get(job.hp.N_SAMPLES, 0) + 1
+    dims = [D, case.width, case.width, 1]  # DEPTH 2
+    forwards = 2 if case.online and sweep_config(case, steps)["CENTER"] else 1
+    work = []
+    for n, k in counts.items():
+        for layer, (fan_in, fan_out) in enumerate(zip(dims, dims[1:])):
+            a, w, g = (
+                torch.randn(k, n, fan_in),
+                torch.randn(k, fan_out, fan_in),
+                torch.randn(k, n, fan_out),
+            )
+            work.append((a, w, g, layer > 0))
+
+    def step() -> None:
+        for a, w, g, input_grad in work:
+            for _ in range(forwards):
+                torch.bmm(a, w.mT)
+            torch.bmm(g.mT, a)
+            if input_grad:
+                torch.bmm(g, w)
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    return (time.perf_counter() - start) * steps / timed
+
+
 def run_modelscape(case: Case, steps: int) -> tuple[float, float]:
     """(seconds, median test loss) of the sweep through modelscape's public API."""
     start = time.perf_counter()
@@ -230,10 +272,10 @@ def main() -> None:
     print(f"{steps} steps per job; load average at start {os.getloadavg()[0]:.1f}\n")
     print(
         f"| {'case':24s} | jobs | {'plain s':>8s} | {'ms s':>7s} | {'ratio':>6s} | "
-        f"{'paired ratios':>19s} | {'plain %pk':>9s} | {'ms %pk':>7s} | {'plain loss':>10s} | "
-        f"{'ms loss':>8s} |"
+        f"{'paired ratios':>19s} | {'plain %pk':>9s} | {'ms %pk':>7s} | {'GEMM s':>6s} | "
+        f"{'ms GEMM share':>13s} | {'plain loss':>10s} | {'ms loss':>8s} |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
         plain, ms = [], []
         for _ in range(repeats):
@@ -247,10 +289,12 @@ def main() -> None:
         spread = f"{statistics.median(paired):.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"
         gflop = sweep_flop(case, steps) / 1e9
         n_jobs = len(jobs_of(case, steps)[0])
+        gemm = gemm_seconds(case, steps)
         print(
             f"| {case.name:24s} | {n_jobs:4d} | {t_plain:8.2f} | {t_ms:7.2f} | "
             f"{t_plain / t_ms:5.2f}x | {spread:>19s} | {gflop / t_plain / peak:9.1%} | "
-            f"{gflop / t_ms / peak:7.1%} | {loss_plain:10.4f} | {loss_ms:8.4f} |",
+            f"{gflop / t_ms / peak:7.1%} | {gemm:6.2f} | {gemm / t_ms:13.1%} | "
+            f"{loss_plain:10.4f} | {loss_ms:8.4f} |",
             flush=True,
         )
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")

@@ -25,6 +25,18 @@ import numpy as np
 Status = Literal["ok", "diverged", "failed"]
 
 
+def hashable(value: Any) -> Any:
+    """``value`` as a dict key (a job's key values, a group's hyperparameters): lists become
+    tuples, element by element; any other unhashable value becomes its ``repr``."""
+    if isinstance(value, list):
+        return tuple(hashable(v) for v in value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def column(
     default: Any = dataclasses.MISSING,
     *,

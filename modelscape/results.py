@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from modelscape.records import FIELDS, PER_JOB, JobRecord, Status
+from modelscape.records import FIELDS, PER_JOB, JobRecord, Status, hashable
 from modelscape.trace import ExptTrace
 
 __all__ = ["JobRecord", "Result", "Status"]
@@ -140,7 +140,7 @@ class Result(Mapping):
         coords = {a: _coord(v) for a, v in zip(self.axes, self.axis_values)}
         shape = [len(v) for v in self.axis_values]
         index = {
-            a: {_hashable(_trace_value(x)): i for i, x in enumerate(v)}
+            a: {hashable(_trace_value(x)): i for i, x in enumerate(v)}
             for a, v in zip(self.axes, self.axis_values)
         }
 
@@ -149,7 +149,7 @@ class Result(Mapping):
             inner = tuple(t.outcome_shape or ())
             arr = np.full(shape + list(inner), np.nan)
             for cfg, val in t.config2outcome.items():
-                pos = tuple(index[a][_hashable(x)] for a, x in zip(self.axes, cfg))
+                pos = tuple(index[a][hashable(x)] for a, x in zip(self.axes, cfg))
                 arr[pos] = val
             dims = self.axes + inner_dims[: len(inner)]
             dims += [f"{name}_dim{i}" for i in range(len(dims), arr.ndim)]
@@ -187,7 +187,7 @@ class Result(Mapping):
             arr = np.full(shape, "missing" if name == "status" else None, dtype=object)
         for r in self.records:
             key = trace_key(r.key)
-            arr[tuple(index[a][_hashable(x)] for a, x in zip(self.axes, key))] = getattr(r, name)
+            arr[tuple(index[a][hashable(x)] for a, x in zip(self.axes, key))] = getattr(r, name)
         return arr
 
     def to_dataframe(self):
@@ -258,14 +258,6 @@ def _trace_value(value: Any) -> Any:
     if isinstance(value, (int, float, str, np.integer, np.floating)):
         return value
     return str(value)
-
-
-def _hashable(x: Any) -> Any:
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return repr(x)
 
 
 def _coord(values: list) -> Any:

@@ -13,7 +13,7 @@ VPY=.venv/bin/python
 # Prefer the CPU build of torch where this machine has it on disk; a plain `pip install torch`
 # would pull a multi-GB CUDA build.
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null || "$VPY" -m pip install -q "torch>=2.2,<2.15"
+  "$VPY" -m pip install -q "torch==2.13.0" 2>/dev/null || "$VPY" -m pip install -q "torch>=2.4,<2.15"
 fi
 "$VPY" -m pip install -q -e ".[test]" 2>&1 | grep -v -i "location\|warning" || true
 "$VPY" -c "import modelscape, ray, nbclient, sklearn" # fail fast if an install step is missing

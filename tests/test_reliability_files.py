@@ -16,19 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from sweeps import config, trial_sweep
 
 from modelscape import SweepError, load, run_sweep
-from modelscape.backend.cli import base_args
 from modelscape.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def config(**overrides):
-    hp = dict(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
-              LOSS_CHECKPOINTS=[1e-9], BATCHED="off")  # fmt: skip
-    hp.update(overrides)
-    return vars(base_args(**hp))
 
 
 def make_bfn(trained=None, at_step=None):
@@ -52,14 +45,7 @@ def make_bfn(trained=None, at_step=None):
 
 def sweep(cfg, trials=range(3), bfn=None, **kwargs):
     grabs = {"w": lambda model, **kw: model.output_layer.weight}
-    return run_sweep(
-        [list(trials)],
-        ["trial"],
-        {**cfg, "otherreturns": grabs},
-        {"base_bfn": bfn or make_bfn()},
-        progress=False,
-        **kwargs,
-    )
+    return trial_sweep(cfg, trials, bfn or make_bfn(), grabs, **kwargs)
 
 
 def assert_same_numbers(reference, result):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sweeps import config, trial_sweep
 
-from modelscape import HParamError, SweepError, load, run_sweep
-from modelscape.backend.cli import base_args
+from modelscape import HParamError, SweepError, load
 
 REPO = Path(__file__).resolve().parents[1]
 PARENT = os.getpid()
@@ -37,13 +37,6 @@ def one_core():
     os.sched_setaffinity(0, {min(before)})
     yield
     os.sched_setaffinity(0, before)
-
-
-def config(**overrides):
-    hp = dict(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
-              LOSS_CHECKPOINTS=[1e-9], BATCHED="off")  # fmt: skip
-    hp.update(overrides)
-    return vars(base_args(**hp))
 
 
 def make_bfn(kill_trial=None, kill_step=5, once=None, hang_trial=None):
@@ -71,14 +64,7 @@ def make_bfn(kill_trial=None, kill_step=5, once=None, hang_trial=None):
 
 def sweep(cfg, trials=range(4), bfn=None, **kwargs):
     grabs = {"pid": lambda **kw: os.getpid(), "w": lambda model, **kw: model.output_layer.weight}
-    return run_sweep(
-        [list(trials)],
-        ["trial"],
-        {**cfg, "otherreturns": grabs},
-        {"base_bfn": bfn or make_bfn()},
-        progress=False,
-        **kwargs,
-    )
+    return trial_sweep(cfg, trials, bfn or make_bfn(), grabs, **kwargs)
 
 
 def assert_same_numbers(reference, result, keys):

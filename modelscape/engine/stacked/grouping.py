@@ -11,7 +11,6 @@ stacked; its answer is what every record's ``trained_by`` says.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from modelscape import hparams as H
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.jobs import Job, SweepError
 from modelscape.models import MLP
+from modelscape.records import hashable
 
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says
@@ -46,16 +46,6 @@ STACKED = "stacked"
 SINGLE = "single"
 
 
-def _hashable(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return repr(value)
-
-
 def across_sample_counts(job: Job) -> bool:
     """Whether the job may share a stack with jobs of other N_SAMPLES: its model and loss take
     ``kernels.MLPKernel`` (the built-in MLP, MSE loss), which stacks ragged samples. Decided
@@ -69,7 +59,7 @@ def group_key(job: Job) -> tuple:
     """What must be equal for two jobs to share a stacked model."""
     ragged = across_sample_counts(job)
     return tuple(
-        (n, _hashable(getattr(job.hp, n)))
+        (n, hashable(getattr(job.hp, n)))
         for n in SAME_IN_GROUP
         if not (ragged and n == "N_SAMPLES")
     )
