@@ -22,6 +22,7 @@ from torch import nn
 from modelscape import parametrize
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
+from modelscape.engine.stacked.workspace import Workspace
 from modelscape.models import MLP
 
 aten = torch.ops.aten
@@ -45,7 +46,7 @@ KERNEL_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
     ),
     # the parametrizations' ReLU: gain * relu(z); autograd takes relu's backward of gain * g
     parametrize.ScaledReLU: lambda m: Activation(
-        lambda z: z.relu() * m.gain,
+        lambda z: z.relu_().mul_(m.gain),
         lambda g, out: aten.threshold_backward(g * m.gain, out, 0),
         False,
     ),
@@ -142,6 +143,7 @@ class MLPKernel:
     def __init__(self, model: MLP, names: list[str], compute: torch.dtype | None = None):
         self.act = KERNEL_ACTIVATIONS[type(model.nonlin)](model.nonlin)
         self.compute = compute
+        self._ws: Workspace | None = None
         index = {n: i for i, n in enumerate(names)}
         prefixes = (
             ["input_layer"]
@@ -192,8 +194,31 @@ class MLPKernel:
         out["scale"] = layout.per_sample((2.0 / (sizes * d_out)).to(like.dtype))
         return out
 
-    def _mm(self, layout: Layout, a: torch.Tensor, W: torch.Tensor, b, transpose: bool):
-        """Per segment: a @ W.mT (+ b) (``transpose``) or a @ W, into one flat tensor."""
+    def _mm(
+        self,
+        layout: Layout,
+        a: torch.Tensor,
+        W: torch.Tensor,
+        b,
+        transpose: bool,
+        ws=None,
+        tag=None,
+    ):
+        """Per segment: a @ W.mT (+ b) (``transpose``) or a @ W, into one flat tensor (with a
+        workspace ``ws``: into its buffer ``tag``, with the views it keeps)."""
+        width = W.shape[1] if transpose else W.shape[2]
+        if ws is not None:
+            out = ws.buffer(tag, (a.shape[0], width), a)
+            outs, ins = ws.views(tag, out), ws.views((tag, "a"), a)
+            Ws = ws.views((tag, "W"), W, per_job=True, fn=_mT if transpose else None)
+            if b is None:
+                for s, x, w, o in zip(ws.segments, ins, Ws, outs):
+                    bmm(x, w, s.pair, out=o)
+            else:
+                bs = ws.views((tag, "b"), b, per_job=True, fn=_column)
+                for s, x, w, c, o in zip(ws.segments, ins, Ws, bs, outs):
+                    baddbmm(c, x, w, s.pair, out=o)
+            return out
         if self.compute is not None:
             a, W = a.to(self.compute), W.to(self.compute)
             b = None if b is None else b.to(self.compute)
@@ -204,18 +229,22 @@ class MLPKernel:
                 return bmm(s.view(a), Ws, s.pair, out=out)
             return baddbmm(b[s.jobs, None], s.view(a), Ws, s.pair, out=out)
 
-        width = W.shape[1] if transpose else W.shape[2]
         return per_segment(layout, (a.shape[0], width), a, product)
 
-    def _forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor, keep: bool):
+    def _forward(
+        self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor, keep: bool, ws=None
+    ):
         layout, factors = stack.layout, stack.samples
-        h = X.reshape(X.shape[0], -1)
+        h = X if X.dim() == 2 else X.reshape(X.shape[0], -1)
         saved = [h]
         last = len(self.layers) - 1
         for k, (wi, bi, _) in enumerate(self.layers):
-            z = self._mm(layout, h, params[wi], None if bi is None else params[bi], True)
+            b = None if bi is None else params[bi]
+            z = self._mm(layout, h, params[wi], b, True, ws, ("z", k))
             if factors[f"g{k}"] is not None:
-                z = z * factors[f"g{k}"]
+                # a workspace buffer is this step's own: scaled in place, the same numbers
+                g = factors[f"g{k}"]
+                z = z.mul_(g) if ws is not None else z * g
             if k == last:
                 return z, saved
             if self.act.saves_input and keep:
@@ -234,7 +263,8 @@ class MLPKernel:
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
         params, layout, factors = stack.params, stack.layout, stack.samples
-        f, saved = self._forward(stack, params, X, keep=True)
+        ws = self._workspace(stack)
+        f, saved = self._forward(stack, params, X, keep=True, ws=ws)
         out = f if f0 is None else f - f0
         if factors["gamma"] is not None:
             out = out / factors["gamma"]
@@ -264,6 +294,11 @@ class MLPKernel:
             if factors[f"g{k}"] is not None:
                 gz = gz * factors[f"g{k}"]
             h_in = saved[-1]
+            if ws is not None:
+                grads[wi], gb, gh = self._backward_into(ws, k, gz, h_in, W, bi is not None)
+                if bi is not None:
+                    grads[bi] = gb
+                continue
             grads[wi] = self._weight_grad(layout, gz, h_in, W)
             if bi is not None:
                 grads[bi] = per_segment(
@@ -284,6 +319,41 @@ class MLPKernel:
             elif k > 0:
                 gh = self._mm(layout, gz, W, None, False)
         return losses, grads
+
+    def _workspace(self, stack: Stack) -> Workspace | None:
+        """The stack's workspace (made at its first step); None under bf16-mixed, whose
+        operands are cast copies made every step."""
+        if self.compute is not None:
+            return None
+        if self._ws is None or self._ws.stack is not stack:
+            self._ws = Workspace(stack)
+        return self._ws
+
+    def _backward_into(self, ws: Workspace, k: int, gz, h_in, W, bias: bool):
+        """Layer ``k``'s weight gradient, bias gradient (``bias``) and, above the readin, the
+        gradient of its input, each into a workspace buffer: what ``loss_and_grads`` computes
+        without one, in the same order and rounding."""
+        segments, gzs = ws.segments, ws.views(("gz", k), gz)
+        gw = ws.buffer(("gw", k), W.shape, gz)
+        for s, g, h, o in zip(
+            segments, gzs, ws.views(("h", k), h_in), ws.views(("gw", k), gw, True)
+        ):
+            bmm(g.mT, h, s.pair, out=o)
+        gb = None
+        if bias:
+            gb = ws.buffer(("gb", k), (W.shape[0], W.shape[1]), gz)
+            for g, o in zip(gzs, ws.views(("gb", k), gb, per_job=True)):
+                torch.sum(g, 1, out=o)
+        gh = None
+        if k > 0 and W.shape[1] == 1:
+            # an outer product (one output) is faster as a broadcast multiply
+            gh = ws.buffer(("gh", k), (gz.shape[0], W.shape[2]), gz)
+            Ws = ws.views(("gh", k, "W"), W, per_job=True)
+            for g, w, o in zip(gzs, Ws, ws.views(("gh", k), gh)):
+                torch.mul(g, w, out=o)
+        elif k > 0:
+            gh = self._mm(ws.stack.layout, gz, W, None, False, ws, ("gh", k))
+        return gw.to(W.dtype), gb, gh
 
     def _weight_grad(self, layout: Layout, gz, h_in, W) -> torch.Tensor:
         """Per segment gz.mT @ h_in: each job's weight gradient, in the weight's dtype."""
@@ -415,3 +485,11 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules()
     )
+
+
+def _mT(t: torch.Tensor) -> torch.Tensor:
+    return t.mT
+
+
+def _column(t: torch.Tensor) -> torch.Tensor:
+    return t[:, None]
