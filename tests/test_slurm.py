@@ -56,8 +56,10 @@ def notebook_bfn(**static):
 
 
 def submitted_ids(cluster) -> list[str]:
-    """Every job SLURM has seen since the cluster started (finished ones included)."""
-    return cluster.command("squeue", "--noheader", "--states=all", "--array", "-o", "%i").split()
+    """Every job SLURM has seen since the cluster started (finished ones included), sorted:
+    squeue lists them in an order that changes as their states do."""
+    out = cluster.command("squeue", "--noheader", "--states=all", "--array", "-o", "%i")
+    return sorted(out.split())
 
 
 def wait_until(condition, timeout: float, what: str) -> None:
