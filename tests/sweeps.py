@@ -1,7 +1,20 @@
-"""Helpers shared by the reliability tests: a tiny sweep's config, and the sweep itself."""
+"""Helpers shared by the tests: a batch function, a tiny sweep's config, and the sweep itself."""
 
-from modelscape import run_sweep
+import numpy as np
+import torch
+
+from modelscape import engine, run_sweep
 from modelscape.backend.cli import base_args
+
+
+def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
+    """Online batches of ``x0 * x1 + 0.5 * x2`` on ``d`` Gaussian inputs, from the job's ``gen``."""
+
+    def batch_fn(step):
+        Xb = torch.randn(bsz, d, generator=gen)
+        return Xb, Xb[:, 0] * Xb[:, 1] + 0.5 * Xb[:, 2]
+
+    return batch_fn
 
 
 def config(**overrides):
@@ -22,3 +35,34 @@ def trial_sweep(cfg, trials, bfn, grabs, **kwargs):
         progress=False,
         **kwargs,
     )
+
+
+def reference(jobs, spec):
+    """Each job's record from the one-job loop on the CPU: what a stack must reproduce."""
+    return {job.key: engine.run_job(job, spec, torch.device("cpu")) for job in jobs}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    m = ~np.isnan(a)
+    return float(np.max(np.abs(a[m] - b[m]) / np.maximum(np.abs(a[m]), 1e-300), initial=0.0))
+
+
+def assert_same(ref, got, tol=1e-5):
+    assert set(ref) == set(got)
+    for key, r in ref.items():
+        g = got[key]
+        assert g.status == r.status, (key, r.error, g.error, g.traceback)
+        assert g.steps == r.steps, key
+        np.testing.assert_array_equal(g.timekeys, r.timekeys)
+        if r.status == "ok":
+            assert rel(r.train_loss, g.train_loss) <= tol
+            assert rel(r.test_loss, g.test_loss) <= tol
+        assert set(g.grabs) == set(r.grabs)
+        for name in r.grabs:
+            assert rel(r.grabs[name], g.grabs[name]) <= tol, name
+        assert (r.curves is None) == (g.curves is None)
+        for name in r.curves or {}:
+            assert r.curves[name].shape == g.curves[name].shape
+            assert rel(r.curves[name], g.curves[name]) <= tol, name

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sweeps import assert_same, quadratic_bfn, reference, rel
 
 import modelscape
 from modelscape import engine
@@ -19,14 +20,6 @@ from modelscape.jobs import SweepError
 from modelscape.runner import plan
 
 CPU = torch.device("cpu")
-
-
-def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
-    def batch_fn(step):
-        Xb = torch.randn(bsz, d, generator=gen)
-        return Xb, Xb[:, 0] * Xb[:, 1] + 0.5 * Xb[:, 2]
-
-    return batch_fn
 
 
 BASE = {
@@ -50,10 +43,6 @@ def make_jobs(overrides=None, axes=None):
     return jobs, spec
 
 
-def reference(jobs, spec):
-    return {job.key: engine.run_job(job, spec, CPU) for job in jobs}
-
-
 def batched_records(jobs, spec, checkpoints=None):
     groups = batched.group_jobs(jobs)
     assert len(groups) < len(jobs), "the jobs should share groups"
@@ -64,32 +53,6 @@ def batched_records(jobs, spec, checkpoints=None):
             assert record.trained_by == "stacked", (record.trained_by, record.error)
             out[record.key] = record
     return out
-
-
-def rel(a, b):
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    m = ~np.isnan(a)
-    return float(np.max(np.abs(a[m] - b[m]) / np.maximum(np.abs(a[m]), 1e-300), initial=0.0))
-
-
-def assert_same(ref, got, tol=1e-5):
-    assert set(ref) == set(got)
-    for key, r in ref.items():
-        g = got[key]
-        assert g.status == r.status, (key, r.error, g.error, g.traceback)
-        assert g.steps == r.steps, key
-        np.testing.assert_array_equal(g.timekeys, r.timekeys)
-        if r.status == "ok":
-            assert rel(r.train_loss, g.train_loss) <= tol
-            assert rel(r.test_loss, g.test_loss) <= tol
-        assert set(g.grabs) == set(r.grabs)
-        for name in r.grabs:
-            assert rel(r.grabs[name], g.grabs[name]) <= tol, name
-        assert (r.curves is None) == (g.curves is None)
-        for name in r.curves or {}:
-            assert r.curves[name].shape == g.curves[name].shape
-            assert rel(r.curves[name], g.curves[name]) <= tol, name
 
 
 def exit_steps(records):

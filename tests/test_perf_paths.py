@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sweeps import assert_same, quadratic_bfn, reference, rel
 
 import modelscape
 from modelscape import engine
@@ -35,14 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # bf16-mixed against fp32, relative, on the final test losses of the stable 60-step runs below
 # (bf16 keeps an 8-bit mantissa; measured: at most 4e-3); the README gives the canonical sweep's.
 BF16_TOLERANCE = 1e-2
-
-
-def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):
-    def batch_fn(step):
-        Xb = torch.randn(bsz, d, generator=gen)
-        return Xb, Xb[:, 0] * Xb[:, 1] + 0.5 * Xb[:, 2]
-
-    return batch_fn
 
 
 BASE = {
@@ -68,10 +61,6 @@ def make_jobs(overrides=None, axes=None):
     return jobs, spec
 
 
-def reference(jobs, spec):
-    return {job.key: engine.run_job(job, spec, CPU) for job in jobs}
-
-
 def stacked(jobs, spec):
     groups = engine.group_jobs(jobs)
     out = {}
@@ -81,27 +70,6 @@ def stacked(jobs, spec):
             assert record.trained_by == "stacked", (record.trained_by, record.error)
             out[record.key] = record
     return out, groups
-
-
-def rel(a, b):
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    m = ~np.isnan(a)
-    return float(np.max(np.abs(a[m] - b[m]) / np.maximum(np.abs(a[m]), 1e-300), initial=0.0))
-
-
-def assert_same(ref, got, tol=1e-5):
-    assert set(ref) == set(got)
-    for key, r in ref.items():
-        g = got[key]
-        assert g.status == r.status, (key, r.error, g.error)
-        assert g.steps == r.steps, key
-        np.testing.assert_array_equal(g.timekeys, r.timekeys)
-        if r.status == "ok":
-            assert rel(r.train_loss, g.train_loss) <= tol, key
-            assert rel(r.test_loss, g.test_loss) <= tol, key
-        for name in r.curves or {}:
-            assert rel(r.curves[name], g.curves[name]) <= tol, name
 
 
 def assert_bit_identical(a, b):

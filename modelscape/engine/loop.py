@@ -11,14 +11,17 @@ exit step, so the record is the one a step-by-step loop would give, bit for bit.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 
 from modelscape.engine import precision
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
-from modelscape.engine.state import Checkpoints, restore, snapshot
+from modelscape.engine.state import (
+    Checkpoints,
+    load_training_state,
+    restore,
+    snapshot,
+    training_state,
+)
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate, failed_record
 from modelscape.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.jobs import Job
@@ -56,7 +59,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     while t < hp.MAX_ITER:
         # One window: losses stay tensors and the loop rules run once on all of them (one host
         # sync); a job that exited inside it is rewound to the window's start and rerun.
-        start = _rewind_point(problem)
+        start = training_state(problem, copy=True)
         losses = []
         for step in range(t, min(t + SYNC_EVERY, hp.MAX_ITER)):
             X, y, loss = _step(problem, step, autocast)
@@ -66,7 +69,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
                 break
         tracker.consume(t, torch.stack(losses).to(torch.float64)[None], (0,))
         if track.exit is not None and track.exit < step:
-            _rewind(problem, start)
+            load_training_state(problem, start)
             for step in range(t, track.exit + 1):
                 X, y, _ = _step(problem, step, autocast)
         if track.eval_due(step):
@@ -89,30 +92,6 @@ def _step(problem: Problem, step: int, autocast) -> tuple[torch.Tensor, torch.Te
     loss.backward()
     problem.opt.step()
     return X, y, loss
-
-
-def _rewind_point(problem: Problem) -> dict[str, Any]:
-    """A copy of what a step changes (parameters, buffers, optimizer, data generator, global
-    RNG), so that a window can be rerun bit-identically from its start."""
-    point = {
-        "model": {k: v.clone() for k, v in problem.model.state_dict().items()},
-        "opt": copy.deepcopy(problem.opt.state_dict()),
-        "gen": None if problem.gen is None else problem.gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    if problem.device.type == "cuda":
-        point["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
-    return point
-
-
-def _rewind(problem: Problem, point: dict[str, Any]) -> None:
-    problem.model.load_state_dict(point["model"])
-    problem.opt.load_state_dict(point["opt"])
-    if problem.gen is not None:
-        problem.gen.set_state(point["gen"])
-    torch.set_rng_state(point["torch_rng"])
-    if "cuda_rng" in point:
-        torch.cuda.set_rng_state(point["cuda_rng"], problem.device)
 
 
 def run_job(

@@ -22,6 +22,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -115,23 +116,43 @@ class Checkpoints:
         self._path(key).unlink(missing_ok=True)
 
 
-def snapshot(problem: Problem, track: Track, seconds: float) -> dict[str, Any]:
-    """Everything needed to continue the job bit-identically from after ``track.step``.
-
-    Call it with torch's global RNG in the job's own state (the one-job loop's, or the state a
-    stacked run keeps per job).
-    """
+def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
+    """What a training step changes: parameters and buffers, optimizer, data generator and
+    global RNG. ``copy``: copies that later steps leave alone (the one-job loop's rewind point);
+    else the module's own tensors, for a checkpoint written at once."""
+    model = problem.model.state_dict()
+    opt = problem.opt.state_dict()
+    if copy:
+        model, opt = {k: v.clone() for k, v in model.items()}, deepcopy(opt)
     state: dict[str, Any] = {
-        "seed": problem.job.seed,
-        **track.loop_state(seconds),
-        "model": problem.model.state_dict(),
-        "opt": problem.opt.state_dict(),
+        "model": model,
+        "opt": opt,
         "gen": None if problem.gen is None else problem.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
     if problem.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
     return state
+
+
+def load_training_state(problem: Problem, state: dict[str, Any]) -> None:
+    """Put ``training_state``'s values back into the job (and torch's global RNG)."""
+    problem.model.load_state_dict(state["model"])
+    problem.opt.load_state_dict(state["opt"])
+    if problem.gen is not None:
+        problem.gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
+
+
+def snapshot(problem: Problem, track: Track, seconds: float) -> dict[str, Any]:
+    """Everything needed to continue the job bit-identically from after ``track.step``.
+
+    Call it with torch's global RNG in the job's own state (the one-job loop's, or the state a
+    stacked run keeps per job).
+    """
+    return {"seed": problem.job.seed, **track.loop_state(seconds), **training_state(problem)}
 
 
 def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, torch.Tensor | None]:
@@ -143,13 +164,7 @@ def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, t
     saved = None if checkpoints is None else checkpoints.load(problem.job.key)
     if saved is None or saved["seed"] != problem.job.seed:
         return Track.start(problem.job), None
-    problem.model.load_state_dict(saved["model"])
-    problem.opt.load_state_dict(saved["opt"])
-    if problem.gen is not None:
-        problem.gen.set_state(saved["gen"])
-    torch.set_rng_state(saved["torch_rng"])
-    if "cuda_rng" in saved:
-        torch.cuda.set_rng_state(saved["cuda_rng"], problem.device)
+    load_training_state(problem, saved)
     track = Track.resume(problem.job, saved)
     say_resumed(problem.job, track.step)
     return track, saved["torch_rng"]

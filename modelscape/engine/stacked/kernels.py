@@ -22,7 +22,7 @@ from torch import nn
 from modelscape import parametrize
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
-from modelscape.engine.stacked.workspace import Workspace
+from modelscape.engine.stacked.workspace import Workspace, empty_unfilled
 from modelscape.models import MLP
 
 aten = torch.ops.aten
@@ -111,12 +111,7 @@ def per_segment(
     """
     if len(layout.segments) == 1:
         return fn(layout.segments[0], None).reshape(shape)
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+    out = empty_unfilled(shape, like)
     for s in layout.segments:
         fn(s, out[s.jobs] if per_job else s.view(out))
     return out
