@@ -43,9 +43,6 @@ DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed")
 COMPILE_MODES = ("auto", "off")
 
-# The legacy tables live in modelscape.legacy_names and are re-exported here.
-__all__ = ["DEPRECATED_NAMES", "LEGACY_MODEL_FILE", "REFUSED_NAMES"]
-
 
 def hp(
     default: Any,

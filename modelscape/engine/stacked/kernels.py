@@ -348,7 +348,7 @@ class MLPKernel:
                 torch.mul(g, w, out=o)
         elif k > 0:
             gh = self._mm(ws.stack.layout, gz, W, None, False, ws, ("gh", k))
-        return gw.to(W.dtype), gb, gh
+        return gw, gb, gh
 
     def _weight_grad(self, layout: Layout, gz, h_in, W) -> torch.Tensor:
         """Per segment gz.mT @ h_in: each job's weight gradient, in the weight's dtype."""

@@ -214,6 +214,7 @@ class StackedAdam(StackedOptimizer):
     """
 
     settings = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _groups_of: Stack | None = None  # the stack whose row groups ``_groups`` holds
 
     def read(self, group, torch_cls):
         if group.get("amsgrad"):
@@ -225,16 +226,21 @@ class StackedAdam(StackedOptimizer):
     def slot_names(self):
         return ["exp_avg", "exp_avg_sq"]
 
-    def _row_groups(self, stack: Stack, i: int) -> list[tuple[tuple[float, ...], list[int]]]:
-        """Parameter ``i``'s stack positions grouped by their settings (cached per stack)."""
-        if getattr(self, "_groups_of", None) is not stack:
+    def _row_groups(self, stack: Stack, i: int) -> list[tuple[tuple[float, ...], list[int], list]]:
+        """Parameter ``i``'s stack positions grouped by their settings, with the rows of its
+        parameter and state in each group (made once per stack: they are updated in place)."""
+        if self._groups_of is not stack:
             self._groups_of, self._groups = stack, {}
         if i not in self._groups:
             groups: dict[tuple[float, ...], list[int]] = {}
             for pos, row in enumerate(stack.rows):
                 key = tuple(self.values[k][i][row] for k in self.settings)
                 groups.setdefault(key, []).append(pos)
-            self._groups[i] = list(groups.items())
+            p, m, v = stack.params[i], stack.slots["exp_avg"][i], stack.slots["exp_avg_sq"][i]
+            self._groups[i] = [
+                (key, rows, [[t[r] for r in rows] for t in (p, m, v)])
+                for key, rows in groups.items()
+            ]
         return self._groups[i]
 
     def step(self, stack, grads, n_done):
@@ -245,14 +251,13 @@ class StackedAdam(StackedOptimizer):
         with torch.no_grad():
             for i in self.trained:
                 # the kernel reads raw memory: autograd's gradients may come transposed
-                p, g = stack.params[i], grads[i].contiguous()
-                m, v = stack.slots["exp_avg"][i], stack.slots["exp_avg_sq"][i]
-                for (lr, beta1, beta2, eps, wd), rows in self._row_groups(stack, i):
+                g = grads[i].contiguous()
+                for (lr, beta1, beta2, eps, wd), rows, (ps, ms, vs) in self._row_groups(stack, i):
                     fused(
-                        [p[r] for r in rows],
+                        ps,
                         [g[r] for r in rows],
-                        [m[r] for r in rows],
-                        [v[r] for r in rows],
+                        ms,
+                        vs,
                         [],
                         [t] * len(rows),
                         lr=lr,
