@@ -157,8 +157,10 @@ def test_killing_a_node_mid_sweep_loses_no_finished_job(ray_cluster, local_resul
     while not any(node_of(r, ray_cluster) == "second" for r in before.values()):
         assert proc.poll() is None and time.monotonic() < deadline, "no job finished on node 2"
         time.sleep(0.1)
-        if (run_dir / "results.sqlite").exists():
+        try:
             before = {r.key: r for r in load(run_dir).records}
+        except FileNotFoundError:  # the sweep has not created its run folder yet (or is doing so)
+            pass
     ray_cluster.kill_second_node()
     finish(proc)
     result = load(run_dir)
