@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.demo import quadratic_bfn
+from modelscape.cli.args import base_args
+from modelscape.cli.demo import quadratic_bfn
 
 ITERATORS = [[32, 64, 128, 256, 512], range(4), [1.0, 0.1]]
 NAMES = ["ntrain", "trial", "GAMMA"]

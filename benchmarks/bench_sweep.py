@@ -48,7 +48,7 @@ from torch import nn
 
 import modelscape
 from modelscape import engine
-from modelscape.demo import quadratic_bfn
+from modelscape.cli.demo import quadratic_bfn
 from modelscape.engine.allocator import keep_freed_memory
 from modelscape.runner import plan
 

@@ -19,8 +19,9 @@ import sys
 import torch
 from torch import nn
 
-from modelscape import parse_args, plotting, run_sweep
+from modelscape import parse_args, run_sweep
 from modelscape.data import monomial_bfn
+from modelscape.results import plotting
 
 
 class LogCoshLoss(nn.Module):

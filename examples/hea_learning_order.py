@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from modelscape import parse_args, plotting, run_sweep
+from modelscape import parse_args, run_sweep
 from modelscape.data import (
     Monomial,
     hea_eigenvalues,
@@ -30,6 +30,7 @@ from modelscape.data import (
     relu_ntk_level_coefficients,
     top_hea_monomials,
 )
+from modelscape.results import plotting
 
 DEFAULTS = [
     "--PARAMETRIZATION", "mup",

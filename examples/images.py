@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sys
 
-from modelscape import parse_args, plotting, run_sweep
+from modelscape import parse_args, run_sweep
 from modelscape.data import image_bfn, load_image_data
+from modelscape.results import plotting
 
 DEFAULTS = [
     "--ONLINE", "False",

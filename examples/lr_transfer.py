@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modelscape.backend.cli import parse_args
+from modelscape import parse_args
 from modelscape.backend.job_iterator import main as run_sweep
 
 DEFAULTS = [

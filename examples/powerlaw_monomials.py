@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from modelscape import parse_args, plotting, run_sweep
+from modelscape import parse_args, run_sweep
 from modelscape.data import (
     Monomial,
     hea_eigenvalues,
@@ -24,6 +24,7 @@ from modelscape.data import (
     powerlaw_eigenvalues,
     relu_ntk_level_coefficients,
 )
+from modelscape.results import plotting
 
 DEFAULTS = [
     "--ONLINE", "False",

@@ -4,11 +4,11 @@ The quick start needs ``parse_args``/``base_args`` and ``run_sweep`` (``modelsca
 the original's ``backend.job_iterator.main``); results load back with ``load(SAVE_DIR)``.
 Parametrizations (``mupify``, ``rescale``) and the coordinate check (``coord_check``) verify a
 model before a big sweep. Data sets and targets live in ``modelscape.data``, plots in
-``modelscape.plotting``. Every error raised on purpose derives from ``ModelscapeError``.
+``modelscape.results.plotting``. Every error raised on purpose derives from ``ModelscapeError``.
 ``docs/ARCHITECTURE.md`` maps the package.
 """
 
-from modelscape.backend.cli import base_args, parse_args
+from modelscape.cli.args import base_args, parse_args
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 from modelscape.errors import (
     ExecutorError,
@@ -18,10 +18,8 @@ from modelscape.errors import (
     StoreError,
     SweepError,
 )
-from modelscape.hparams import HParams
-from modelscape.jobs import Job
-from modelscape.models import CNN, MLP, ResNet, Transformer
-from modelscape.parametrize import (
+from modelscape.models.builtin import CNN, MLP, ResNet, Transformer
+from modelscape.models.parametrize import (
     ParametrizedConv2d,
     ParametrizedLinear,
     ScaledReLU,
@@ -30,10 +28,12 @@ from modelscape.parametrize import (
     mupify,
     rescale,
 )
-from modelscape.results import JobRecord, Result
+from modelscape.results.result import JobRecord, Result
+from modelscape.results.trace import ExptTrace
 from modelscape.runner import main as run_sweep
 from modelscape.store import load
-from modelscape.trace import ExptTrace
+from modelscape.sweep.hparams import HParams
+from modelscape.sweep.jobs import Job
 
 __version__ = "0.1.0"
 

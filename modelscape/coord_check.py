@@ -24,9 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape import parametrize
 from modelscape.engine import resolve_class
-from modelscape.models import ACTIVATIONS, constructor_kwargs, resolve_model_class, standard_kwargs
+from modelscape.models import parametrize
+from modelscape.models.builtin import (
+    ACTIVATIONS,
+    constructor_kwargs,
+    resolve_model_class,
+    standard_kwargs,
+)
 
 if TYPE_CHECKING:  # pandas loads on first use: `import modelscape` stays light
     import pandas as pd

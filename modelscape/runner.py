@@ -22,18 +22,18 @@ from typing import Any
 
 import torch
 
-from modelscape import hparams as H
-from modelscape.checks import check_targets
-from modelscape.code_identity import describe_code
 from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
-from modelscape.jobs import Job, axis_target, build_jobs, materialize
-from modelscape.progress import Progress, notice, placement_text
-from modelscape.results import JobRecord, Result
+from modelscape.execution.progress import Progress, notice, placement_text
+from modelscape.results.result import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
 from modelscape.store.describe import CODE_SECTION
-from modelscape.sweep import SweepSpec, check_batch, check_input_dim
+from modelscape.sweep import hparams as H
+from modelscape.sweep.checks import check_targets
+from modelscape.sweep.code_identity import describe_code
+from modelscape.sweep.jobs import Job, axis_target, build_jobs, materialize
+from modelscape.sweep.spec import SweepSpec, check_batch, check_input_dim
 
 
 def _as_dict(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from modelscape import engine, run_sweep
-from modelscape.backend.cli import base_args
+from modelscape.cli.args import base_args
 
 
 def quadratic_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):

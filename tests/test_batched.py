@@ -16,7 +16,7 @@ import modelscape
 from modelscape import engine
 from modelscape import engine as batched
 from modelscape.engine import Checkpoints
-from modelscape.jobs import SweepError
+from modelscape.errors import SweepError
 from modelscape.runner import plan
 
 CPU = torch.device("cpu")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from modelscape import hparams as H
-from modelscape.backend.cli import base_args, parse_args
+from modelscape.cli.args import base_args, parse_args
+from modelscape.sweep import hparams as H
 
 
 def test_defaults_match_the_original_readme():

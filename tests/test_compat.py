@@ -11,15 +11,21 @@ from torch import nn
 
 import modelscape
 from modelscape import ExptTrace
-from modelscape import parametrize as P
-from modelscape.backend.cli import base_args, parse_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.backend.utils import ensure_numpy, ensure_torch, load_json
+from modelscape.cli.args import base_args, parse_args
+from modelscape.compat.model import (
+    MLP,
+    CenteredWrapper,
+    SimpleCNN,
+    SimpleTransformer,
+    centeredmodel,
+)
+from modelscape.compat.utils import ensure_numpy, ensure_torch, load_json
 from modelscape.data.data import compute_hermite_basis, get_powerlaw, get_synthetic_X
 from modelscape.data.mlp_grabs import empirical_ntk, empirical_ntk_trace, get_Win, get_Wout
 from modelscape.data.monomial import Monomial, generate_hea_monomials
 from modelscape.data.ntk_coeffs import get_relu_level_coeff_fn
-from modelscape.model import MLP, CenteredWrapper, SimpleCNN, SimpleTransformer, centeredmodel
+from modelscape.models import parametrize as P
 
 
 def random_bfn(bsz, gen=None, X=None, y=None, dim=4, **kwargs):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from modelscape import ExptTrace, HParamError, HParams, SweepError
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 
 
 def gaussian_bfn(bsz, gen, X=None, y=None, d=6, **kwargs):

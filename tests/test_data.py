@@ -32,7 +32,7 @@ from modelscape.data import (
     top_hea_monomials,
     zca_whiten,
 )
-from modelscape.jobs import stable_repr
+from modelscape.sweep.jobs import stable_repr
 
 # ---------------------------------------------------------------- HEA eigenvalues
 

@@ -11,7 +11,8 @@ import modelscape
 from modelscape import engine
 from modelscape.backend.job_iterator import plan
 from modelscape.engine.tracking import Track, Tracker
-from modelscape.jobs import SubSeeds, SweepError, sub_seeds
+from modelscape.errors import SweepError
+from modelscape.sweep.jobs import SubSeeds, sub_seeds
 
 CPU = torch.device("cpu")
 

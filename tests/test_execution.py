@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from modelscape import SweepError
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 from modelscape.store import load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def alive(pid):
 
 SLOW_SWEEP = """
 import sys, time, torch
-from modelscape.backend.cli import base_args
+from modelscape.cli.args import base_args
 from modelscape.backend.job_iterator import main
 
 def bfn(bsz, gen, X=None, y=None, **kwargs):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from modelscape import hparams as H
-from modelscape.backend.cli import base_args
+from modelscape.cli.args import base_args
 from modelscape.engine import train_group
 from modelscape.execution import EXECUTORS, REGISTRY, executor_class
 from modelscape.execution.base import Executor, executor_for
 from modelscape.execution.inprocess import InProcessExecutor
 from modelscape.runner import main
+from modelscape.sweep import hparams as H
 
 
 def bfn(bsz, gen, X=None, y=None, **kwargs):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from modelscape import HParamError, SweepError
-from modelscape import hparams as H
-from modelscape.backend.cli import base_args, parse_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args, parse_args
+from modelscape.sweep import hparams as H
 
 
 def gaussian_bfn(bsz, gen, X=None, y=None, **kwargs):
@@ -223,7 +223,7 @@ class _no_op:
 def test_readme_lists_every_legacy_spelling_and_optimizer_rule():
     from pathlib import Path
 
-    from modelscape.parametrize import OPTIMIZER_RULES
+    from modelscape.models.parametrize import OPTIMIZER_RULES
 
     readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
     section = readme.split("### The original's spellings", 1)[1].split("\n## ", 1)[0]

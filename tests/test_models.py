@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from modelscape import parametrize as P
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.jobs import SweepError
+from modelscape.cli.args import base_args
+from modelscape.errors import SweepError
 from modelscape.models import BUILTIN_MODELS, CNN, MLP, ResNet, Transformer
+from modelscape.models import parametrize as P
 
 WIDTH = 8
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from modelscape import parametrize as P
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 from modelscape.models import MLP, Transformer
+from modelscape.models import parametrize as P
 
 D_IN, WIDTH, D_OUT = 32, 256, 16
 

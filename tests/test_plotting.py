@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from modelscape import base_args, plotting, run_sweep
+from modelscape import base_args, run_sweep
 from modelscape.data import monomial_bfn
+from modelscape.results import plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

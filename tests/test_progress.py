@@ -2,7 +2,7 @@
 
 import io
 
-from modelscape.progress import Progress, placement_text
+from modelscape.execution.progress import Progress, placement_text
 from modelscape.results import JobRecord
 
 OK = JobRecord(key=(0,), seed=1, status="ok", train_loss=0.123, test_loss=0.456)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 from modelscape.store import load
 
 ray = pytest.importorskip("ray")

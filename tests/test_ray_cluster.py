@@ -19,8 +19,8 @@ import pytest
 from clusters import RAY_MARKER, RayCluster, ray_processes
 
 from modelscape.errors import HParamError
-from modelscape.hparams import resolve
 from modelscape.store import load
+from modelscape.sweep.hparams import resolve
 
 pytest.importorskip("ray")
 
@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from modelscape.backend.cli import base_args
+from modelscape.cli.args import base_args
 from modelscape.backend.job_iterator import main
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from modelscape.backend.cli import base_args
-from modelscape.records import PER_JOB, SQL_COLUMNS, JobRecord
+from modelscape.cli.args import base_args
+from modelscape.results.records import PER_JOB, SQL_COLUMNS, JobRecord
 from modelscape.runner import _report_unstacked, main, plan
 from modelscape.store import RunStore, describe_sweep, load
 

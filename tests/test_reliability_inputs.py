@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modelscape import HParamError, SweepError, load, run_sweep
-from modelscape.backend.cli import base_args, parse_args
+from modelscape.cli.args import base_args, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 

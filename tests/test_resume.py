@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.parametrize import weight_layers
+from modelscape.cli.args import base_args
+from modelscape.models.parametrize import weight_layers
 from modelscape.store import load
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

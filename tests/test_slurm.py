@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 from modelscape.errors import HParamError, SweepError
 from modelscape.execution.slurm import parameter_names, task_states
 from modelscape.store import load

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from modelscape import SweepError
-from modelscape.backend.cli import base_args
 from modelscape.backend.job_iterator import main as run_job_iterator
+from modelscape.cli.args import base_args
 from modelscape.store import load
 
 SEEN = []  # trials whose batch function was built, in this process (the sweeps run in-process)

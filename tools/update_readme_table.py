@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from modelscape.hparams import markdown_table
+from modelscape.sweep.hparams import markdown_table
 
 BEGIN, END = "<!-- hparams:begin -->", "<!-- hparams:end -->"
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelscape.backend.utils import ensure_numpy, ensure_torch
+from modelscape.compat.utils import ensure_numpy, ensure_torch
 from modelscape.data.hermite import hermite
 from modelscape.data.monomial import Monomial, generate_hea_monomials
 from modelscape.data.synthetic import powerlaw_eigenvalues

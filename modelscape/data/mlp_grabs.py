@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape.backend.utils import ensure_numpy
+from modelscape.compat.utils import ensure_numpy
 
 
 def _weights(layer: nn.Module, detach: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from modelscape.backend.utils import ensure_numpy
+from modelscape.compat.utils import ensure_numpy
 from modelscape.data.hea import hea_eigenvalue, top_hea_monomials
 from modelscape.data.hermite import Monomial as LibraryMonomial
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from modelscape.backend.utils import ensure_numpy
+from modelscape.compat.utils import ensure_numpy
 from modelscape.data.hea import relu_ntk_level_coefficients
 
 

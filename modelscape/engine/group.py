@@ -14,15 +14,15 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from modelscape.engine.allocator import keep_freed_memory
+from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.engine.loop import run_job
 from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
 from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import failed_record
-from modelscape.interrupts import UserCodeExit, stops_the_sweep
-from modelscape.jobs import Job
-from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 
 def train_group(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from modelscape.engine import precision
+from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import (
     Checkpoints,
@@ -23,10 +24,9 @@ from modelscape.engine.state import (
     training_state,
 )
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate, failed_record
-from modelscape.interrupts import UserCodeExit, stops_the_sweep
-from modelscape.jobs import Job
-from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 
 def train(

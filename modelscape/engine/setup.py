@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape import parametrize
-from modelscape.checks import check_grab_shape
-from modelscape.jobs import Job, SubSeeds, SweepError
-from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
-from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
+from modelscape.errors import SweepError
+from modelscape.models import parametrize
+from modelscape.models.builtin import constructor_kwargs, resolve_model_class, standard_kwargs
+from modelscape.sweep.checks import check_grab_shape
+from modelscape.sweep.jobs import Job, SubSeeds
+from modelscape.sweep.spec import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating the test set, to bound memory
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from modelscape.checked_files import free_bytes, read_checked, write_checked
 from modelscape.engine.setup import Problem
 from modelscape.engine.tracking import Track, say_resumed
+from modelscape.store.files import free_bytes, read_checked, write_checked
 
 RESERVE_BYTES = 64 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
@@ -39,7 +39,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 class Checkpoints:
     """Checkpoint files under ``folder``, one per job key, named after the job's values.
 
-    Each file is written atomically with a checksum (``modelscape.checked_files``); one that is
+    Each file is written atomically with a checksum (``modelscape.store.files``); one that is
     damaged is discarded with a warning naming the job and the file, and the job restarts from
     step 0. A checkpoint is skipped, with one warning, when writing it would leave less than
     ``RESERVE_BYTES`` free on the disk: the results need that space more.

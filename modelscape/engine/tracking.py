@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from modelscape.engine.setup import Problem, evaluate_grabs
-from modelscape.jobs import Job
-from modelscape.results import JobRecord
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import Job
 
 # Steps per window: the losses of a window are copied to the host and consumed at once (the only
 # sync), by the stacked engine and the one-job loop alike.

@@ -19,15 +19,15 @@ from typing import ClassVar
 
 import torch
 
-from modelscape import hparams as H
 from modelscape.engine import Checkpoints, failed_record, resolve_device
 from modelscape.errors import ExecutorError
 from modelscape.execution import executor_class
 from modelscape.execution.pickling import Payload
-from modelscape.jobs import Job
-from modelscape.progress import notice
-from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec
+from modelscape.execution.progress import notice
+from modelscape.results.records import JobRecord
+from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 OnRecord = Callable[[JobRecord], None]
 

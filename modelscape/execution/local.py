@@ -4,7 +4,7 @@ WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see `
 pull groups from the parent one at a time and stream records back; the parent is the only
 writer of results. A worker that dies, whatever its timing, is replaced; its unfinished jobs
 are retried from their checkpoints up to MAX_RETRIES times, a group split in two
-(``modelscape.retries``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and
+(``retries.py``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and
 shuts every worker down. With one worker in total (and no JOB_TIMEOUT), ``from_hparams`` picks
 ``InProcessExecutor`` instead.
 """
@@ -22,15 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, wait
 
-from modelscape import hparams as H
 from modelscape.engine import Checkpoints, failed_record
 from modelscape.errors import ExecutorError, WorkerDied
 from modelscape.execution.base import Executor, Records, local_device
 from modelscape.execution.inprocess import InProcessExecutor
 from modelscape.execution.pickling import Payload
+from modelscape.execution.progress import notice
+from modelscape.execution.retries import Retries, exhausted_message, retry_notice
 from modelscape.execution.worker import AUTHKEY_ENV
-from modelscape.progress import notice
-from modelscape.retries import Retries, exhausted_message, retry_notice
+from modelscape.sweep import hparams as H
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LocalExecutor(Executor):
 
     Each worker gets ``threads`` torch threads; the default shares this machine's cores evenly,
     so that workers do not oversubscribe them. Jobs lost to a dead worker are retried up to
-    ``max_retries`` times (``modelscape.retries``). With ``job_timeout`` > 0, a worker whose
+    ``max_retries`` times (``retries.py``). With ``job_timeout`` > 0, a worker whose
     group has produced no record for that many seconds is stopped, and the group's unfinished
     jobs fail.
     """

@@ -16,8 +16,8 @@ from typing import Any
 import cloudpickle
 
 from modelscape.errors import SweepError
-from modelscape.jobs import Job
-from modelscape.sweep import SweepSpec
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 _FIX = (
     "Create such objects inside the function (or in the batch function's setup), pass plain "

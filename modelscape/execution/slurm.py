@@ -40,15 +40,15 @@ from typing import Any
 
 import torch
 
-from modelscape import hparams as H
 from modelscape.engine import Checkpoints, failed_record, train_group
 from modelscape.errors import ExecutorError, HParamError, StoreError
 from modelscape.execution.base import Executor, OnRecord, Records, join_sys_path
 from modelscape.execution.pickling import Payload, dumps, loads
-from modelscape.jobs import Job
-from modelscape.results import JobRecord
+from modelscape.results.records import JobRecord
 from modelscape.store import RunStore, key_id
-from modelscape.sweep import SweepSpec
+from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 SLURM_DIR = "slurm"
 TASKS_FILE = "tasks.json"

@@ -34,8 +34,8 @@ def _serve(conn: Connection) -> None:
     import torch
 
     from modelscape.engine import train_group
+    from modelscape.engine.interrupts import mark_worker_process
     from modelscape.execution.base import join_sys_path
-    from modelscape.interrupts import mark_worker_process
 
     mark_worker_process()  # no terminal reaches a worker: every exit here is user code
     from modelscape.execution.pickling import loads

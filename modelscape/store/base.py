@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelscape.jobs import stable_repr
-from modelscape.records import JobRecord
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import stable_repr
 
 
 def key_id(key: Sequence[Any]) -> str:

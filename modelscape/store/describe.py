@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelscape import hparams as H
 from modelscape.errors import StoreError, SweepError
-from modelscape.jobs import Job, axis_target, job_fingerprint, stable_repr
-from modelscape.sweep import SweepSpec
+from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import Job, axis_target, job_fingerprint, stable_repr
+from modelscape.sweep.spec import SweepSpec
 
 FORMAT_VERSION = 1
 
@@ -151,7 +151,7 @@ def _code_changes(stored: Mapping[str, str], current: Mapping[str, str]) -> list
 
 
 _ABSENT = object()
-CODE_SECTION = "code"  # the digests of the sweep's code (``modelscape.code_identity``)
+CODE_SECTION = "code"  # the digests of the sweep's code (``modelscape.sweep.code_identity``)
 
 
 def _show(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelscape.records import JobRecord
+from modelscape.results.records import JobRecord
 from modelscape.store.base import Store, key_id
 
 

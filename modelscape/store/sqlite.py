@@ -5,7 +5,7 @@ A run folder holds:
 - ``config.json``: the resolved sweep description (see ``describe.py``), readable by eye;
 - ``results.sqlite``: the job list and one row per finished job, each written in its own
   transaction as the job completes. The ``records`` table has one column per stored field of
-  ``JobRecord`` (from the record schema in ``modelscape.records``): scalars are SQLite REALs
+  ``JobRecord`` (from the record schema in ``modelscape.results.records``): scalars are SQLite REALs
   (IEEE doubles, so lossless; NaN is stored as NULL) and INTEGERs, text is TEXT; arrays
   (timekeys, grabs, curves) are one ``.npz`` blob;
 - ``checkpoints/``: the last checkpoint of each running job.
@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from modelscape.errors import StoreError
-from modelscape.jobs import Job
-from modelscape.records import SQL_COLUMNS, JobRecord, default_of
-from modelscape.results import Result
+from modelscape.results.records import SQL_COLUMNS, JobRecord, default_of
+from modelscape.results.result import Result
 from modelscape.store.base import Store, key_id
 from modelscape.store.describe import FORMAT_VERSION, check_compatible, union_values
 from modelscape.store.faults import store_faults
+from modelscape.sweep.jobs import Job
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"

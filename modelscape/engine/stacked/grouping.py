@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from modelscape import hparams as H
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
-from modelscape.jobs import Job, SweepError
-from modelscape.models import MLP
-from modelscape.records import hashable
+from modelscape.errors import SweepError
+from modelscape.models.builtin import MLP
+from modelscape.results.records import hashable
+from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import Job
 
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says

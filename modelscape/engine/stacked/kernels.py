@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelscape import parametrize
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
 from modelscape.engine.stacked.workspace import Workspace, empty_unfilled
-from modelscape.models import MLP
+from modelscape.models import parametrize
+from modelscape.models.builtin import MLP
 
 aten = torch.ops.aten
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from modelscape.engine.stacked.grouping import job_bytes, shape_key
-from modelscape.jobs import Job
+from modelscape.sweep.jobs import Job
 
 HEADROOM = 0.85  # share of the free memory a chunk may take (the allocator fragments)
 _MEASURED: dict[tuple, float] = {}  # shape_key -> bytes per job, measured on this process

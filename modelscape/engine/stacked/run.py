@@ -44,9 +44,9 @@ from modelscape.engine.tracking import (
     failed_record,
     say,
 )
-from modelscape.jobs import Job
-from modelscape.results import JobRecord
-from modelscape.sweep import SweepSpec, check_batch
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec, check_batch
 
 # Modules whose training step is random or updates buffers: replaying a window from a snapshot of
 # the parameters would not reproduce them, so their models train one job at a time.

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from modelscape.errors import ParametrizationError
-from modelscape.hparams import PARAMETRIZATIONS
+from modelscape.sweep.hparams import PARAMETRIZATIONS
 
 Rule = Literal["sgd", "adam"]
 Role = Literal["readin", "hidden", "readout"]
@@ -195,7 +195,7 @@ def update_rule(optimizer_cls: type[torch.optim.Optimizer]) -> Rule:
         f"{optimizer_cls.__name__} is not in modelscape's optimizer table; using the SGD rule "
         "(gradient-proportional update: per-layer LR scale q = a**2/fan_in). If its step is "
         "normalized by the gradient's size, like Adam's, subclass torch.optim.Adam or add it "
-        "to modelscape.parametrize.OPTIMIZER_RULES as 'adam'.",
+        "to modelscape.models.parametrize.OPTIMIZER_RULES as 'adam'.",
         UserWarning,
         stacklevel=2,
     )

@@ -10,7 +10,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from modelscape.results import JobRecord
+from modelscape.results.records import JobRecord
 
 
 def notice(text: str) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.axes import Axes
 
-from modelscape.jobs import AXIS_ALIASES, TRIAL_AXIS
-from modelscape.results import Result
+from modelscape.results.result import Result
+from modelscape.sweep.jobs import AXIS_ALIASES, TRIAL_AXIS
 
 
 def as_dataset(data: Result | xr.Dataset) -> xr.Dataset:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from modelscape.jobs import Job
+from modelscape.sweep.jobs import Job
 
 
 @dataclass

@@ -29,10 +29,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from modelscape.activations import ACTIVATIONS
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
-from modelscape.legacy_names import DEPRECATED_NAMES, LEGACY_MODEL_FILE, REFUSED_NAMES
+from modelscape.models.activations import ACTIVATIONS
+from modelscape.sweep.legacy_names import DEPRECATED_NAMES, LEGACY_MODEL_FILE, REFUSED_NAMES
 
 Scope = Literal["job", "sweep"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from modelscape.records import FIELDS, PER_JOB, JobRecord, Status, hashable
-from modelscape.trace import ExptTrace
+from modelscape.results.records import FIELDS, PER_JOB, JobRecord, Status, hashable
+from modelscape.results.trace import ExptTrace
 
 __all__ = ["JobRecord", "Result", "Status"]
 

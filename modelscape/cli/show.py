@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelscape.results import Result
+from modelscape.results.result import Result
 
 FORMATS = {"netcdf": ".nc", "csv": ".csv", "parquet": ".parquet"}
 
@@ -119,7 +119,7 @@ def show(result: Result, args: argparse.Namespace) -> int:
 
 
 def _select(ds, selections: Sequence[str]):
-    from modelscape.plotting import resolve_dim
+    from modelscape.results.plotting import resolve_dim
 
     for item in selections:
         if "=" not in item:
@@ -146,7 +146,7 @@ def plot(result: Result, args: argparse.Namespace) -> int:
 
     A bad axis, variable, selection or threshold exits with status 2 and the message alone.
     """
-    from modelscape import plotting
+    from modelscape.results import plotting
 
     log = not args.linear
     try:

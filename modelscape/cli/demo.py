@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from modelscape.backend.cli import explicit_names, parse_args
 from modelscape.backend.job_iterator import main as run_job_iterator
-from modelscape.hparams import HParamError
+from modelscape.cli.args import explicit_names, parse_args
+from modelscape.errors import HParamError
 
 DEMO_DEFAULTS = [
     "--WIDTH",
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if hp.DETACH:
         return 0  # the executor said where the jobs run and how to collect them
     print(learning_curve_table(result))
-    from modelscape import plotting
+    from modelscape.results import plotting
 
     ax = plotting.learning_curve(result, x="N_SAMPLES", y="test_loss", hue="GAMMA")
     ax.set_title("MLP on x0*x1: test loss against sample size")

@@ -11,16 +11,15 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from modelscape.hparams import HParamError
-from modelscape.jobs import SweepError
+from modelscape.errors import HParamError, SweepError
 
 # subcommand name -> module providing add_parser(subparsers) and run(args)
 SUBCOMMANDS = {
-    "run": "modelscape.demo",
+    "run": "modelscape.cli.demo",
     "coord-check": "modelscape.coord_check",
-    "show": "modelscape.analysis_cli",
-    "plot": "modelscape.analysis_cli",
-    "export": "modelscape.analysis_cli",
+    "show": "modelscape.cli.show",
+    "plot": "modelscape.cli.show",
+    "export": "modelscape.cli.show",
 }
 
 
@@ -39,7 +38,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bad input: the message says what to fix, a traceback would only bury it
         print(f"modelscape {args.command}: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

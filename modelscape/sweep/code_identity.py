@@ -20,9 +20,9 @@ from typing import Any
 import cloudpickle
 
 from modelscape.errors import SweepError
-from modelscape.jobs import Job
-from modelscape.models import resolve_model_class
-from modelscape.sweep import SweepSpec
+from modelscape.models.builtin import resolve_model_class
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 
 def code_digest(obj: Any) -> str:

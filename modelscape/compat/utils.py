@@ -1,7 +1,7 @@
-"""The original's ``modelscape.backend.utils``: array conversion, seeding and config loading.
+"""The original's ``modelscape.compat.utils``: array conversion, seeding and config loading.
 
-Kept for scripts written against the original (``from modelscape.backend.utils import
-ensure_torch``). Sweeps seed jobs themselves (``modelscape.jobs``); ``seed_everything`` and
+Kept for scripts written against the original (``from modelscape.compat.utils import
+ensure_torch``). Sweeps seed jobs themselves (``modelscape.sweep.jobs``); ``seed_everything`` and
 ``derive_seed`` are for a user's own code outside a sweep.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelscape.backend.cli import load_config_file
+from modelscape.cli.args import load_config_file
 
 
 def ensure_numpy(x: Any, dtype: Any = np.float64, clone: bool = False) -> np.ndarray:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from modelscape.models import MLP
+from modelscape.models.builtin import MLP
 
 __all__ = [
     "MLP",

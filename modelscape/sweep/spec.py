@@ -19,7 +19,7 @@ from typing import Any
 import cloudpickle
 import torch
 
-from modelscape.jobs import SweepError
+from modelscape.errors import SweepError
 
 BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelscape.activations import ACTIVATIONS
-from modelscape.jobs import SweepError
+from modelscape.errors import SweepError
+from modelscape.models.activations import ACTIVATIONS
 
 
 class MLP(nn.Module):
@@ -242,7 +242,7 @@ def resolve_model_class(spec: Any) -> type[nn.Module]:
     if isinstance(spec, type):
         return spec
     if isinstance(spec, str) and ":" in spec:
-        from modelscape.sweep import load_from_file
+        from modelscape.sweep.spec import load_from_file
 
         path, name = spec.rsplit(":", 1)
         return load_from_file(path, name, "MODEL_CLASS")

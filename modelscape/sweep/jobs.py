@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from modelscape import hparams as H
 from modelscape.errors import SweepError
+from modelscape.sweep import hparams as H
 
 AXIS_ALIASES = {"ntrain": "N_SAMPLES"}
 TRIAL_AXIS = "trial"

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from modelscape import hparams as H
+from modelscape.sweep import hparams as H
 
 Extra = Mapping[str, Any]
 
