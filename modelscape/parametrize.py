@@ -1,0 +1,51 @@
+"""Moved to ``modelscape.models.parametrize``.
+
+This path keeps old imports, pickled results and stored files working."""
+
+from modelscape.models.parametrize import (
+    OPTIMIZER_RULES,
+    PARAMETRIZATIONS,
+    RELU_GAIN,
+    WEIGHT_LAYERS,
+    LayerScale,
+    ParametrizedConv2d,
+    ParametrizedLinear,
+    Role,
+    Rule,
+    ScaledReLU,
+    anatomy,
+    apply,
+    check_applicable,
+    layer_scales,
+    lr_gamma_factor,
+    mupify,
+    parametrization_of,
+    rescale,
+    scales,
+    update_rule,
+    weight_layers,
+)
+
+__all__ = [
+    "PARAMETRIZATIONS",
+    "Rule",
+    "Role",
+    "RELU_GAIN",
+    "OPTIMIZER_RULES",
+    "ParametrizedLinear",
+    "ParametrizedConv2d",
+    "ScaledReLU",
+    "WEIGHT_LAYERS",
+    "LayerScale",
+    "weight_layers",
+    "anatomy",
+    "update_rule",
+    "scales",
+    "layer_scales",
+    "check_applicable",
+    "mupify",
+    "lr_gamma_factor",
+    "rescale",
+    "apply",
+    "parametrization_of",
+]
