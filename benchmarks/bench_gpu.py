@@ -1,4 +1,4 @@
-"""GPU benchmarks (issue 13): modelscape against a hand-written loop on one device, in one run.
+"""GPU benchmarks: modelscape against a hand-written loop on one device, in one run.
 
 Three cases, each against the plain loop (``bench_sweep.train_plain``: one job at a time, the
 job's own model, data and torch optimizer) in the same run:

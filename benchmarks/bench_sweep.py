@@ -1,6 +1,6 @@
 """Sweep benchmarks: modelscape against a hand-written PyTorch loop, side by side in one run.
 
-The canonical sweep (issue 5): offline Gaussian inputs in d=32 with target ``x0*x1``; an MLP of
+The canonical sweep: offline Gaussian inputs in d=32 with target ``x0*x1``; an MLP of
 DEPTH=2, SGD, MSE loss; N_SAMPLES in {64, 128, 256, 512} with 4 trials each; MAX_ITER 500 with
 an unreachable threshold, so every job runs all its steps; N_TEST 1000, ONLYTHRESHOLDS True.
 Cases (``--cases`` picks some by key):

@@ -1,8 +1,19 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the ``integration`` marker for everything under
+``tests/integration/`` (real SLURM and Ray clusters, SIGKILLs, worker deaths, a Jupyter kernel,
+the example scripts): ``pytest -m "not integration"`` runs the fast suite alone."""
+
+from pathlib import Path
 
 import pytest
 import torch
-from clusters import ray_cluster, slurm_cluster  # noqa: F401 - real clusters (tests/clusters.py)
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="module")

@@ -257,7 +257,7 @@ def test_a_task_out_of_time_is_requeued_and_continues_from_its_checkpoints(slurm
 
 def readme_snippet() -> str:
     """The README's SLURM shell snippet, between its markers."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = text.split("<!-- slurm-snippet:begin -->")[1].split("<!-- slurm-snippet:end -->")[0]
     return block.split("```bash\n")[1].split("```")[0]
 

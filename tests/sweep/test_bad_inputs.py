@@ -18,7 +18,7 @@ import torch
 from modelscape import HParamError, SweepError, load, run_sweep
 from modelscape.cli.args import base_args, parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(**overrides):

@@ -225,7 +225,7 @@ def test_readme_lists_every_legacy_spelling_and_optimizer_rule():
 
     from modelscape.models.parametrize import OPTIMIZER_RULES
 
-    readme = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     section = readme.split("### The original's spellings", 1)[1].split("\n## ", 1)[0]
     for old, new in {**H.DEPRECATED_NAMES, **H.LEGACY_MODEL_FILE}.items():
         assert f"`{old}`" in section and f"`{new}`" in section, old

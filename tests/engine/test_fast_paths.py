@@ -1,4 +1,4 @@
-"""The fast paths of issue 13 against the one-job loop: each is checked for its numbers and for
+"""The engine's fast paths against the one-job loop: each is checked for its numbers and for
 having really run.
 
 - the hand-written MLP kernel for every parametrization (multipliers, ScaledReLU, GAMMA), with
@@ -32,7 +32,7 @@ from modelscape.engine import tracking
 from modelscape.engine.stacked import kernels
 
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # bf16-mixed against fp32, relative, on the final test losses of the stable 60-step runs below
 # (bf16 keeps an 8-bit mantissa; measured: at most 4e-3); the README gives the canonical sweep's.
 BF16_TOLERANCE = 1e-2

@@ -21,7 +21,7 @@ from sweeps import config, trial_sweep
 from modelscape import SweepError, load, run_sweep
 from modelscape.errors import StoreError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_bfn(trained=None, at_step=None):

@@ -314,7 +314,7 @@ def test_post_init_mupify_equals_the_native_parametrization():
 
 
 def test_lr_transfer_example_prints_best_lrs_and_saves_its_plot(tmp_path):
-    example = Path(__file__).resolve().parents[1] / "examples" / "lr_transfer.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "lr_transfer.py"
     png = tmp_path / "lrt.png"
     cmd = [sys.executable, str(example), "--WIDTH", "16", "32", "--LR", "0.01", "0.1",
            "--MAX_ITER", "5", "--N_TEST", "64", "--OUT", str(png)]  # fmt: skip

@@ -18,7 +18,7 @@ from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.cli.args import base_args
 from modelscape.store import load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def config(**overrides):

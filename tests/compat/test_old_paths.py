@@ -1,7 +1,7 @@
 """The import paths and stored files from before the package layout still work: every module
 path the README documented or the original's scripts import, and run folders, checkpoints,
 pickled results and a detached SLURM sweep's pickles written by the code before the move
-(``tests/data/stored_before_layout``)."""
+(``tests/fixtures/stored_before_layout``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from modelscape import load
 from modelscape.engine.state import Checkpoints
 from modelscape.execution.pickling import loads
 
-STORED = Path(__file__).parent / "data" / "stored_before_layout"
+STORED = Path(__file__).parents[1] / "fixtures" / "stored_before_layout"
 EXPECTED = json.loads((STORED / "expected.json").read_text())
 
 # old path -> names it must still provide (and where they live now)

@@ -21,7 +21,7 @@ from sweeps import config, trial_sweep
 
 from modelscape import HParamError, SweepError, load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARENT = os.getpid()
 
 
