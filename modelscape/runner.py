@@ -20,9 +20,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
-from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
+from modelscape import preflight
+from modelscape.engine import group_jobs
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.execution.progress import Progress, notice, placement_text
@@ -30,10 +29,9 @@ from modelscape.results.result import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
 from modelscape.store.describe import CODE_SECTION
 from modelscape.sweep import hparams as H
-from modelscape.sweep.checks import check_targets
 from modelscape.sweep.code_identity import describe_code
 from modelscape.sweep.jobs import Job, axis_target, build_jobs, materialize
-from modelscape.sweep.spec import SweepSpec, check_batch, check_input_dim
+from modelscape.sweep.spec import SweepSpec
 
 
 def _as_dict(config: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
@@ -63,50 +61,6 @@ def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[s
     return axes
 
 
-def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
-    """Before training: call the batch function once, and check that every distinct model,
-    optimizer and parametrization of the sweep can be built, so bad input fails early."""
-    gen = torch.Generator().manual_seed(0)
-    # the probe must not move the caller's global RNG (a batch function may draw from it)
-    with torch.random.fork_rng(devices=[]):
-        _probe(jobs, spec, gen)
-
-
-def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
-    job = jobs[0]
-    try:
-        fn = spec.make_batch_fn(
-            bsz=job.hp.N_SAMPLES, gen=gen, X=None, y=None, job_values=job.values
-        )
-        X, y = fn(job.trial)
-    except SweepError:
-        raise
-    except Exception as err:
-        raise SweepError(
-            f"the batch function failed on the first job ({job.label()}): "
-            f"{type(err).__name__}: {err}"
-        ) from err
-    check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
-    check_input_dim(job.hp.D_IN, X)
-    if spec.X_te is None:
-        X_te, y_te = spec.make_batch_fn(
-            bsz=job.hp.N_TEST, gen=gen, X=None, y=None, job_values=job.values
-        )(0)
-        check_batch(
-            X_te, y_te, job.hp.N_TEST,
-            "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
-            "set as X_te/y_te in global_config",
-        )  # fmt: skip
-    seen = set()
-    for job in jobs:
-        hp = job.hp
-        combo = (repr(hp.MODEL_CLASS), hp.PARAMETRIZATION, repr(hp.OPTIMIZER), repr(hp.LOSS))
-        if combo not in seen:
-            seen.add(combo)
-            check_targets(hp.LOSS, y, f"the batch function, job ({job.label()})")
-            check_model(job, spec, X, y)
-
-
 def plan(
     iterators: Sequence[Iterable],
     iterator_names: Sequence[str],
@@ -122,7 +76,7 @@ def plan(
         values.append(extra_values)
     jobs = build_jobs(values, names, hps)
     spec = SweepSpec.from_configs(bfn_config, user)
-    _preflight(jobs, spec)
+    preflight.check_sweep(jobs, spec)
     return names, values, jobs, spec
 
 
@@ -156,15 +110,12 @@ def main(
     trained_by: Counter[str] = Counter()
     try:
         if spec.grabs:  # once the run folder exists: a grab may read it
-            spec.grab_shapes = preflight_grabs(jobs[0], spec)
+            spec.grab_shapes = preflight.grab_shapes(jobs[0], spec)
         todo = _unfinished(jobs, store, hp.RETRY_FAILED)
-        checkpoints = None
-        if store.checkpoint_dir is not None:
-            checkpoints = Checkpoints(store.checkpoint_dir, hp.CHECKPOINT_EVERY, names)
         if todo:
             if executor is None:
-                executor = executor_for(hp, use_mp=use_mp, checkpoints=checkpoints)
-            trained_by = _train(todo, spec, hp, executor, store, checkpoints, len(jobs), progress)
+                executor = executor_for(hp, use_mp=use_mp, checkpoints=store.checkpoints)
+            trained_by = _train(todo, spec, hp, executor, store, len(jobs), progress)
         records = [store.get(job.key) for job in jobs]
     finally:
         store.close()
@@ -188,7 +139,6 @@ def _train(
     hp: H.HParams,
     executor: Executor,
     store: Store,
-    checkpoints: Checkpoints | None,
     total: int,
     progress: bool,
 ) -> Counter[str]:
@@ -201,12 +151,8 @@ def _train(
     trained_by: Counter[str] = Counter()
 
     def on_record(record: JobRecord) -> None:
-        store.add(record)
+        store.add(record)  # then clears the job's checkpoint
         trained_by[record.trained_by] += 1
-        # Only once the record is stored. A failed job keeps its checkpoint: a worker killed by
-        # the OOM killer, say, then continues from it under RETRY_FAILED.
-        if checkpoints is not None and record.status != "failed":
-            checkpoints.clear(record.key)
         bar.update(record)
 
     try:
@@ -261,7 +207,7 @@ def _open_store(
     if hp.SAVE_DIR is None:
         return MemoryStore()
     description = {**describe_sweep(names, jobs, spec), CODE_SECTION: describe_code(spec, jobs)}
-    return RunStore.open(hp.SAVE_DIR, description, jobs, values)
+    return RunStore.open(hp.SAVE_DIR, description, jobs, values, hp.CHECKPOINT_EVERY)
 
 
 def _unfinished(jobs: list[Job], store: Store, retry_failed: bool) -> list[Job]:

@@ -143,3 +143,55 @@ def test_importing_modelscape_does_not_import(heavy):
     code = f"import sys, modelscape; print({heavy!r} in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_one_home_for_each_mechanism():
+    """The atomic write (store/files.py) and the job label (sweep/jobs.py) exist once: no other
+    module renames a file into place or formats a job's values itself."""
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        if path.relative_to(ROOT).as_posix() != "store/files.py":
+            assert "os.replace(" not in text, f"{path}: use store.files.write_atomic"
+        if path.relative_to(ROOT).as_posix() != "sweep/jobs.py":
+            assert 'f"{a}={v}"' not in text, f"{path}: use sweep.jobs.job_label"
+
+
+def _reexport_only(path: Path) -> bool:
+    """A module of a docstring, imports and ``__all__`` only (an old path kept working)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue
+        if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == [
+            "__all__"
+        ]:
+            continue
+        return False
+    return True
+
+
+def test_the_top_level_is_short():
+    """At most 8 modules directly under modelscape/ besides subpackages; re-exports of old
+    paths do not count."""
+    top = sorted(
+        p.name for p in ROOT.glob("*.py") if p.name != "__init__.py" and not _reexport_only(p)
+    )
+    assert len(top) <= 8, top
+
+
+def test_no_module_outside_execution_names_an_executor():
+    """Executors extend through their class (``check``, ``collect``) and the registry: no
+    module outside execution/ imports a backend or the cluster libraries."""
+    words = ("slurm", "submitit", "ray")
+    for path in ROOT.rglob("*.py"):
+        if "execution" in path.relative_to(ROOT).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            hits = [n for n in names for w in words if w in n.lower().split(".")]
+            assert not hits, f"{path} imports {hits}"

@@ -34,11 +34,12 @@ def load_result(path: str | Path) -> Result:
     path = Path(path)
     if path.is_dir():
         from modelscape import store
-        from modelscape.execution import slurm
+        from modelscape.execution import REGISTRY, executor_class
 
-        note = slurm.collect(path)
-        if note:
-            print(note, file=sys.stderr)
+        for name in REGISTRY:  # records that executors left in the folder without a sweep
+            note = executor_class(name).collect(path)
+            if note:
+                print(note, file=sys.stderr)
         return store.load(path)
     if path.is_file():
         with open(path, "rb") as f:

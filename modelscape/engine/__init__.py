@@ -7,7 +7,9 @@
 - ``loop``: the one-job training loop, the reference.
 - ``stacked``: compatible jobs as one model with a leading job dimension (``grouping``,
   ``stack``, ``kernels``, ``optimizers``, ``run``, ``memory``, ``graphs``).
-- ``state``: checkpoints, shared by both engines.
+- ``state``: what a job's checkpoint holds, shared by both engines (the files are the run
+  folder's: ``store/checkpoints.py``).
+- ``interrupts``: a Ctrl-C stops the sweep, an exit raised in user code fails its job.
 - ``group``: ``train_group``, what executors call; every record's ``trained_by`` says how the
   job trained.
 """
@@ -16,12 +18,10 @@ from modelscape.engine.group import deterministic_algorithms, train_group
 from modelscape.engine.loop import run_job, train
 from modelscape.engine.setup import (
     Problem,
-    check_model,
     evaluate_grabs,
     job_config,
     model_spec,
     optimizer_kwargs,
-    preflight_grabs,
     resolve_class,
     resolve_device,
     setup_job,
@@ -39,7 +39,6 @@ from modelscape.engine.stacked.grouping import (
 )
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register
 from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
-from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
 
 __all__ = [
@@ -47,14 +46,12 @@ __all__ = [
     "MAX_GROUP",
     "STACKED_OPTIMIZERS",
     "SYNC_EVERY",
-    "Checkpoints",
     "Curves",
     "Problem",
     "StackedOptimizer",
     "Track",
     "Tracker",
     "can_batch",
-    "check_model",
     "deterministic_algorithms",
     "evaluate_grabs",
     "failed_record",
@@ -64,7 +61,6 @@ __all__ = [
     "job_config",
     "model_spec",
     "optimizer_kwargs",
-    "preflight_grabs",
     "register",
     "resolve_class",
     "resolve_device",

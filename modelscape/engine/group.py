@@ -18,9 +18,9 @@ from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.engine.loop import run_job
 from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
-from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import failed_record
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec
 

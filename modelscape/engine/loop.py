@@ -17,7 +17,6 @@ from modelscape.engine import precision
 from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import (
-    Checkpoints,
     load_training_state,
     restore,
     snapshot,
@@ -25,6 +24,7 @@ from modelscape.engine.state import (
 )
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate, failed_record
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec
 

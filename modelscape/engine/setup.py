@@ -2,9 +2,9 @@
 
 This module owns drawing a job's data (each stream from its named sub-seed), building its model,
 optimizer (with OPTIMIZER_KWARGS, MOMENTUM and WEIGHT_DECAY) and loss, the centering caches,
-evaluation of the test loss and of grabs, and the checks ``check_model`` runs before a sweep
-trains. Both engines (``loop`` and ``stacked``) start from a ``Problem``, so a job's data and
-initial weights do not depend on which engine trains it.
+and evaluation of the test loss and of grabs (``modelscape.preflight`` builds models through
+it before a sweep trains). Both engines (``loop`` and ``stacked``) start from a ``Problem``, so
+a job's data and initial weights do not depend on which engine trains it.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def job_config(job: Job, spec: SweepSpec) -> dict[str, Any]:
     return {**spec.user_config, **dataclasses.asdict(job.hp), **job.values}
 
 
-def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
+def output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
     if not y.is_floating_point():
         if "d_out" in config and "D_OUT" not in config:
             raise SweepError("the number of classes is D_OUT; rename the config key d_out.")
@@ -198,30 +198,6 @@ def model_spec(
     model_cls = resolve_model_class(hp.MODEL_CLASS)
     provided = standard_kwargs(in_shape, d_out, hp.WIDTH, hp.DEPTH, hp.NONLINEARITY, hp.BIAS)
     return model_cls, constructor_kwargs(model_cls, provided, config)
-
-
-def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> None:
-    """Before training: the model can be built and its parametrization applies.
-
-    The model is built on the meta device (no memory, no random numbers). A constructor that
-    cannot run there is left for the job itself to report.
-    """
-    config = job_config(job, spec)
-    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, config)[0])
-    opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
-    optimizer_kwargs(opt_cls, job)
-    resolve_class(job.hp.LOSS, nn, "LOSS")
-    if job.hp.PARAMETRIZATION == "sp":
-        return
-    try:
-        with torch.device("meta"):
-            model = model_cls(**kwargs)
-    except Exception:  # noqa: BLE001 - the job reports a real construction error itself
-        return
-    try:
-        parametrize.check_applicable(model, job.hp.PARAMETRIZATION, opt_cls)
-    except parametrize.ParametrizationError as err:
-        raise SweepError(f"job ({job.label()}): {err}") from None
 
 
 def training_rng_seed(job: Job) -> int:
@@ -272,7 +248,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
 
-    d_out, squeeze = _output_dim(y_te, config)
+    d_out, squeeze = output_dim(y_te, config)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
     opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     opt_kwargs = optimizer_kwargs(opt_cls, job)
@@ -351,35 +327,6 @@ def evaluate_grabs(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int
         out[name] = to_numpy(value, name)
         check_grab_shape(name, out[name], problem.grab_shapes)
     return out
-
-
-def preflight_grabs(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
-    """Set up ``job`` on the CPU and call every grab once, before any training.
-
-    Returns each grab's shape, which every job's grab must then return. A grab that raises or
-    returns a non-number is a ``SweepError`` naming it. ``post_init_fn`` is left out, so that it
-    runs once per job; a job that cannot be set up is left to fail as its own record.
-    """
-    device = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(training_rng_seed(job))
-        try:
-            problem = setup_job(job, dataclasses.replace(spec, post_init_fn=None), device)
-            X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)
-        except Exception:  # noqa: BLE001 - the job reports its own setup error when it runs
-            return {}
-        shapes = {}
-        for name, fn in spec.grabs.items():
-            one = dataclasses.replace(problem, grabs={name: fn}, grab_shapes={})
-            try:
-                shapes[name] = evaluate_grabs(one, X, y, 0)[name].shape
-            except Exception as err:  # noqa: BLE001 - reported with the grab's name
-                raise SweepError(
-                    f"grab {name!r} failed when called on the first job ({job.label()}) before "
-                    "training (each grab is called once with the initial model to check it): "
-                    f"{type(err).__name__}: {err}"
-                ) from err
-    return shapes
 
 
 def to_numpy(value: Any, name: str) -> np.ndarray:

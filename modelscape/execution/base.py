@@ -3,8 +3,9 @@
 ``Executor.run`` packs the sweep into one ``Payload`` (pickled when the backend trains in other
 processes), hands it to the backend's ``_run``, and streams every record to the caller through
 ``Records``, which also turns the jobs of a group that never produced a record into failed
-records. A backend overrides only ``_run`` (and, where it differs, ``placement`` and
-``from_hparams``), as submitit's executors override one method each.
+records. A backend overrides only ``_run`` (and, where it differs, ``placement``,
+``from_hparams``, ``check`` and ``collect``), as submitit's executors override one method each;
+shared code reaches a backend only through these methods and the registry, never by name.
 
 Every executor produces the same records: a job's seed and data depend only on its identity,
 never on the worker or the order.
@@ -12,6 +13,7 @@ never on the worker or the order.
 
 from __future__ import annotations
 
+import os
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -19,12 +21,13 @@ from typing import ClassVar
 
 import torch
 
-from modelscape.engine import Checkpoints, failed_record, resolve_device
+from modelscape.engine import failed_record, resolve_device
 from modelscape.errors import ExecutorError
 from modelscape.execution import executor_class
 from modelscape.execution.pickling import Payload
 from modelscape.execution.progress import notice
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep import hparams as H
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec
@@ -69,9 +72,13 @@ class Executor(ABC):
     """Runs groups of jobs somewhere and calls ``on_record`` in this process for each result.
 
     ``pickles``: whether jobs train in other processes, so the payload must be pickled first.
+    ``stops_hung_jobs``: whether it honours JOB_TIMEOUT. ``waits``: whether ``run`` returns only
+    once every job has a record (a detached SLURM sweep returns after submitting).
     """
 
     pickles: ClassVar[bool] = True
+    stops_hung_jobs: ClassVar[bool] = False
+    waits: bool = True
 
     def __init__(self, checkpoints: Checkpoints | None = None):
         self.checkpoints = checkpoints
@@ -83,13 +90,31 @@ class Executor(ABC):
         """The executor for DEVICES and WORKERS_PER_DEVICE (``use_mp``: the original's flag)."""
         return cls(hp.DEVICES, hp.WORKERS_PER_DEVICE, checkpoints)  # type: ignore[call-arg]
 
+    @classmethod
+    def check(cls, hp: H.HParams) -> None:
+        """Refuse, before anything trains, settings this executor cannot honour."""
+        if hp.JOB_TIMEOUT > 0 and not cls.stops_hung_jobs:
+            raise ExecutorError(
+                f"JOB_TIMEOUT stops hung jobs on local worker processes only; with EXECUTOR="
+                f"{hp.EXECUTOR!r} set JOB_TIMEOUT=0."
+            )
+
+    @classmethod
+    def collect(cls, run_dir: str | os.PathLike) -> str | None:
+        """Store the records this executor's jobs left in ``run_dir`` without a sweep process
+        to receive them; a one-line summary, or None when it left none (``modelscape show``)."""
+        return None
+
     def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        """Train every group; return once every job's record has been passed to ``on_record``."""
+        """Train every group; return once every job's record has been passed to ``on_record``
+        (unless the executor does not ``wait``: then once every group is on its way)."""
         payload = Payload(spec, groups)
         if self.pickles:
             payload.pickle()  # before any worker starts, so that a bad object fails fast
         records = Records(payload.groups, on_record)
         self._run(payload, records)
+        if not self.waits:
+            return
         for gid in records.unfinished():  # nothing a backend forgets goes unreported
             lost = RuntimeError(f"the {type(self).__name__} returned no record for this job.")
             records.fail_rest(gid, lost, "unknown")
@@ -111,12 +136,8 @@ def executor_for(
     One worker in total trains in this process, several in worker processes; ``use_mp``
     (the original's flag) forces one or the other.
     """
-    if hp.JOB_TIMEOUT > 0 and hp.EXECUTOR != "local":
-        raise ExecutorError(
-            f"JOB_TIMEOUT stops jobs on local worker processes only; with EXECUTOR="
-            f"{hp.EXECUTOR!r} set JOB_TIMEOUT=0."
-        )
     cls = executor_class(hp.EXECUTOR)
+    cls.check(hp)
     return cls.from_hparams(hp, use_mp=use_mp, checkpoints=checkpoints)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from modelscape.engine import Checkpoints, train_group
+from modelscape.engine import train_group
 from modelscape.engine.interrupts import terminal_interrupts
 from modelscape.execution.base import Executor, Records
 from modelscape.execution.pickling import Payload
+from modelscape.store.checkpoints import Checkpoints
 
 
 class InProcessExecutor(Executor):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, wait
 
-from modelscape.engine import Checkpoints, failed_record
+from modelscape.engine import failed_record
 from modelscape.errors import ExecutorError, WorkerDied
 from modelscape.execution.base import Executor, Records, local_device
 from modelscape.execution.inprocess import InProcessExecutor
@@ -30,6 +30,7 @@ from modelscape.execution.pickling import Payload
 from modelscape.execution.progress import notice
 from modelscape.execution.retries import Retries, exhausted_message, retry_notice
 from modelscape.execution.worker import AUTHKEY_ENV
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep import hparams as H
 
 
@@ -53,6 +54,8 @@ class LocalExecutor(Executor):
     group has produced no record for that many seconds is stopped, and the group's unfinished
     jobs fail.
     """
+
+    stops_hung_jobs = True
 
     def __init__(
         self,

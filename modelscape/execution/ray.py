@@ -32,12 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from modelscape.engine import Checkpoints
 from modelscape.errors import ExecutorError
 from modelscape.execution.base import Executor, Records
 from modelscape.execution.pickling import Payload
 from modelscape.execution.progress import notice
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep import hparams as H
 
 POLL_SECONDS = 0.5  # how often the inbox is emptied while tasks run

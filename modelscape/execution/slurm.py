@@ -40,15 +40,16 @@ from typing import Any
 
 import torch
 
-from modelscape.engine import Checkpoints, failed_record, train_group
+from modelscape.engine import failed_record, train_group
 from modelscape.errors import ExecutorError, HParamError, StoreError
-from modelscape.execution.base import Executor, OnRecord, Records, join_sys_path
+from modelscape.execution.base import Executor, Records, join_sys_path
 from modelscape.execution.pickling import Payload, dumps, loads
 from modelscape.results.records import JobRecord
 from modelscape.store import RunStore, key_id
+from modelscape.store.checkpoints import Checkpoints
+from modelscape.store.files import write_atomic
 from modelscape.sweep import hparams as H
 from modelscape.sweep.jobs import Job
-from modelscape.sweep.spec import SweepSpec
 
 SLURM_DIR = "slurm"
 TASKS_FILE = "tasks.json"
@@ -107,12 +108,6 @@ def _marked(run_dir: str | os.PathLike, kid: str) -> bool:
     return path.is_file() and path.stat().st_size == 0
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers see the whole file or none, also on NFS
-
-
 def _record_path(run_dir: str | os.PathLike, key: tuple) -> Path:
     return _records_dir(run_dir) / f"{key_id(key)}.pkl"
 
@@ -147,7 +142,7 @@ class GroupTask:
         if todo:
             for record in train_group(todo, spec, device, self.checkpoints):
                 blob = dumps(record, "a record")
-                _write_atomic(_record_path(self.run_dir, record.key), blob)
+                write_atomic(_record_path(self.run_dir, record.key), blob)
         return len(todo)
 
     def checkpoint(self) -> Any:
@@ -180,7 +175,7 @@ def _load_tasks(run_dir: str | os.PathLike) -> list[_Task]:
 
 def _save_tasks(run_dir: str | os.PathLike, tasks: Sequence[_Task]) -> None:
     data = [vars(t) for t in tasks]
-    _write_atomic(slurm_folder(run_dir) / TASKS_FILE, json.dumps(data, indent=1).encode())
+    write_atomic(slurm_folder(run_dir) / TASKS_FILE, json.dumps(data, indent=1).encode())
 
 
 def task_states(ids: Sequence[str]) -> dict[str, str] | None:
@@ -263,10 +258,13 @@ class SlurmExecutor(Executor):
                 "cluster's nodes share, where the tasks write their results."
             )
         self.run_dir = Path(run_dir).resolve()
-        super().__init__(checkpoints or Checkpoints(self.run_dir / "checkpoints", 300.0))
+        if checkpoints is None:  # built by hand: the run folder's, at the default interval
+            checkpoints = Checkpoints(self.run_dir / "checkpoints", H.DEFAULTS["CHECKPOINT_EVERY"])
+        super().__init__(checkpoints)
         self.slots = [f"slurm {d}" for d in devices for _ in range(workers_per_device)]
         self.use_gpu = any(d != "cpu" for d in devices)
         self.detach = detach
+        self.waits = not detach
         self._executor = self._make_executor(dict(settings))
 
     @classmethod
@@ -305,23 +303,39 @@ class SlurmExecutor(Executor):
     def placement(self) -> list[str]:
         return list(self.slots)
 
-    def run(self, groups: Sequence[Sequence[Job]], spec: SweepSpec, on_record: OnRecord) -> None:
-        """As ``Executor.run``; with DETACH, submit and return without waiting for records."""
-        if not self.detach:
-            super().run(groups, spec, on_record)
-            return
-        payload = Payload(spec, groups)
-        payload.pickle()
-        watching = self._attach(payload, Records(payload.groups, on_record))
-        ids = " ".join(sorted({t.slurm_id.split("_")[0] for t in watching.tasks}))
-        print(
-            f"modelscape: detached; SLURM job(s) {ids or '(none left)'} train on without this "
-            f"process. `modelscape show {self.run_dir}` or rerunning the sweep collects.",
-            file=sys.stderr,
-        )
+    @classmethod
+    def check(cls, hp: H.HParams) -> None:
+        super().check(hp)
+        if hp.SAVE_DIR is None:
+            raise ExecutorError(
+                "EXECUTOR='slurm' needs SAVE_DIR: a run folder on a file system that the "
+                "cluster's nodes share, where the tasks write their results."
+            )
+        unknown = sorted(set(hp.SLURM) - set(parameter_names()))
+        if unknown:
+            raise HParamError(
+                f"SLURM: {', '.join(map(repr, unknown))} is not a submitit parameter. "
+                f"Valid names: {', '.join(parameter_names())}."
+            )
+
+    @classmethod
+    def collect(cls, run_dir: str | os.PathLike) -> str | None:
+        """Store the records that SLURM tasks wrote into a run folder since anyone last looked
+        (a sweep submitted with DETACH)."""
+        return collect(run_dir)
 
     def _run(self, payload: Payload, records: Records) -> None:
+        """Submit the groups no task holds and wait for every record; with DETACH, submit and
+        return (a rerun of the sweep, or ``modelscape show``, collects)."""
         watching = self._attach(payload, records)
+        if self.detach:
+            ids = " ".join(sorted({t.slurm_id.split("_")[0] for t in watching.tasks}))
+            print(
+                f"modelscape: detached; SLURM job(s) {ids or '(none left)'} train on without "
+                f"this process. `modelscape show {self.run_dir}` or rerunning the sweep collects.",
+                file=sys.stderr,
+            )
+            return
         try:
             watching.until_done()
         except KeyboardInterrupt:
@@ -359,7 +373,7 @@ class SlurmExecutor(Executor):
         digest = hashlib.sha256(spec_blob).hexdigest()[:16]
         spec_file = slurm_folder(self.run_dir) / f"sweep-{digest}.pkl"
         if not spec_file.is_file():
-            _write_atomic(spec_file, spec_blob)
+            write_atomic(spec_file, spec_blob)
         bodies = []
         for group in groups:
             for job in group:  # an emptied marker from an earlier try (RETRY_FAILED)
@@ -419,7 +433,7 @@ class Watch:
                 continue
             record = loads(path.read_bytes())
             self._store(kid, record)
-            _write_atomic(path, b"")  # stays as the task's "done" marker
+            write_atomic(path, b"")  # stays as the task's "done" marker
 
     def check_states(self) -> None:
         """Ask SLURM about the watched tasks; record the unfinished jobs of ended ones as failed."""
@@ -473,14 +487,10 @@ def collect(run_dir: str | os.PathLike) -> str | None:
             store = RunStore.reopen(run_dir)
         except StoreError:
             return "slurm: a sweep process is collecting this run folder."
-        checkpoints = Checkpoints(store.checkpoint_dir, 300.0)
         try:
             for path in pending:
-                record = loads(path.read_bytes())
-                store.add(record)
-                if record.status != "failed":
-                    checkpoints.clear(record.key)
-                _write_atomic(path, b"")
+                store.add(loads(path.read_bytes()))  # then clears the job's checkpoint
+                write_atomic(path, b"")
         finally:
             store.close()
     tasks = [t for t in tasks if not all(_marked(run_dir, k) for k in t.jobs)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import stable_repr
 
 
@@ -32,9 +32,10 @@ class Store(ABC):
         """``key_id -> status`` of every stored record: what a resumed sweep need not rerun."""
 
     @property
-    def checkpoint_dir(self) -> Path | None:
+    def checkpoints(self) -> Checkpoints | None:
         """Where running jobs keep checkpoints, or None when the store does not outlive the
-        sweep (then a checkpoint could never be resumed from)."""
+        sweep (then a checkpoint could never be resumed from). ``add`` clears a job's
+        checkpoint once its record is kept."""
         return None
 
     @abstractmethod

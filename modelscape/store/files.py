@@ -1,10 +1,14 @@
-"""Files that are written atomically and read back only if intact (checkpoints use them).
+"""Files written atomically (``write_atomic``: every file modelscape writes outside SQLite), and
+checked files, read back only if intact (checkpoints).
+
+``write_atomic`` writes to a temporary name beside the file, flushes it to disk (fsync) and
+renames it over the old file, so a kill or a power cut at any moment leaves either the old file
+or the new one, and a reader on another node never sees half a file.
 
 A checked file is a short header (a magic string and the SHA-256 of the payload) followed by
-the payload. ``write_checked`` writes it to a temporary name, flushes it to disk and renames it
-over the old file, so a kill at any moment leaves either the old file or the new one.
-``read_checked`` raises ``DamagedFile`` saying what is wrong when the file is truncated,
-overwritten or not a checked file at all; a flipped byte anywhere is caught by the checksum.
+the payload, written by ``write_atomic``. ``read_checked`` raises ``DamagedFile`` saying what is
+wrong when the file is truncated, overwritten or not a checked file at all; a flipped byte
+anywhere is caught by the checksum.
 """
 
 from __future__ import annotations
@@ -22,18 +26,24 @@ class DamagedFile(ValueError):
     """A checked file is truncated, corrupt, or was not written by ``write_checked``."""
 
 
-def write_checked(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically, with a checksum."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (fsync before the rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_checked(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically, with a checksum."""
+    write_atomic(path, MAGIC + hashlib.sha256(payload).digest() + payload)
 
 
 def read_checked(path: Path) -> bytes:

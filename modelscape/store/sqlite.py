@@ -38,9 +38,11 @@ from modelscape.errors import StoreError
 from modelscape.results.records import SQL_COLUMNS, JobRecord, default_of
 from modelscape.results.result import Result
 from modelscape.store.base import Store, key_id
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.store.describe import FORMAT_VERSION, check_compatible, union_values
 from modelscape.store.faults import store_faults
-from modelscape.sweep.jobs import Job
+from modelscape.store.files import write_atomic
+from modelscape.sweep.jobs import Job, job_label
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"
@@ -90,12 +92,14 @@ class RunStore(Store):
         conn: sqlite3.Connection,
         lock: _FolderLock | None,
         axes: Sequence[str] = (),
+        checkpoint_every: float = 300.0,
     ):
         self.run_dir = Path(run_dir)
         self._conn = conn
         self._lock = lock
         self._have = _existing_columns(conn)
         self._axes = list(axes)
+        self._checkpoints = Checkpoints(self.checkpoint_dir, checkpoint_every, self._axes)
 
     @property
     def path(self) -> Path:
@@ -106,6 +110,10 @@ class RunStore(Store):
     def checkpoint_dir(self) -> Path:
         return self.run_dir / CHECKPOINT_DIR
 
+    @property
+    def checkpoints(self) -> Checkpoints:
+        return self._checkpoints
+
     @classmethod
     def open(
         cls,
@@ -113,12 +121,14 @@ class RunStore(Store):
         description: Mapping[str, Any],
         jobs: Sequence[Job],
         axis_values: Sequence[Sequence[Any]],
+        checkpoint_every: float = 300.0,
     ) -> RunStore:
         """Create the run folder, or resume it if it holds a compatible sweep.
 
         ``description`` is ``describe_sweep``'s output. A stored sweep with other axes or other
         shared job hyperparameters raises ``StoreError`` saying what differs. New iterator
-        values extend the stored sweep.
+        values extend the stored sweep. Running jobs checkpoint every ``checkpoint_every``
+        seconds (CHECKPOINT_EVERY) into ``checkpoints``.
         """
         run_dir = Path(run_dir)
         db = run_dir / DB_NAME
@@ -139,7 +149,7 @@ class RunStore(Store):
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.executescript(_SCHEMA)
                 _add_missing_columns(conn)
-                store = cls(run_dir, conn, lock, description["axes"])
+                store = cls(run_dir, conn, lock, description["axes"], checkpoint_every)
                 store._register(description, jobs, axis_values)
         except BaseException:
             conn.close()
@@ -157,7 +167,10 @@ class RunStore(Store):
         if not (run_dir / DB_NAME).is_file():
             raise StoreError(f"{run_dir} is not a modelscape run folder (no {DB_NAME}).")
         lock = _FolderLock(run_dir)
-        return cls(run_dir, _connect(run_dir / DB_NAME), lock)
+        conn = _connect(run_dir / DB_NAME)
+        row = conn.execute("SELECT value FROM meta WHERE name = 'description'").fetchone()
+        axes = json.loads(row[0])["axes"] if row else ()
+        return cls(run_dir, conn, lock, axes)
 
     def _meta(self, name: str) -> Any:
         row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -200,6 +213,8 @@ class RunStore(Store):
             _write_json(self.run_dir / CONFIG_NAME, description)
 
     def add(self, record: JobRecord) -> None:
+        """Store ``record`` durably, then clear its job's checkpoint unless the job failed (a
+        worker killed by the OOM killer, say, then continues from it under RETRY_FAILED)."""
         row = {"key_id": key_id(record.key), **_pack(record)}
         names = ", ".join(row)
         marks = ", ".join("?" * len(row))
@@ -208,6 +223,8 @@ class RunStore(Store):
             self._conn.execute(
                 f"INSERT OR REPLACE INTO records ({names}) VALUES ({marks})", tuple(row.values())
             )
+        if record.status != "failed":
+            self._checkpoints.clear(record.key)
 
     def get(self, key: tuple) -> JobRecord | None:
         """The job's record; None if it has none, or if its row cannot be read (with a warning)."""
@@ -308,13 +325,6 @@ def _stored(have: set[str]) -> list[str]:
 def _select_list(have: set[str]) -> str:
     stored = (f"r.{n}" for n in _stored(have))
     return ", ".join(["j.key", *stored, "r.array_names", "r.arrays", "r.has_curves"])
-
-
-def job_label(axes: Sequence[str], key: Sequence[Any]) -> str:
-    """``trial=1, GAMMA=0.5``: a job named by its values."""
-    if len(axes) == len(key):
-        return ", ".join(f"{a}={v}" for a, v in zip(axes, key))
-    return repr(tuple(key))
 
 
 def _read_row(
@@ -423,9 +433,7 @@ def _read_with(conn: sqlite3.Connection) -> tuple[dict[str, Any], list[Any], set
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 class _FolderLock:

@@ -51,9 +51,24 @@ def hp(
     scope: Scope = "job",
     choices: tuple[str, ...] | None = None,
     kind: str | None = None,
+    varies_in_stack: bool = False,
+    executor: str | None = None,
 ) -> Any:
-    """Declare one hyperparameter field (``kind`` overrides the type inferred from the default)."""
-    meta = {"help": help, "scope": scope, "choices": choices, "kind": kind}
+    """Declare one hyperparameter field.
+
+    ``kind`` overrides the type inferred from the default. ``varies_in_stack``: jobs that differ
+    in it may still train as one stacked model (each row keeps its own value); every other
+    job-scoped field is part of a stack's shape and must be equal. ``executor``: the field
+    configures that EXECUTOR only, and setting it for another is refused.
+    """
+    meta = {
+        "help": help,
+        "scope": scope,
+        "choices": choices,
+        "kind": kind,
+        "varies_in_stack": varies_in_stack,
+        "executor": executor,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -72,8 +87,12 @@ class HParams:
     NUM_TRIALS: int = hp(
         1, "Number of trials (use range(NUM_TRIALS) as the trial axis).", scope="sweep"
     )
-    MAX_ITER: int = hp(100_000, "Maximum number of optimizer steps per job.")
-    LR: float = hp(1e-2, "Base learning rate, before GAMMA and parametrization rescaling.")
+    MAX_ITER: int = hp(100_000, "Maximum number of optimizer steps per job.", varies_in_stack=True)
+    LR: float = hp(
+        1e-2,
+        "Base learning rate, before GAMMA and parametrization rescaling.",
+        varies_in_stack=True,
+    )
     DEPTH: int = hp(2, "Hidden layers of the built-in models (must be > 0).")
     WIDTH: int = hp(8192, "Width of every hidden layer.")
     D_IN: Any = hp(
@@ -81,13 +100,19 @@ class HParams:
         "Input features (the original's DIM); None reads them from the data, a number must match.",
         kind="optional_int",
     )
-    GAMMA: float = hp(1.0, "Richness: outputs / GAMMA; LR * GAMMA**2 (GAMMA<1) or * GAMMA.")
-    DEVICES: list = hp([0], "CUDA ids and/or 'cpu'; jobs are spread over them.", scope="sweep")
-    SEED: int = hp(42, "Base seed; each job's seed derives from it and the job's values.")
-    LOSS_CHECKPOINTS: list = hp(
-        [0.15, 0.1], "EMA train-loss thresholds; a job stops once all are crossed."
+    GAMMA: float = hp(
+        1.0, "Richness: outputs / GAMMA; LR * GAMMA**2 (GAMMA<1) or * GAMMA.", varies_in_stack=True
     )
-    EMA_SMOOTHER: float = hp(0.9, "EMA constant s: ema = s*ema + (1-s)*loss.")
+    DEVICES: list = hp([0], "CUDA ids and/or 'cpu'; jobs are spread over them.", scope="sweep")
+    SEED: int = hp(
+        42, "Base seed; each job's seed derives from it and the job's values.", varies_in_stack=True
+    )
+    LOSS_CHECKPOINTS: list = hp(
+        [0.15, 0.1],
+        "EMA train-loss thresholds; a job stops once all are crossed.",
+        varies_in_stack=True,
+    )
+    EMA_SMOOTHER: float = hp(0.9, "EMA constant s: ema = s*ema + (1-s)*loss.", varies_in_stack=True)
     DETERMINISTIC: bool = hp(
         True, "Seed jobs from SEED and use torch's deterministic algorithms (True), or not."
     )
@@ -101,12 +126,15 @@ class HParams:
     )
     OPTIMIZER: Any = hp("SGD", "A torch.optim name or class.", kind="class")
     LOSS: Any = hp("MSELoss", "A torch.nn loss name or class.", kind="class")
-    MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.")
-    WEIGHT_DECAY: float = hp(0.0, "Weight decay, passed to optimizers that take it.")
+    MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.", varies_in_stack=True)
+    WEIGHT_DECAY: float = hp(
+        0.0, "Weight decay, passed to optimizers that take it.", varies_in_stack=True
+    )
     OPTIMIZER_KWARGS: dict = hp(
         {},
         "Other optimizer arguments by name (betas, eps, nesterov...); an axis named "
         "OPTIMIZER_KWARGS.<arg> sweeps one.",
+        varies_in_stack=True,
     )
     DTYPE: str = hp("float32", "Floating dtype of models and data.", choices=DTYPES)
     PRECISION: str = hp("fp32", "Matmuls: fp32, tf32 (CUDA) or bf16-mixed.", choices=PRECISIONS)
@@ -140,11 +168,12 @@ class HParams:
     )
     # fmt: off
     SLURM: dict = hp({}, "EXECUTOR='slurm': submitit's parameters (timeout_min, mem_gb...).",
-                     scope="sweep")
+                     scope="sweep", executor="slurm")
     DETACH: bool = hp(False, "EXECUTOR='slurm': submit and return; a rerun or `modelscape show` "
-                      "collects.", scope="sweep")
+                      "collects.", scope="sweep", executor="slurm")
     RAY_ADDRESS: Any = hp(None, "EXECUTOR='ray': the cluster (host:port); None reads $RAY_ADDRESS, "
-                          "else starts a local Ray.", scope="sweep", kind="optional_str")
+                          "else starts a local Ray.", scope="sweep", kind="optional_str",
+                          executor="ray")
     # fmt: on
     BATCHED: str = hp(
         "auto",
@@ -165,6 +194,7 @@ DEFAULTS: dict[str, Any] = {
 }
 JOB_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "job")
 SWEEP_FIELDS = tuple(n for n, f in FIELDS.items() if f.metadata["scope"] == "sweep")
+VARIES_IN_STACK = frozenset(n for n, f in FIELDS.items() if f.metadata["varies_in_stack"])
 
 
 def kind_of(name: str) -> str:
@@ -373,8 +403,9 @@ def check_ranges(h: HParams) -> None:
     for d in h.DEVICES:
         if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
             raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
-    for name, executor in (("SLURM", "slurm"), ("DETACH", "slurm"), ("RAY_ADDRESS", "ray")):
-        if getattr(h, name) and h.EXECUTOR != executor:
+    for name, f in FIELDS.items():
+        executor = f.metadata["executor"]
+        if executor and getattr(h, name) and h.EXECUTOR != executor:
             raise HParamError(f"{name}={getattr(h, name)!r} needs EXECUTOR={executor!r}.")
     if h.CHECKPOINT_EVERY <= 0:
         raise HParamError(

@@ -51,7 +51,15 @@ class Job:
         return int(value) if isinstance(value, (int, np.integer)) else 0
 
     def label(self) -> str:
-        return ", ".join(f"{a}={v}" for a, v in zip(self.axes, self.key))
+        return job_label(self.axes, self.key)
+
+
+def job_label(axes: Sequence[str], key: Sequence[Any]) -> str:
+    """``trial=1, GAMMA=0.5``: a job named by its values, as every message and file name shows
+    it (its key's repr when the axes are unknown)."""
+    if len(axes) == len(key):
+        return ", ".join(f"{a}={v}" for a, v in zip(axes, key))
+    return repr(tuple(key))
 
 
 def axis_target(name: str) -> str | None:

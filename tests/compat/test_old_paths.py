@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from modelscape import load
-from modelscape.engine.state import Checkpoints
 from modelscape.execution.pickling import loads
+from modelscape.store.checkpoints import Checkpoints
 
 STORED = Path(__file__).parents[1] / "fixtures" / "stored_before_layout"
 EXPECTED = json.loads((STORED / "expected.json").read_text())

@@ -121,3 +121,16 @@ def test_the_tracker_consumes_a_window_of_many_jobs_as_each_job_alone():
     fast, diverging = window.tracks
     assert not fast.diverged and fast.exit == 4 and fast.timekeys.tolist() == [2.0, 4.0]
     assert diverging.diverged and diverging.exit == 2
+
+
+def test_which_hyperparameters_may_differ_inside_a_stack_is_metadata_of_their_fields():
+    """A new job-scoped hyperparameter is part of a stack's shape unless its field says
+    ``varies_in_stack``: the grouping reads the schema, it keeps no list of its own."""
+    from modelscape.engine.stacked.grouping import SAME_IN_GROUP
+    from modelscape.sweep import hparams as H
+
+    assert H.VARIES_IN_STACK == {
+        "LR", "GAMMA", "SEED", "MOMENTUM", "WEIGHT_DECAY", "OPTIMIZER_KWARGS", "EMA_SMOOTHER",
+        "LOSS_CHECKPOINTS", "MAX_ITER",
+    }  # fmt: skip
+    assert set(SAME_IN_GROUP) == (set(H.JOB_FIELDS) - H.VARIES_IN_STACK) | set(H.SWEEP_FIELDS)

@@ -15,9 +15,9 @@ from sweeps import assert_same, quadratic_bfn, reference, rel
 import modelscape
 from modelscape import engine
 from modelscape import engine as batched
-from modelscape.engine import Checkpoints
 from modelscape.errors import SweepError
 from modelscape.runner import plan
+from modelscape.store.checkpoints import Checkpoints
 
 CPU = torch.device("cpu")
 

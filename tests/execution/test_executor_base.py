@@ -64,3 +64,27 @@ def test_jobs_a_backend_returns_no_record_for_are_recorded_as_failed():
     )  # fmt: skip
     assert [r.status for r in stacked.records] == ["ok", "failed", "failed"]
     assert "FirstJobOnly returned no record for this job" in stacked.records[1].error
+
+
+def test_an_executors_own_checks_refuse_its_settings_before_the_run_folder_exists(tmp_path):
+    """JOB_TIMEOUT on an executor that cannot stop hung jobs, and a SLURM parameter submitit
+    does not know, fail in the preflight: no run folder is created, nothing trains."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(Exception, match="JOB_TIMEOUT stops hung jobs on local worker"):
+        main([[0]], ["trial"], config(EXECUTOR="ray", JOB_TIMEOUT=5, SAVE_DIR=str(run_dir)),
+             {"base_bfn": bfn}, progress=False)  # fmt: skip
+    assert not run_dir.exists()
+    with pytest.raises(H.HParamError, match="'time_limit' is not a submitit parameter"):
+        main([[0]], ["trial"], config(EXECUTOR="slurm", SLURM={"time_limit": 5},
+             SAVE_DIR=str(run_dir)), {"base_bfn": bfn}, progress=False)  # fmt: skip
+    assert not run_dir.exists()
+    executor_class("local").check(H.HParams(JOB_TIMEOUT=5))  # local workers do stop them
+
+
+def test_an_executor_field_set_for_another_executor_is_refused_by_its_schema_metadata(tmp_path):
+    tagged = {n: f.metadata["executor"] for n, f in H.FIELDS.items() if f.metadata["executor"]}
+    assert tagged == {"SLURM": "slurm", "DETACH": "slurm", "RAY_ADDRESS": "ray"}
+    with pytest.raises(H.HParamError, match=r"DETACH=True needs EXECUTOR='slurm'"):
+        main([[0]], ["trial"], config(DETACH=True, SAVE_DIR=str(tmp_path / "run")),
+             {"base_bfn": bfn}, progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()

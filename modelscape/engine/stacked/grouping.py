@@ -1,11 +1,11 @@
 """Which jobs may train together as one stacked model, and why a group may not.
 
 Jobs that share their shapes (model, width, depth, sample count, dtype, optimizer class...) and
-differ only in ``PER_JOB`` hyperparameters form a group (``group_jobs``), capped by a memory
-budget (``group_cap``). Jobs of the built-in MLP with MSE loss may also differ in N_SAMPLES
-(``across_sample_counts``): their stack lays the samples out ragged, without padding
-(``stack.Layout``). ``why_single`` decides, before anything trains, whether a group trains
-stacked; its answer is what every record's ``trained_by`` says.
+differ only in hyperparameters the schema marks ``varies_in_stack`` form a group
+(``group_jobs``), capped by a memory budget (``group_cap``). Jobs of the built-in MLP with MSE
+loss may also differ in N_SAMPLES (``across_sample_counts``): their stack lays the samples out
+ragged, without padding (``stack.Layout``). ``why_single`` decides, before anything trains,
+whether a group trains stacked; its answer is what every record's ``trained_by`` says.
 """
 
 from __future__ import annotations
@@ -25,23 +25,9 @@ from modelscape.sweep.jobs import Job
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says
 
-# Hyperparameters that may differ between the jobs of one group; every other job-scoped one is
-# part of the group's shape and must be equal.
-PER_JOB = frozenset(
-    {
-        "LR",
-        "GAMMA",
-        "SEED",
-        "MOMENTUM",
-        "WEIGHT_DECAY",
-        "OPTIMIZER_KWARGS",
-        "EMA_SMOOTHER",
-        "LOSS_CHECKPOINTS",
-        "MAX_ITER",
-        "NUM_TRIALS",
-    }
-)
-SAME_IN_GROUP = tuple(n for n in H.JOB_FIELDS if n not in PER_JOB) + H.SWEEP_FIELDS
+# every job-scoped hyperparameter not marked ``varies_in_stack`` in the schema is part of a
+# group's shape
+SAME_IN_GROUP = tuple(n for n in H.JOB_FIELDS if n not in H.VARIES_IN_STACK) + H.SWEEP_FIELDS
 
 STACKED = "stacked"
 SINGLE = "single"

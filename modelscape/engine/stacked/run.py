@@ -35,7 +35,7 @@ from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, group_cap, 
 from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.engine.stacked.stack import Layout, Stack, Unbatchable
-from modelscape.engine.state import Checkpoints, restore, snapshot
+from modelscape.engine.state import restore, snapshot
 from modelscape.engine.tracking import (
     SYNC_EVERY,
     Track,
@@ -45,6 +45,7 @@ from modelscape.engine.tracking import (
     say,
 )
 from modelscape.results.records import JobRecord
+from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec, check_batch
 
