@@ -25,6 +25,7 @@ from modelscape.engine import group_jobs
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.execution.progress import Progress, notice, placement_text
+from modelscape.results.records import TrainedBy
 from modelscape.results.result import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
 from modelscape.store.describe import CODE_SECTION
@@ -225,8 +226,8 @@ def _report_unstacked(trained_by: Counter[str]) -> None:
     """Say once per sweep how many of the jobs it trained could not stack, and why."""
     total = sum(trained_by.values())
     for way, n in trained_by.most_common():
-        if way.startswith("single:"):
-            reason = way.split(":", 1)[1].strip()
+        reason = TrainedBy.of(way).reason
+        if reason is not None:
             notice(f"{n} of {total} jobs trained one at a time: {reason}")
 
 

@@ -9,11 +9,13 @@
   ``stack``, ``kernels``, ``optimizers``, ``run``, ``memory``, ``graphs``).
 - ``state``: what a job's checkpoint holds, shared by both engines (the files are the run
   folder's: ``store/checkpoints.py``).
-- ``interrupts``: a Ctrl-C stops the sweep, an exit raised in user code fails its job.
+- ``failures``: the failure boundary: an exception fails its job (a failed record), a Ctrl-C
+  from the terminal stops the sweep.
 - ``group``: ``train_group``, what executors call; every record's ``trained_by`` says how the
   job trained.
 """
 
+from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.group import deterministic_algorithms, train_group
 from modelscape.engine.loop import run_job, train
 from modelscape.engine.setup import (
@@ -39,7 +41,7 @@ from modelscape.engine.stacked.grouping import (
 )
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register
 from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
-from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
+from modelscape.engine.tracking import Curves, Track, Tracker
 
 __all__ = [
     "GROUP_BYTES",
@@ -55,6 +57,7 @@ __all__ = [
     "deterministic_algorithms",
     "evaluate_grabs",
     "failed_record",
+    "failure_boundary",
     "group_cap",
     "group_jobs",
     "job_bytes",

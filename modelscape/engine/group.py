@@ -14,11 +14,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from modelscape.engine.allocator import keep_freed_memory
-from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
+from modelscape.engine.failures import failed_record, failure_of
 from modelscape.engine.loop import run_job
 from modelscape.engine.stacked.grouping import STACKED, why_single
 from modelscape.engine.stacked.run import train_stacked
-from modelscape.engine.tracking import failed_record
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job
@@ -60,11 +59,10 @@ def _exits_fail_the_rest(
             done.add(record.key)
             yield record
     except (SystemExit, KeyboardInterrupt) as err:
-        if stops_the_sweep(err):
-            raise
+        failure = failure_of(err)  # or re-raised: it stops the sweep
         for job in jobs:
             if job.key not in done:
-                yield failed_record(job, UserCodeExit.of(err), device, STACKED)
+                yield failed_record(job, failure, device, STACKED)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from modelscape.engine import precision
-from modelscape.engine.interrupts import UserCodeExit, stops_the_sweep
+from modelscape.engine.failures import failure_boundary
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import (
     load_training_state,
@@ -22,7 +22,7 @@ from modelscape.engine.state import (
     snapshot,
     training_state,
 )
-from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate, failed_record
+from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job
@@ -104,14 +104,11 @@ def run_job(
     """Set up and train one job; an exception becomes a failed record, and so does an exit
     (``SystemExit``, ``KeyboardInterrupt``) raised in user code, but not the terminal's Ctrl-C."""
     problem = None
-    try:
+
+    def step() -> int | None:
+        return None if problem is None else problem.step
+
+    with failure_boundary(job, device, trained_by, step) as failed:
         problem = setup_job(job, spec, device)
         return train(problem, checkpoints, trained_by)
-    except Exception as err:  # noqa: BLE001 - isolation: one job never sinks the sweep
-        step = None if problem is None else problem.step
-        return failed_record(job, err, device, trained_by, step)
-    except (SystemExit, KeyboardInterrupt) as err:
-        if stops_the_sweep(err):
-            raise
-        step = None if problem is None else problem.step
-        return failed_record(job, UserCodeExit.of(err), device, trained_by, step)
+    return failed.record

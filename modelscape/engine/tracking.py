@@ -24,7 +24,6 @@ import copy
 import math
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -293,31 +292,6 @@ def scan(
 def evaluate(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, Any]:
     """What the curves record at an evaluation step: the test loss and every grab."""
     return {"test_loss": problem.test_loss(), **evaluate_grabs(problem, X, y, step)}
-
-
-def failed_record(
-    job: Job,
-    err: BaseException,
-    device: torch.device | str,
-    trained_by: str = "",
-    step: int | None = None,
-) -> JobRecord:
-    """The record of a job that raised: its message, traceback and the step it failed at.
-
-    ``steps`` counts the steps trained before the failure (``step``; 0 when unknown).
-    """
-    where = "" if step is None else f" (at step {step})"
-    return JobRecord(
-        key=job.key,
-        seed=job.seed,
-        status="failed",
-        device=str(device),
-        timekeys=np.full(len(job.hp.LOSS_CHECKPOINTS), np.nan),
-        steps=0 if step is None else step,
-        error=f"{type(err).__name__}: {err}{where}",
-        traceback="".join(traceback.format_exception(err)),
-        trained_by=trained_by,
-    )
 
 
 def say_resumed(job: Job, step: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from modelscape.engine import train_group
-from modelscape.engine.interrupts import terminal_interrupts
+from modelscape.engine.failures import terminal_interrupts
 from modelscape.execution.base import Executor, Records
 from modelscape.execution.pickling import Payload
 from modelscape.store.checkpoints import Checkpoints

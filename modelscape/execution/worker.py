@@ -34,7 +34,7 @@ def _serve(conn: Connection) -> None:
     import torch
 
     from modelscape.engine import train_group
-    from modelscape.engine.interrupts import mark_worker_process
+    from modelscape.engine.failures import mark_worker_process
     from modelscape.execution.base import join_sys_path
 
     mark_worker_process()  # no terminal reaches a worker: every exit here is user code

@@ -37,6 +37,34 @@ def hashable(value: Any) -> Any:
         return repr(value)
 
 
+class TrainedBy(str):
+    """How a job trained: ``TrainedBy("stacked")``, ``TrainedBy("single")`` (a lone job, or
+    BATCHED="off"), or ``TrainedBy("single", reason)`` when its jobs could not share a stack.
+
+    It is the text ``"single: <reason>"`` wherever text goes (the run folder, tables, counts),
+    and its parts are ``engine`` and ``reason``; a stored value reads back with ``of``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, engine: Literal["stacked", "single"], reason: str | None = None):
+        return super().__new__(cls, engine if not reason else f"{engine}: {reason}")
+
+    @classmethod
+    def of(cls, text: str) -> TrainedBy:
+        """The value a record's ``trained_by`` text stands for."""
+        engine, _, reason = str(text).partition(": ")
+        return cls(engine, reason or None)  # type: ignore[arg-type]
+
+    @property
+    def engine(self) -> str:
+        return self.partition(": ")[0]
+
+    @property
+    def reason(self) -> str | None:
+        return self.partition(": ")[2] or None
+
+
 def column(
     default: Any = dataclasses.MISSING,
     *,

@@ -134,3 +134,22 @@ def test_which_hyperparameters_may_differ_inside_a_stack_is_metadata_of_their_fi
         "LOSS_CHECKPOINTS", "MAX_ITER",
     }  # fmt: skip
     assert set(SAME_IN_GROUP) == (set(H.JOB_FIELDS) - H.VARIES_IN_STACK) | set(H.SWEEP_FIELDS)
+
+
+def exits_for_trial_one(bsz, gen, X=None, y=None, trial=0, **kwargs):
+    if trial == 1:
+        raise SystemExit(3)  # a stray sys.exit() in user code, while this job sets up
+    return quadratic_bfn(bsz, gen, X, y)
+
+
+def test_the_failure_boundary_fails_only_the_job_whose_code_exits_inside_a_stack():
+    """One boundary for every engine: the job whose batch function calls sys.exit() while its
+    stack sets up fails alone (a UserCodeExit record); its stack-mates still train stacked."""
+    result = modelscape.run_sweep(
+        [range(3)], ["trial"], {**BASE, "BATCHED": "on"}, {"base_bfn": exits_for_trial_one},
+        progress=False,
+    )  # fmt: skip
+    status = {r.key: (r.status, r.trained_by) for r in result.records}
+    assert status[(0,)] == ("ok", "stacked") and status[(2,)] == ("ok", "stacked")
+    assert status[(1,)][0] == "failed"
+    assert "UserCodeExit: SystemExit(3) was raised inside your code" in result.record(1).error

@@ -112,3 +112,14 @@ def test_a_missing_job_shows_in_every_per_job_variable(tmp_path):
     assert list(ds["seed"].values) == [jobs[0].seed, None]
     assert ds["trained_by"].values[0] == "single" and pd.isna(ds["trained_by"].values[1])
     assert ds["steps"].values[0] == 7 and np.isnan(ds["seconds"].values[1])
+
+
+def test_trained_by_is_a_value_with_its_parts_and_stores_as_text():
+    from modelscape.results.records import TrainedBy
+
+    why = TrainedBy("single", "jobs differ in WIDTH")
+    assert why == "single: jobs differ in WIDTH" and isinstance(why, str)
+    assert (why.engine, why.reason) == ("single", "jobs differ in WIDTH")
+    assert TrainedBy("stacked").reason is None and TrainedBy("single").engine == "single"
+    assert TrainedBy.of(str(why)) == why and TrainedBy.of(str(why)).reason == why.reason
+    assert TrainedBy.of("single: a reason: with a colon").reason == "a reason: with a colon"

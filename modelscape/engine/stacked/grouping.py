@@ -18,7 +18,7 @@ from torch import nn
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.errors import SweepError
 from modelscape.models.builtin import MLP
-from modelscape.results.records import hashable
+from modelscape.results.records import TrainedBy, hashable
 from modelscape.sweep import hparams as H
 from modelscape.sweep.jobs import Job
 
@@ -29,8 +29,8 @@ MAX_GROUP = 256  # jobs per group at most, whatever the budget says
 # group's shape
 SAME_IN_GROUP = tuple(n for n in H.JOB_FIELDS if n not in H.VARIES_IN_STACK) + H.SWEEP_FIELDS
 
-STACKED = "stacked"
-SINGLE = "single"
+STACKED = TrainedBy("stacked")
+SINGLE = TrainedBy("single")
 
 
 def across_sample_counts(job: Job) -> bool:
@@ -126,7 +126,7 @@ def device_budget(job: Job) -> int:
     return max(GROUP_BYTES, min(sizes, default=GROUP_BYTES))
 
 
-def why_single(jobs: Sequence[Job]) -> str | None:
+def why_single(jobs: Sequence[Job]) -> TrainedBy | None:
     """None when this group trains stacked; else its records' ``trained_by``.
 
     ``"single"``: a lone job or BATCHED="off"; ``"single: <reason>"``: the jobs could have
@@ -150,14 +150,14 @@ def why_single(jobs: Sequence[Job]) -> str | None:
     return refuse(jobs[0], reason)
 
 
-def refuse(job: Job, reason: str) -> str:
+def refuse(job: Job, reason: str) -> TrainedBy:
     """The ``trained_by`` of jobs that cannot train stacked; an error with BATCHED="on"."""
     if job.hp.BATCHED == "on":
         raise SweepError(
             f"BATCHED='on' but these jobs cannot train as one stacked model: {reason}. "
             "Use BATCHED='auto' to train them one at a time."
         )
-    return f"{SINGLE}: {reason}"
+    return TrainedBy("single", reason)
 
 
 def can_batch(jobs: Sequence[Job]) -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from modelscape.engine import precision
+from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.loop import train
 from modelscape.engine.setup import Problem, setup_job, to_device, training_rng_seed
 from modelscape.engine.stacked import graphs, memory
@@ -41,7 +42,6 @@ from modelscape.engine.tracking import (
     Track,
     Tracker,
     evaluate,
-    failed_record,
     say,
 )
 from modelscape.results.records import JobRecord
@@ -124,12 +124,10 @@ def _train_jobs(jobs, spec, device, checkpoints, sync_every, group_bytes):
 def _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes):
     problems: list[Problem] = []
     for job in jobs:
-        try:
+        with failure_boundary(job, device, STACKED, passes=torch.OutOfMemoryError) as failed:
             problems.append(setup_job(job, spec, device))
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - isolation, as in loop.run_job
-            yield failed_record(job, err, device, STACKED)
+        if failed.record is not None:
+            yield failed.record
     if not problems:
         return
     devices = [device] if device.type == "cuda" else []
@@ -163,10 +161,9 @@ def _train_part(part, device, checkpoints, start, sync_every, group_bytes):
     except Unbatchable as why:
         trained_by = refuse(part[0][0].job, str(why))
         for p, _, _ in part:
-            try:
-                yield train(p, checkpoints, trained_by)
-            except Exception as err:  # noqa: BLE001 - isolation, as in loop.run_job
-                yield failed_record(p.job, err, p.device, trained_by, p.step)
+            with failure_boundary(p.job, p.device, trained_by, lambda p=p: p.step) as failed:
+                record = train(p, checkpoints, trained_by)
+            yield record if failed.record is None else failed.record
         return
     try:
         yield from run.records()
@@ -342,12 +339,14 @@ class Run:
                 track = self.tracks[r]
                 if track.exit is None:
                     if track.eval_due(t1 - 1):
-                        try:
+                        with failure_boundary(
+                            track.job, self.device, STACKED, lambda t=t1 - 1: t
+                        ) as failed:  # a failing grab fails its job only
                             self._eval(stack, pos, r, last, t1 - 1)
-                        except Exception as err:  # noqa: BLE001 - a failing grab fails its job
+                        if failed.record is not None:
                             track.exit = t1 - 1
                             exits.append(pos)
-                            yield failed_record(track.job, err, self.device, STACKED, t1 - 1)
+                            yield failed.record
                     continue
                 exits.append(pos)
                 if track.diverged:
@@ -410,15 +409,14 @@ class Run:
     def _finish(self, stack: Stack, pos: int, r: int, batch) -> JobRecord:
         p, track = self.problems[r], self.tracks[r]
         step = track.exit
-        try:
-            if track.eval_due(step):
+        with failure_boundary(p.job, self.device, STACKED, lambda: step) as failed:
+            if track.eval_due(step):  # a failing grab fails its job only
                 self._eval(stack, pos, r, batch, step)
             else:
                 self._load_job(stack, pos, r, step, with_opt=bool(p.grabs))
             rows = stack.layout.rows_of(pos)
             return self.tracker.finish(track, p, (batch[0][rows], batch[1][rows]), STACKED)
-        except Exception as err:  # noqa: BLE001 - a failing grab fails its job only
-            return failed_record(p.job, err, self.device, STACKED, step)
+        return failed.record
 
     def _save(self, stack: Stack, step: int) -> None:
         """Checkpoint every running job in the one-job loop's format."""

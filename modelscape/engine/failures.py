@@ -1,4 +1,9 @@
-"""Telling a Ctrl-C from the terminal apart from an exit raised inside user code.
+"""The failure boundary: which exceptions fail one job, and which stop the sweep.
+
+``failure_boundary`` is the one place an exception raised while a job sets up, trains or
+evaluates becomes that job's failed record (``failed_record``: its message, traceback and step),
+so that one job never sinks the sweep; ``failure_of`` classifies an exception for the places
+that fail several jobs at once (a stack, a group).
 
 ``SystemExit`` or ``KeyboardInterrupt`` raised by a batch function, a model or a grab (a stray
 ``sys.exit()``, an ``input()`` interrupted in a notebook) ends only that job, as a failed
@@ -13,7 +18,14 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from modelscape.results.records import JobRecord
+from modelscape.sweep.jobs import Job
 
 _TERMINAL = threading.Event()  # a SIGINT arrived while a sweep trained in this process
 _WATCHING = threading.Event()  # terminal_interrupts() is noting SIGINTs
@@ -91,3 +103,70 @@ def _raised_by_signal_handler(err: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def failed_record(
+    job: Job,
+    err: BaseException,
+    device: torch.device | str,
+    trained_by: str = "",
+    step: int | None = None,
+) -> JobRecord:
+    """The record of a job that raised: its message, traceback and the step it failed at.
+
+    ``steps`` counts the steps trained before the failure (``step``; 0 when unknown).
+    """
+    where = "" if step is None else f" (at step {step})"
+    return JobRecord(
+        key=job.key,
+        seed=job.seed,
+        status="failed",
+        device=str(device),
+        timekeys=np.full(len(job.hp.LOSS_CHECKPOINTS), np.nan),
+        steps=0 if step is None else step,
+        error=f"{type(err).__name__}: {err}{where}",
+        traceback="".join(traceback.format_exception(err)),
+        trained_by=trained_by,
+    )
+
+
+def failure_of(err: BaseException) -> Exception:
+    """What a failed record keeps of ``err``, raised while a job ran: the exception itself, or
+    ``UserCodeExit`` for an exit raised in user code. Re-raises ``err`` when it must stop the
+    sweep instead (a Ctrl-C from the terminal, a scheduler's exit, anything else that is not an
+    ``Exception``)."""
+    if isinstance(err, (SystemExit, KeyboardInterrupt)) and not stops_the_sweep(err):
+        return UserCodeExit.of(err)
+    if isinstance(err, Exception):
+        return err
+    raise err
+
+
+class Failed:
+    """What ``failure_boundary`` yields: ``record`` is the job's failed record once the block
+    raised, else None."""
+
+    record: JobRecord | None = None
+
+
+@contextlib.contextmanager
+def failure_boundary(
+    job: Job,
+    device: torch.device | str,
+    trained_by: str = "",
+    step: Callable[[], int | None] = lambda: None,
+    passes: type[BaseException] | tuple[type[BaseException], ...] = (),
+) -> Iterator[Failed]:
+    """Run a block for ``job``: an exception it raises becomes the job's failed record, at the
+    step ``step()`` returns, and the block's caller goes on with the next job.
+
+    ``passes``: exceptions a caller handles itself (the stacked engine splits a stack that ran
+    out of memory). What must stop the sweep (``failure_of``) always propagates.
+    """
+    failed = Failed()
+    try:
+        yield failed
+    except passes:
+        raise
+    except BaseException as err:  # noqa: BLE001 - isolation: one job never sinks the sweep
+        failed.record = failed_record(job, failure_of(err), device, trained_by, step())
