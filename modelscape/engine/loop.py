@@ -17,10 +17,10 @@ from modelscape.engine import precision
 from modelscape.engine.failures import failure_boundary
 from modelscape.engine.setup import Problem, setup_job, training_rng_seed
 from modelscape.engine.state import (
-    load_training_state,
-    restore,
-    snapshot,
-    training_state,
+    job_state_dict,
+    load_checkpoint,
+    load_training_state_dict,
+    training_state_dict,
 )
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate
 from modelscape.results.records import JobRecord
@@ -48,7 +48,7 @@ def train(
 
 def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) -> JobRecord:
     hp = problem.job.hp
-    track, _ = restore(problem, checkpoints)
+    track, _ = load_checkpoint(problem, checkpoints)
     if checkpoints is not None:
         checkpoints.reset_clock()
     tracker = Tracker([track])
@@ -59,7 +59,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     while t < hp.MAX_ITER:
         # One window: losses stay tensors and the loop rules run once on all of them (one host
         # sync); a job that exited inside it is rewound to the window's start and rerun.
-        start = training_state(problem, copy=True)
+        start = training_state_dict(problem, copy=True)
         losses = []
         for step in range(t, min(t + SYNC_EVERY, hp.MAX_ITER)):
             X, y, loss = _step(problem, step, autocast)
@@ -69,7 +69,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
                 break
         tracker.consume(t, torch.stack(losses).to(torch.float64)[None], (0,))
         if track.exit is not None and track.exit < step:
-            load_training_state(problem, start)
+            load_training_state_dict(problem, start)
             for step in range(t, track.exit + 1):
                 X, y, _ = _step(problem, step, autocast)
         if track.eval_due(step):
@@ -77,7 +77,9 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
         if track.exit is not None:
             break
         if checkpoints is not None and checkpoints.due():
-            checkpoints.save(problem.job.key, snapshot(problem, track, tracker.seconds(track)))
+            checkpoints.save(
+                problem.job.key, job_state_dict(problem, track, tracker.seconds(track))
+            )
         t = step + 1
     return tracker.finish(track, problem, (X, y), trained_by)
 

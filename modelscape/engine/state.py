@@ -1,10 +1,12 @@
 """What a job's checkpoint holds, so that a long job killed mid-way resumes where it was.
 
-``snapshot``/``restore``: the loop state (``tracking.Track.loop_state``), the model and
-optimizer state and the RNG states. Both engines save and restore through these, so a job saved
-by one resumes in the other. The files themselves are the run folder's
-(``modelscape.store.checkpoints``): an engine asks ``Checkpoints.due()`` between steps and
-saves ``snapshot``'s state.
+``job_state_dict``/``load_checkpoint``: the loop state (``tracking.Track.state_dict``), the
+model and optimizer state and the RNG states. Both engines save and restore through these, so a
+job saved by one resumes in the other. Every piece of state saves and loads under torch's names
+(``state_dict``, ``load_state_dict``, and ``from_state_dict`` for a constructor).
+
+The files themselves are the run folder's (``modelscape.store.checkpoints``): an engine asks
+``Checkpoints.due()`` between steps and saves ``job_state_dict``'s state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from modelscape.engine.tracking import Track, say_resumed
 from modelscape.store.checkpoints import Checkpoints
 
 
-def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
+def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
     """What a training step changes: parameters and buffers, optimizer, data generator and
     global RNG. ``copy``: copies that later steps leave alone (the one-job loop's rewind point);
     else the module's own tensors, for a checkpoint written at once."""
@@ -38,8 +40,8 @@ def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
     return state
 
 
-def load_training_state(problem: Problem, state: dict[str, Any]) -> None:
-    """Put ``training_state``'s values back into the job (and torch's global RNG)."""
+def load_training_state_dict(problem: Problem, state: dict[str, Any]) -> None:
+    """Put ``training_state_dict``'s values back into the job (and torch's global RNG)."""
     problem.model.load_state_dict(state["model"])
     problem.opt.load_state_dict(state["opt"])
     if problem.gen is not None:
@@ -49,16 +51,18 @@ def load_training_state(problem: Problem, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
 
 
-def snapshot(problem: Problem, track: Track, seconds: float) -> dict[str, Any]:
+def job_state_dict(problem: Problem, track: Track, seconds: float) -> dict[str, Any]:
     """Everything needed to continue the job bit-identically from after ``track.step``.
 
     Call it with torch's global RNG in the job's own state (the one-job loop's, or the state a
     stacked run keeps per job).
     """
-    return {"seed": problem.job.seed, **track.loop_state(seconds), **training_state(problem)}
+    return {"seed": problem.job.seed, **track.state_dict(seconds), **training_state_dict(problem)}
 
 
-def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, torch.Tensor | None]:
+def load_checkpoint(
+    problem: Problem, checkpoints: Checkpoints | None
+) -> tuple[Track, torch.Tensor | None]:
     """The job's track, from its checkpoint if it has one (loaded into the freshly set-up
     ``problem``, with torch's global RNG set to the saved state), else a fresh one.
 
@@ -67,7 +71,7 @@ def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, t
     saved = None if checkpoints is None else checkpoints.load(problem.job.key)
     if saved is None or saved["seed"] != problem.job.seed:
         return Track.start(problem.job), None
-    load_training_state(problem, saved)
-    track = Track.resume(problem.job, saved)
+    load_training_state_dict(problem, saved)
+    track = Track.from_state_dict(problem.job, saved)
     say_resumed(problem.job, track.step)
     return track, saved["torch_rng"]

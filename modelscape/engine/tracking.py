@@ -47,11 +47,11 @@ class Curves:
         self.train = np.full(max_iter, np.nan)
         self.evals: dict[str, list[tuple[int, np.ndarray]]] = {}
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"train": self.train.copy(), "evals": copy.deepcopy(self.evals)}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Curves:
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Curves:
         curves = cls(state["train"].shape[0])
         curves.train = state["train"].copy()
         curves.evals = copy.deepcopy(state["evals"])
@@ -107,23 +107,23 @@ class Track:
             return False
         return step % self.job.hp.EVAL_EVERY == 0 or self.exit == step
 
-    def loop_state(self, seconds: float) -> dict[str, Any]:
-        """The loop's part of a checkpoint (the model's part is ``state.snapshot``)."""
+    def state_dict(self, seconds: float) -> dict[str, Any]:
+        """The loop's part of a checkpoint (the model's part is ``state.job_state_dict``)."""
         return {
             "step": self.step,
             "ema": self.ema,
             "timekeys": self.timekeys.copy(),
-            "curves": None if self.curves is None else self.curves.state(),
+            "curves": None if self.curves is None else self.curves.state_dict(),
             "seconds": seconds,
         }
 
     @classmethod
-    def resume(cls, job: Job, state: Mapping[str, Any]) -> Track:
+    def from_state_dict(cls, job: Job, state: Mapping[str, Any]) -> Track:
         """The track of a job continuing from a checkpoint's ``loop_state``."""
         track = cls.start(job)
         track.step, track.ema, track.seconds = state["step"], state["ema"], state["seconds"]
         track.timekeys = state["timekeys"].copy()
-        track.curves = None if state["curves"] is None else Curves.from_state(state["curves"])
+        track.curves = None if state["curves"] is None else Curves.from_state_dict(state["curves"])
         return track
 
 

@@ -4,7 +4,7 @@ Each file is checked (written atomically, with a checksum: ``files.write_checked
 after the job's values (``trial=1,GAMMA=0.5--<hash>.pt``); a damaged one costs only that job's
 progress. An engine asks ``Checkpoints.due()`` between steps (a cheap clock check, every
 CHECKPOINT_EVERY seconds) and calls ``save(key, state)`` with what it needs to continue
-bit-identically (``engine.state.snapshot``). ``load(key)`` returns the last saved state or
+bit-identically (``engine.state.job_state_dict``). ``load(key)`` returns the last saved state or
 None; the store clears a job's file once its record is stored (``RunStore.add``).
 """
 

@@ -36,7 +36,7 @@ from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, group_cap, 
 from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.engine.stacked.stack import Layout, Stack, Unbatchable
-from modelscape.engine.state import restore, snapshot
+from modelscape.engine.state import job_state_dict, load_checkpoint
 from modelscape.engine.tracking import (
     SYNC_EVERY,
     Track,
@@ -132,7 +132,7 @@ def _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes):
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), precision.matmuls(jobs[0].hp.PRECISION):
-        resumed = [restore(p, checkpoints) for p in problems]
+        resumed = [load_checkpoint(p, checkpoints) for p in problems]
         if checkpoints is not None:
             checkpoints.reset_clock()
         starts = [track.step + 1 for track, _ in resumed]
@@ -426,4 +426,4 @@ class Run:
             if self.rngs[r] is not None:
                 torch.set_rng_state(self.rngs[r])
             seconds = self.tracker.seconds(track)
-            self.checkpoints.save(track.job.key, snapshot(self.problems[r], track, seconds))
+            self.checkpoints.save(track.job.key, job_state_dict(self.problems[r], track, seconds))
