@@ -25,7 +25,13 @@ import torch
 from modelscape import hparams as H
 from modelscape.checks import check_targets
 from modelscape.code_identity import describe_code
-from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
+from modelscape.engine import (
+    Checkpoints,
+    check_model,
+    group_jobs,
+    kept_global_rngs,
+    preflight_grabs,
+)
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.jobs import Job, axis_target, build_jobs, materialize
@@ -67,8 +73,8 @@ def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
     """Before training: call the batch function once, and check that every distinct model,
     optimizer and parametrization of the sweep can be built, so bad input fails early."""
     gen = torch.Generator().manual_seed(0)
-    # the probe must not move the caller's global RNG (a batch function may draw from it)
-    with torch.random.fork_rng(devices=[]):
+    # the probe must not move the caller's global RNGs (a batch function may draw from them)
+    with kept_global_rngs(torch.device("cpu")):
         _probe(jobs, spec, gen)
 
 

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,10 +230,32 @@ def training_rng_seed(job: Job) -> int:
 
 
 @contextlib.contextmanager
+def kept_global_rngs(device: torch.device) -> Iterator[None]:
+    """Run a block, then give torch's (and the device's), numpy's and Python's global random
+    generators back the states they had before it."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators from one job sub-seed: user code
+    (and ``modelscape.data``) may draw from any of them."""
+    torch.manual_seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    random.seed(seed)
+
+
+@contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with torch's global RNG seeded to ``seed``, restoring the caller's state."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    """Run a block with torch's, numpy's and Python's global generators seeded from ``seed``,
+    restoring the caller's states after it."""
+    with kept_global_rngs(device):
+        seed_global_rngs(seed)
         yield
 
 
@@ -278,8 +301,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     gamma = hp.GAMMA
     # Model init uses the global RNG (nn.Module initializers); fork it so that a job's init
     # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeds.model_init)
+    with seeded_global_rng(seeds.model_init, torch.device("cpu")):
         model = model_cls(**kwargs).to(getattr(torch, hp.DTYPE))
         opt = parametrize.apply(
             model,
@@ -317,10 +339,8 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         # f_init is the initial network as a function: eval mode, so dropout does not make it
         # random
         model0 = copy.deepcopy(model).requires_grad_(False).eval()
-        devices = [device] if device.type == "cuda" else []
         # seeded: a user model may still draw random numbers in eval mode
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seeds.centering)
+        with torch.no_grad(), seeded_global_rng(seeds.centering, device):
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)
@@ -360,8 +380,7 @@ def preflight_grabs(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
     runs once per job; a job that cannot be set up is left to fail as its own record.
     """
     device = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(training_rng_seed(job))
+    with seeded_global_rng(training_rng_seed(job), device):
         try:
             problem = setup_job(job, dataclasses.replace(spec, post_init_fn=None), device)
             X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)

@@ -29,7 +29,13 @@ from torch import nn
 
 from modelscape.engine import precision
 from modelscape.engine.loop import train
-from modelscape.engine.setup import Problem, setup_job, to_device, training_rng_seed
+from modelscape.engine.setup import (
+    Problem,
+    kept_global_rngs,
+    setup_job,
+    to_device,
+    training_rng_seed,
+)
 from modelscape.engine.stacked import graphs, memory
 from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, group_cap, refuse
 from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
@@ -131,8 +137,7 @@ def _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes):
             yield failed_record(job, err, device, STACKED)
     if not problems:
         return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), precision.matmuls(jobs[0].hp.PRECISION):
+    with kept_global_rngs(device), precision.matmuls(jobs[0].hp.PRECISION):
         resumed = [restore(p, checkpoints) for p in problems]
         if checkpoints is not None:
             checkpoints.reset_clock()

@@ -1,0 +1,138 @@
+"""A job's identity comes from exact values, and every random generator is seeded per job.
+
+Axis values whose exact identity cannot be established (tensors, NaN, values one trace key
+cannot tell apart) are refused before training; values that can (Python numbers, numpy scalars)
+give each job its own seed, stored row and trace key, which ``load()``, ``to_xarray()`` and the
+traces all give back exactly. A batch function drawing from ``np.random`` or ``random`` gets the
+same numbers on every run, on any number of workers, in any job order.
+"""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from sweeps import config
+
+from modelscape import SweepError, load, run_sweep
+from modelscape.data.data import get_powerlaw_target
+from modelscape.jobs import job_seed
+
+
+def scaled_bfn(bsz, gen, X=None, y=None, scale=1.0, **kwargs):
+    """x0 * x1 times the job's ``scale``: jobs of nearly equal scales differ in their losses."""
+
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 5, generator=gen)
+        return Xb, scale * Xb[:, 0] * Xb[:, 1]
+
+    return batch_fn
+
+
+def sweep(values, name="scale", bfn=scaled_bfn, **overrides):
+    return run_sweep([values], [name], config(**overrides), {"base_bfn": bfn}, progress=False)
+
+
+def test_seeds_of_ordinary_values_are_unchanged():
+    # pinned from the release before exact identities: existing run folders keep resuming
+    assert job_seed(0, ["trial", "GAMMA", "target"], [1, 0.1, "a"]) == 175064296375662450
+    assert job_seed(3, ["x"], [(1, 2.5)]) == 2797188436916120583
+    assert job_seed(0, ["GAMMA"], [np.float64(0.1)]) == job_seed(0, ["GAMMA"], [0.1])
+
+
+@pytest.mark.parametrize(
+    "values, fix",
+    [
+        (list(torch.tensor([1.00001, 1.3, 1.00004])), "x.item()"),
+        ([torch.ones(3), torch.zeros(3)], "tuple(t.tolist())"),
+        ([np.ones(3)], "tuple(a.tolist())"),
+        ([np.array(2.0)], "x.item()"),
+        ([(1, torch.tensor(2.0))], "x.item()"),
+    ],
+)
+def test_values_without_an_exact_identity_are_refused_before_training(tmp_path, values, fix):
+    save_dir = tmp_path / "run"
+    with pytest.raises(SweepError, match="scale") as err:
+        sweep(values, SAVE_DIR=str(save_dir), WORKERS_PER_DEVICE=2)
+    assert fix in str(err.value)
+    assert not save_dir.exists()  # refused before the run folder was made
+
+
+def test_nearly_equal_floats_keep_their_own_seed_row_and_trace_key_on_workers(tmp_path):
+    values = torch.tensor([1.00001, 1.3, 1.00004]).tolist()  # the fix the refusal names
+    assert repr(torch.tensor(values[0])) == repr(torch.tensor(values[2]))
+    save_dir = tmp_path / "run"
+    result = sweep(values, SAVE_DIR=str(save_dir), WORKERS_PER_DEVICE=2, MAX_ITER=30)
+    stored = load(save_dir)
+    seeds = {v: result.record(v).seed for v in values}
+    assert len(set(seeds.values())) == 3
+    losses = {v: result.record(v).test_loss for v in values}
+    assert len(set(losses.values())) == 3  # each job trained on its own scale
+    ds = stored.to_xarray()
+    for v in values:
+        assert stored.record(v).seed == seeds[v]
+        assert stored.record(v).test_loss == losses[v]
+        assert stored["losses"]["config2outcome"][(v,)] == losses[v]
+        assert float(ds["test_loss"].sel(scale=v)) == losses[v]
+        assert int(ds["seed"].sel(scale=v)) == seeds[v]
+    assert list(ds["status"].values) == ["ok"] * 3
+
+
+def test_values_with_one_trace_key_are_refused():
+    with pytest.raises(SweepError, match=r"None.*'None'.*str\(\)"):
+        sweep([None, "None"], name="target")
+
+
+def test_none_and_a_string_label_stay_distinct_in_traces_and_xarray(tmp_path):
+    result = sweep([None, "none"], name="target", SAVE_DIR=str(tmp_path / "run"), MAX_ITER=20)
+    stored = load(tmp_path / "run")
+    for r in (result, stored):
+        assert set(r["losses"]["config2outcome"]) == {("None",), ("none",)}
+        assert list(r.to_xarray()["status"].values) == ["ok", "ok"]
+    assert stored.record(None).test_loss == result.record(None).test_loss
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[math.nan], [0.5, float("nan")], [float("nan"), float("nan")], [np.float32("nan")]],
+)
+def test_nan_axis_values_are_refused_before_training(tmp_path, values):
+    save_dir = tmp_path / "run"
+    with pytest.raises(SweepError, match="NaN.*the string 'nan'"):
+        sweep(values, SAVE_DIR=str(save_dir), WORKERS_PER_DEVICE=2)
+    assert not save_dir.exists()
+
+
+def numpy_drawing_bfn(bsz, gen, X=None, y=None, **kwargs):
+    """Inputs from ``gen``; the target's signs from ``np.random`` (modelscape.data's powerlaw
+    target) and a shift from ``random``, as research batch functions often do."""
+    Xb = torch.randn(bsz, 6, generator=gen, dtype=torch.float64)
+    target = get_powerlaw_target(Xb.numpy(), source_exp=2.0) + random.random()
+    Xb, yb = Xb.float(), torch.as_tensor(target, dtype=torch.float32)
+    return lambda step: (Xb, yb)
+
+
+@pytest.mark.parametrize("batched", ["auto", "off"])
+def test_numpy_and_python_generators_are_seeded_per_job(batched):
+    def run(trials, workers):
+        np.random.seed(len(trials) * 7 + workers)  # the caller's states must not matter
+        random.seed(workers)
+        result = sweep(trials, name="trial", bfn=numpy_drawing_bfn, ONLINE=False,
+                       BATCHED=batched, MAX_ITER=20, WORKERS_PER_DEVICE=workers)  # fmt: skip
+        return {t: result.record(t).test_loss for t in trials}
+
+    first = run([0, 1, 2, 3], 1)
+    assert len(set(first.values())) == 4
+    assert run([3, 2, 1, 0], 2) == first  # bit-identical, in another order, on 2 workers
+    assert run([0, 1, 2, 3], 1) == first
+
+
+def test_a_sweep_leaves_the_callers_generators_where_they_were():
+    np.random.seed(5)
+    random.seed(5)
+    sweep([0, 1], name="trial", bfn=numpy_drawing_bfn, ONLINE=False, MAX_ITER=5)
+    after = np.random.random(), random.random()
+    np.random.seed(5)
+    random.seed(5)
+    assert after == (np.random.random(), random.random())
