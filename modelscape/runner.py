@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from modelscape import hparams as H
-from modelscape.checks import check_targets
+from modelscape.checks import check_finite, check_targets
 from modelscape.code_identity import describe_code
 from modelscape.engine import (
     Checkpoints,
@@ -93,6 +93,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    check_finite(X, y, f"the batch function's training batch, first job ({job.label()})")
     check_input_dim(job.hp.D_IN, X)
     if spec.X_te is None:
         X_te, y_te = spec.make_batch_fn(
@@ -103,6 +104,9 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
             "set as X_te/y_te in global_config",
         )  # fmt: skip
+        check_finite(X_te, y_te, f"the test set (bsz=N_TEST), first job ({job.label()})")
+    else:
+        check_finite(spec.X_te, spec.y_te, "the fixed test set X_te/y_te of global_config")
     seen = set()
     for job in jobs:
         hp = job.hp

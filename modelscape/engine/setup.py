@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from modelscape import parametrize
-from modelscape.checks import check_grab_shape
+from modelscape.checks import check_finite, check_grab_shape
 from modelscape.jobs import Job, SubSeeds, SweepError
 from modelscape.models import constructor_kwargs, resolve_model_class, standard_kwargs
 from modelscape.sweep import BatchFn, SweepSpec, accepted_kwargs, check_batch
@@ -130,6 +130,7 @@ class Problem:
         X, y = self.batch_fn(step)
         if step == 0:
             check_batch(X, y, self.job.hp.N_SAMPLES, "batch_fn(0)")
+            check_finite(X, y, f"job ({self.job.label()}), batch_fn(0)")
         X, y = to_device(X, y, self.device, self.job.hp.DTYPE)
         f0 = None
         if self.model0 is not None:
@@ -211,6 +212,7 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     optimizer_kwargs(opt_cls, job)
     resolve_class(job.hp.LOSS, nn, "LOSS")
+    _check_input_dtype(job, model_cls, kwargs, X)
     if job.hp.PARAMETRIZATION == "sp":
         return
     try:
@@ -222,6 +224,31 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
         parametrize.check_applicable(model, job.hp.PARAMETRIZATION, opt_cls)
     except parametrize.ParametrizationError as err:
         raise SweepError(f"job ({job.label()}): {err}") from None
+
+
+def _check_input_dtype(job: Job, model_cls: type, kwargs: dict[str, Any], X: torch.Tensor) -> None:
+    """Integer inputs reach the model as they are (only floating data takes DTYPE), and a model
+    of float weights cannot take them. Only then is the model built for real, once, on the CPU,
+    and run on two samples; an error that a float X does not raise is reported with the fix."""
+    if X.is_floating_point() or X.is_complex():
+        return
+    dtype = getattr(torch, job.hp.DTYPE)
+    with kept_global_rngs(torch.device("cpu")), torch.no_grad():
+        try:
+            model = model_cls(**kwargs).to(dtype)
+            model(X[:2])
+            return
+        except Exception as err:  # noqa: BLE001 - reported below if the dtype is the cause
+            error = f"{type(err).__name__}: {err}"
+        try:
+            model(X[:2].to(dtype))
+        except Exception:  # noqa: BLE001 - not the dtype: the job reports its own error
+            return
+    raise SweepError(
+        f"the batch function returns X of dtype {X.dtype}, but the model of job ({job.label()}) "
+        f"computes in {job.hp.DTYPE} and fails on it ({error}). Return X.float() from the "
+        "batch function (integer X is passed to the model as it is)."
+    )
 
 
 def training_rng_seed(job: Job) -> int:
@@ -278,6 +305,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
             X_te, y_te = draw(0)
         check_batch(X_te, y_te, hp.N_TEST, "test set (batch_fn with bsz=N_TEST)")
     X_te, y_te = to_device(X_te, y_te, device, hp.DTYPE)
+    check_finite(X_te, y_te, f"job ({job.label()}), the test set")
 
     gen_tr = torch.Generator(device).manual_seed(seeds.train_data)
     batch_fn = None
@@ -293,6 +321,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     if not hp.ONLINE:
         check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
+        check_finite(X_tr, y_tr, f"job ({job.label()}), the training set")
 
     d_out, squeeze = _output_dim(y_te, config)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from modelscape.checks import check_finite
 from modelscape.engine import precision
 from modelscape.engine.loop import train
 from modelscape.engine.setup import (
@@ -286,6 +287,7 @@ class Run:
             X, y = p.batch_fn(step)
             if step == 0:
                 check_batch(X, y, p.job.hp.N_SAMPLES, "batch_fn(0)")
+                check_finite(X, y, f"job ({p.job.label()}), batch_fn(0)")
             if self.uses_global_rng or step == self.start:
                 after = torch.get_rng_state()
                 if not torch.equal(after, self.rngs[r]):
