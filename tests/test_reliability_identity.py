@@ -136,3 +136,35 @@ def test_a_sweep_leaves_the_callers_generators_where_they_were():
     np.random.seed(5)
     random.seed(5)
     assert after == (np.random.random(), random.random())
+
+
+def online_numpy_bfn(bsz, gen, X=None, y=None, **kwargs):
+    """Every step's batch from ``np.random``, with noise from ``random``: no ``gen`` at all."""
+
+    def batch_fn(step):
+        Xb = torch.as_tensor(np.random.standard_normal((bsz, 5)), dtype=torch.float32)
+        return Xb, Xb[:, 0] * Xb[:, 1] + random.gauss(0.0, 0.1)
+
+    return batch_fn
+
+
+def test_online_draws_from_numpy_are_per_job_in_a_stack_and_alone(tmp_path):
+    def run(trials, workers, batched, **extra):
+        np.random.seed(workers)
+        result = sweep(trials, name="trial", bfn=online_numpy_bfn, BATCHED=batched,
+                       MAX_ITER=40, WORKERS_PER_DEVICE=workers, **extra)  # fmt: skip
+        return {t: result.record(t) for t in trials}
+
+    stacked = run([0, 1, 2, 3], 1, "auto")
+    assert {r.trained_by for r in stacked.values()} == {"stacked"}
+    assert len({r.test_loss for r in stacked.values()}) == 4
+    # two stacks of two on two workers, in another order: bit-identical
+    again = run([3, 2, 1, 0], 2, "auto", SAVE_DIR=str(tmp_path / "run"))
+    stored = load(tmp_path / "run")
+    for t, r in stacked.items():
+        assert again[t].test_loss == r.test_loss == stored.record(t).test_loss
+        assert again[t].train_loss == r.train_loss
+    # the one-job loop draws the same batches: equal up to the engines' float rounding
+    alone = run([0, 1, 2, 3], 1, "off")
+    for t, r in stacked.items():
+        assert abs(alone[t].test_loss - r.test_loss) <= 1e-5 * abs(r.test_loss)

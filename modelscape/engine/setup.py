@@ -269,6 +269,35 @@ def kept_global_rngs(device: torch.device) -> Iterator[None]:
         random.setstate(py_state)
 
 
+@dataclass(frozen=True)
+class GlobalRngs:
+    """The states of torch's (CPU), numpy's and Python's global generators: what a stacked run
+    keeps per job for a batch function that draws from them."""
+
+    torch_state: torch.Tensor
+    numpy_state: tuple
+    python_state: tuple
+
+    @classmethod
+    def now(cls) -> GlobalRngs:
+        return cls(torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def put(self) -> None:
+        """Make these the global generators' states."""
+        torch.set_rng_state(self.torch_state)
+        np.random.set_state(self.numpy_state)
+        random.setstate(self.python_state)
+
+    def same_as(self, other: GlobalRngs) -> bool:
+        a, b = self.numpy_state, other.numpy_state
+        return (
+            torch.equal(self.torch_state, other.torch_state)
+            and self.python_state == other.python_state
+            and np.array_equal(a[1], b[1])
+            and a[:1] + a[2:] == b[:1] + b[2:]
+        )
+
+
 def seed_global_rngs(seed: int) -> None:
     """Seed torch's, numpy's and Python's global generators from one job sub-seed: user code
     (and ``modelscape.data``) may draw from any of them."""
