@@ -8,7 +8,10 @@ same numbers on every run, on any number of workers, in any job order.
 """
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,3 +171,56 @@ def test_online_draws_from_numpy_are_per_job_in_a_stack_and_alone(tmp_path):
     alone = run([0, 1, 2, 3], 1, "off")
     for t, r in stacked.items():
         assert abs(alone[t].test_loss - r.test_loss) <= 1e-5 * abs(r.test_loss)
+
+
+# An online batch function drawing from np.random that SIGKILLs its own process at step 45 of
+# trial 1, once a checkpoint has been written (only where RELIABILITY_KILL is set).
+NUMPY_DATA = """
+import os, random, signal
+import numpy as np
+import torch
+
+def bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
+    def batch_fn(step):
+        if os.environ.get("RELIABILITY_KILL") and trial == 1 and step == 45:
+            os.kill(os.getpid(), signal.SIGKILL)
+        Xb = torch.as_tensor(np.random.standard_normal((bsz, 5)), dtype=torch.float32)
+        return Xb, Xb[:, 0] * Xb[:, 1] + random.gauss(0.0, 0.1)
+
+    return batch_fn
+"""
+NUMPY_SWEEP = """
+import sys
+from modelscape import base_args, run_sweep
+
+DATA, SAVE_DIR, BATCHED = sys.argv[1:]
+cfg = vars(base_args(WIDTH=16, MAX_ITER=60, N_SAMPLES=32, N_TEST=64, LR=0.05, DEVICES=["cpu"],
+                     LOSS_CHECKPOINTS=[1e-9], BATCHED=BATCHED, SAVE_DIR=SAVE_DIR,
+                     CHECKPOINT_EVERY=1e-9))
+run_sweep([[0, 1, 2]], ["trial"], cfg, {"bfn_file": DATA, "bfn_name": "bfn"}, progress=False)
+"""
+
+
+@pytest.mark.parametrize("batched", ["off", "auto"])
+def test_a_job_drawing_from_numpy_resumes_from_its_checkpoint_bit_identically(tmp_path, batched):
+    data, script = tmp_path / "numpy_data.py", tmp_path / "numpy_sweep.py"
+    data.write_text(NUMPY_DATA)
+    script.write_text(NUMPY_SWEEP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "run"),
+                             batched], env={**env, "RELIABILITY_KILL": "1"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert list((tmp_path / "run" / "checkpoints").glob("trial=1*.pt"))
+    for run in ("run", "reference"):
+        done = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / run),
+                               batched], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        if run == "run":
+            assert "resuming job (trial=1) from its checkpoint at step" in done.stderr
+    resumed, reference = load(tmp_path / "run"), load(tmp_path / "reference")
+    for t in (0, 1, 2):
+        assert resumed.record(t).status == "ok"
+        assert resumed.record(t).test_loss == reference.record(t).test_loss
+        assert resumed.record(t).train_loss == reference.record(t).train_loss
