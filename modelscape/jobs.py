@@ -111,10 +111,10 @@ def check_axis_value(name: str, value: Any) -> None:
 
     A tensor or array prints rounded (``tensor(1.0000)`` for both 1.00001 and 1.00004) and
     hashes by object, so two different ones would share a seed and a stored row. NaN is unequal
-    to itself, so it cannot key a job. Inside a tuple, each element is checked.
+    to itself, so it cannot key a job. Inside a tuple or a dict, each element is checked.
     """
-    if isinstance(value, tuple):
-        for v in value:
+    if isinstance(value, (tuple, frozenset, dict)):
+        for v in value.values() if isinstance(value, dict) else value:
             check_axis_value(name, v)
         return
     if isinstance(value, torch.Tensor):
