@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
+from modelscape.engine import (
+    Checkpoints,
+    check_model,
+    group_jobs,
+    kept_global_rngs,
+    preflight_grabs,
+)
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.execution.progress import Progress, notice, placement_text
@@ -30,7 +36,7 @@ from modelscape.results.result import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
 from modelscape.store.describe import CODE_SECTION
 from modelscape.sweep import hparams as H
-from modelscape.sweep.checks import check_targets
+from modelscape.sweep.checks import check_finite, check_targets
 from modelscape.sweep.code_identity import describe_code
 from modelscape.sweep.jobs import Job, axis_target, build_jobs, materialize
 from modelscape.sweep.spec import SweepSpec, check_batch, check_input_dim
@@ -67,8 +73,8 @@ def _preflight(jobs: Sequence[Job], spec: SweepSpec) -> None:
     """Before training: call the batch function once, and check that every distinct model,
     optimizer and parametrization of the sweep can be built, so bad input fails early."""
     gen = torch.Generator().manual_seed(0)
-    # the probe must not move the caller's global RNG (a batch function may draw from it)
-    with torch.random.fork_rng(devices=[]):
+    # the probe must not move the caller's global RNGs (a batch function may draw from them)
+    with kept_global_rngs(torch.device("cpu")):
         _probe(jobs, spec, gen)
 
 
@@ -87,6 +93,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    check_finite(X, y, f"the batch function's training batch, first job ({job.label()})")
     check_input_dim(job.hp.D_IN, X)
     if spec.X_te is None:
         X_te, y_te = spec.make_batch_fn(
@@ -97,6 +104,9 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
             "set as X_te/y_te in global_config",
         )  # fmt: skip
+        check_finite(X_te, y_te, f"the test set (bsz=N_TEST), first job ({job.label()})")
+    else:
+        check_finite(spec.X_te, spec.y_te, "the fixed test set X_te/y_te of global_config")
     seen = set()
     for job in jobs:
         hp = job.hp
@@ -221,7 +231,7 @@ def _train(
         print(f"\nmodelscape: interrupted; the jobs finished so far are {where}.", file=sys.stderr)
         raise
     except StoreError as err:
-        if not isinstance(store, RunStore):
+        if not isinstance(store, RunStore) or not store.in_place():
             raise
         raise StoreError(f"{err}\nThe sweep stopped: {_stored(store)}.") from err
     finally:

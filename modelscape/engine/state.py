@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import re
 import time
 import warnings
@@ -26,9 +27,10 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from modelscape.engine.setup import Problem
+from modelscape.engine.setup import GlobalRngs, Problem
 from modelscape.engine.tracking import Track, say_resumed
 from modelscape.store.files import free_bytes, read_checked, write_checked
 
@@ -117,9 +119,10 @@ class Checkpoints:
 
 
 def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
-    """What a training step changes: parameters and buffers, optimizer, data generator and
-    global RNG. ``copy``: copies that later steps leave alone (the one-job loop's rewind point);
-    else the module's own tensors, for a checkpoint written at once."""
+    """What a training step changes: parameters and buffers, optimizer, data generator and the
+    global generators (torch's, numpy's, Python's). ``copy``: copies that later steps leave
+    alone (the one-job loop's rewind point); else the module's own tensors, for a checkpoint
+    written at once."""
     model = problem.model.state_dict()
     opt = problem.opt.state_dict()
     if copy:
@@ -129,6 +132,8 @@ def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
         "opt": opt,
         "gen": None if problem.gen is None else problem.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
     }
     if problem.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
@@ -136,12 +141,15 @@ def training_state(problem: Problem, copy: bool = False) -> dict[str, Any]:
 
 
 def load_training_state(problem: Problem, state: dict[str, Any]) -> None:
-    """Put ``training_state``'s values back into the job (and torch's global RNG)."""
+    """Put ``training_state``'s values back into the job (and the global generators)."""
     problem.model.load_state_dict(state["model"])
     problem.opt.load_state_dict(state["opt"])
     if problem.gen is not None:
         problem.gen.set_state(state["gen"])
     torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:  # a checkpoint written before numpy's generator was seeded
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
 
@@ -155,11 +163,11 @@ def snapshot(problem: Problem, track: Track, seconds: float) -> dict[str, Any]:
     return {"seed": problem.job.seed, **track.loop_state(seconds), **training_state(problem)}
 
 
-def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, torch.Tensor | None]:
+def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, GlobalRngs | None]:
     """The job's track, from its checkpoint if it has one (loaded into the freshly set-up
-    ``problem``, with torch's global RNG set to the saved state), else a fresh one.
+    ``problem``, with the global generators set to the saved states), else a fresh one.
 
-    Returns the track and the restored global RNG state (None for a fresh start).
+    Returns the track and the restored global generators' states (None for a fresh start).
     """
     saved = None if checkpoints is None else checkpoints.load(problem.job.key)
     if saved is None or saved["seed"] != problem.job.seed:
@@ -167,4 +175,4 @@ def restore(problem: Problem, checkpoints: Checkpoints | None) -> tuple[Track, t
     load_training_state(problem, saved)
     track = Track.resume(problem.job, saved)
     say_resumed(problem.job, track.step)
-    return track, saved["torch_rng"]
+    return track, GlobalRngs.now()

@@ -2,7 +2,9 @@
 
 A checked file is a short header (a magic string and the SHA-256 of the payload) followed by
 the payload. ``write_checked`` writes it to a temporary name, flushes it to disk and renames it
-over the old file, so a kill at any moment leaves either the old file or the new one.
+over the old file, so a kill at any moment leaves either the old file or the new one (and,
+after a kill mid-write, the temporary file ``<name>.tmp<pid>``, which
+``remove_stale_temporaries`` clears once its writer is gone).
 ``read_checked`` raises ``DamagedFile`` saying what is wrong when the file is truncated,
 overwritten or not a checked file at all; a flipped byte anywhere is caught by the checksum.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 MAGIC = b"MODELSCAPE-CHECKED-1\n"
 DIGEST_BYTES = 32
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")
 
 
 class DamagedFile(ValueError):
@@ -24,7 +28,7 @@ class DamagedFile(ValueError):
 
 def write_checked(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically, with a checksum."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # see _TEMPORARY
     try:
         with open(tmp, "wb") as f:
             f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
@@ -56,3 +60,29 @@ def free_bytes(folder: Path) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writer is no longer running here (a
+    process killed mid-write leaves one, as large as the file it was writing); return them.
+
+    A writer is known by the process id in the name: a file of a process that still runs is
+    kept, as it may still be renamed into place.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob("*.tmp*")):
+        match = _TEMPORARY.search(path.name)
+        if match is not None and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
