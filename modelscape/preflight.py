@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,17 +22,19 @@ from torch import nn
 from modelscape.engine.setup import (
     evaluate_grabs,
     job_config,
+    kept_global_rngs,
     model_spec,
     optimizer_kwargs,
     output_dim,
     resolve_class,
+    seeded_global_rng,
     setup_job,
     training_rng_seed,
 )
 from modelscape.errors import SweepError
 from modelscape.execution import executor_class
 from modelscape.models import parametrize
-from modelscape.sweep.checks import check_targets
+from modelscape.sweep.checks import check_finite, check_targets
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec, check_batch, check_input_dim
 
@@ -42,8 +45,8 @@ def check_sweep(jobs: Sequence[Job], spec: SweepSpec) -> None:
     input fails before the first job starts."""
     executor_class(jobs[0].hp.EXECUTOR).check(jobs[0].hp)
     gen = torch.Generator().manual_seed(0)
-    # the probe must not move the caller's global RNG (a batch function may draw from it)
-    with torch.random.fork_rng(devices=[]):
+    # the probe must not move the caller's global RNGs (a batch function may draw from them)
+    with kept_global_rngs(torch.device("cpu")):
         _probe(jobs, spec, gen)
 
 
@@ -62,6 +65,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             f"{type(err).__name__}: {err}"
         ) from err
     check_batch(X, y, job.hp.N_SAMPLES, f"batch function, first job ({job.label()})")
+    check_finite(X, y, f"the batch function's training batch, first job ({job.label()})")
     check_input_dim(job.hp.D_IN, X)
     if spec.X_te is None:
         X_te, y_te = spec.make_batch_fn(
@@ -72,6 +76,9 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             "the test set (the batch function with bsz=N_TEST): honour bsz, or give a fixed test "
             "set as X_te/y_te in global_config",
         )  # fmt: skip
+        check_finite(X_te, y_te, f"the test set (bsz=N_TEST), first job ({job.label()})")
+    else:
+        check_finite(spec.X_te, spec.y_te, "the fixed test set X_te/y_te of global_config")
     seen = set()
     for job in jobs:
         hp = job.hp
@@ -93,6 +100,7 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     optimizer_kwargs(opt_cls, job)
     resolve_class(job.hp.LOSS, nn, "LOSS")
+    _check_input_dtype(job, model_cls, kwargs, X)
     if job.hp.PARAMETRIZATION == "sp":
         return
     try:
@@ -106,6 +114,31 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
         raise SweepError(f"job ({job.label()}): {err}") from None
 
 
+def _check_input_dtype(job: Job, model_cls: type, kwargs: dict[str, Any], X: torch.Tensor) -> None:
+    """Integer inputs reach the model as they are (only floating data takes DTYPE), and a model
+    of float weights cannot take them. Only then is the model built for real, once, on the CPU,
+    and run on two samples; an error that a float X does not raise is reported with the fix."""
+    if X.is_floating_point() or X.is_complex():
+        return
+    dtype = getattr(torch, job.hp.DTYPE)
+    with kept_global_rngs(torch.device("cpu")), torch.no_grad():
+        try:
+            model = model_cls(**kwargs).to(dtype)
+            model(X[:2])
+            return
+        except Exception as err:  # noqa: BLE001 - reported below if the dtype is the cause
+            error = f"{type(err).__name__}: {err}"
+        try:
+            model(X[:2].to(dtype))
+        except Exception:  # noqa: BLE001 - not the dtype: the job reports its own error
+            return
+    raise SweepError(
+        f"the batch function returns X of dtype {X.dtype}, but the model of job ({job.label()}) "
+        f"computes in {job.hp.DTYPE} and fails on it ({error}). Return X.float() from the "
+        "batch function (integer X is passed to the model as it is)."
+    )
+
+
 def grab_shapes(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
     """Set up ``job`` on the CPU and call every grab once, before any training.
 
@@ -114,8 +147,7 @@ def grab_shapes(job: Job, spec: SweepSpec) -> dict[str, tuple[int, ...]]:
     runs once per job; a job that cannot be set up is left to fail as its own record.
     """
     device = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(training_rng_seed(job))
+    with seeded_global_rng(training_rng_seed(job), device):
         try:
             problem = setup_job(job, dataclasses.replace(spec, post_init_fn=None), device)
             X, y, _ = problem.batch(0 if problem.batch_fn is not None else job.trial)

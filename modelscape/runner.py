@@ -168,7 +168,7 @@ def _train(
         print(f"\nmodelscape: interrupted; the jobs finished so far are {where}.", file=sys.stderr)
         raise
     except StoreError as err:
-        if not isinstance(store, RunStore):
+        if not isinstance(store, RunStore) or not store.in_place():
             raise
         raise StoreError(f"{err}\nThe sweep stopped: {_stored(store)}.") from err
     finally:

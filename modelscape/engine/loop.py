@@ -15,7 +15,7 @@ import torch
 
 from modelscape.engine import precision
 from modelscape.engine.failures import failure_boundary
-from modelscape.engine.setup import Problem, setup_job, training_rng_seed
+from modelscape.engine.setup import Problem, seeded_global_rng, setup_job, training_rng_seed
 from modelscape.engine.state import (
     job_state_dict,
     load_checkpoint,
@@ -39,10 +39,9 @@ def train(
     was never interrupted, provided the batch function depends only on ``gen`` and ``step``.
     ``trained_by`` goes into the record (why this job did not train in a stack).
     """
-    devices = [problem.device] if problem.device.type == "cuda" else []
-    # The global RNG (dropout, user code) is seeded per job, so it does not depend on placement.
-    with torch.random.fork_rng(devices=devices), precision.matmuls(problem.job.hp.PRECISION):
-        torch.manual_seed(training_rng_seed(problem.job))
+    # The global RNGs (dropout, user code) are seeded per job, so they do not depend on placement.
+    seed = training_rng_seed(problem.job)
+    with seeded_global_rng(seed, problem.device), precision.matmuls(problem.job.hp.PRECISION):
         return _loop(problem, checkpoints, trained_by)
 
 

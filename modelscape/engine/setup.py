@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from torch import nn
 from modelscape.errors import SweepError
 from modelscape.models import parametrize
 from modelscape.models.builtin import constructor_kwargs, resolve_model_class, standard_kwargs
-from modelscape.sweep.checks import check_grab_shape
+from modelscape.sweep.checks import check_finite, check_grab_shape
 from modelscape.sweep.jobs import Job, SubSeeds
 from modelscape.sweep.spec import BatchFn, SweepSpec, accepted_kwargs, check_batch
 
@@ -130,6 +131,7 @@ class Problem:
         X, y = self.batch_fn(step)
         if step == 0:
             check_batch(X, y, self.job.hp.N_SAMPLES, "batch_fn(0)")
+            check_finite(X, y, f"job ({self.job.label()}), batch_fn(0)")
         X, y = to_device(X, y, self.device, self.job.hp.DTYPE)
         f0 = None
         if self.model0 is not None:
@@ -206,10 +208,61 @@ def training_rng_seed(job: Job) -> int:
 
 
 @contextlib.contextmanager
+def kept_global_rngs(device: torch.device) -> Iterator[None]:
+    """Run a block, then give torch's (and the device's), numpy's and Python's global random
+    generators back the states they had before it."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+@dataclass(frozen=True)
+class GlobalRngs:
+    """The states of torch's (CPU), numpy's and Python's global generators: what a stacked run
+    keeps per job for a batch function that draws from them."""
+
+    torch_state: torch.Tensor
+    numpy_state: tuple
+    python_state: tuple
+
+    @classmethod
+    def now(cls) -> GlobalRngs:
+        return cls(torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def put(self) -> None:
+        """Make these the global generators' states."""
+        torch.set_rng_state(self.torch_state)
+        np.random.set_state(self.numpy_state)
+        random.setstate(self.python_state)
+
+    def same_as(self, other: GlobalRngs) -> bool:
+        a, b = self.numpy_state, other.numpy_state
+        return (
+            torch.equal(self.torch_state, other.torch_state)
+            and self.python_state == other.python_state
+            and np.array_equal(a[1], b[1])
+            and a[:1] + a[2:] == b[:1] + b[2:]
+        )
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators from one job sub-seed: user code
+    (and ``modelscape.data``) may draw from any of them."""
+    torch.manual_seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    random.seed(seed)
+
+
+@contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block with torch's global RNG seeded to ``seed``, restoring the caller's state."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    """Run a block with torch's, numpy's and Python's global generators seeded from ``seed``,
+    restoring the caller's states after it."""
+    with kept_global_rngs(device):
+        seed_global_rngs(seed)
         yield
 
 
@@ -232,6 +285,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
             X_te, y_te = draw(0)
         check_batch(X_te, y_te, hp.N_TEST, "test set (batch_fn with bsz=N_TEST)")
     X_te, y_te = to_device(X_te, y_te, device, hp.DTYPE)
+    check_finite(X_te, y_te, f"job ({job.label()}), the test set")
 
     gen_tr = torch.Generator(device).manual_seed(seeds.train_data)
     batch_fn = None
@@ -247,6 +301,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     if not hp.ONLINE:
         check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
+        check_finite(X_tr, y_tr, f"job ({job.label()}), the training set")
 
     d_out, squeeze = output_dim(y_te, config)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
@@ -255,8 +310,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     gamma = hp.GAMMA
     # Model init uses the global RNG (nn.Module initializers); fork it so that a job's init
     # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeds.model_init)
+    with seeded_global_rng(seeds.model_init, torch.device("cpu")):
         model = model_cls(**kwargs).to(getattr(torch, hp.DTYPE))
         opt = parametrize.apply(
             model,
@@ -294,10 +348,8 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         # f_init is the initial network as a function: eval mode, so dropout does not make it
         # random
         model0 = copy.deepcopy(model).requires_grad_(False).eval()
-        devices = [device] if device.type == "cuda" else []
         # seeded: a user model may still draw random numbers in eval mode
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seeds.centering)
+        with torch.no_grad(), seeded_global_rng(seeds.centering, device):
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)

@@ -11,20 +11,23 @@ The files themselves are the run folder's (``modelscape.store.checkpoints``): an
 
 from __future__ import annotations
 
+import random
 from copy import deepcopy
 from typing import Any
 
+import numpy as np
 import torch
 
-from modelscape.engine.setup import Problem
+from modelscape.engine.setup import GlobalRngs, Problem
 from modelscape.engine.tracking import Track, say_resumed
 from modelscape.store.checkpoints import Checkpoints
 
 
 def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
-    """What a training step changes: parameters and buffers, optimizer, data generator and
-    global RNG. ``copy``: copies that later steps leave alone (the one-job loop's rewind point);
-    else the module's own tensors, for a checkpoint written at once."""
+    """What a training step changes: parameters and buffers, optimizer, data generator and the
+    global generators (torch's, numpy's, Python's). ``copy``: copies that later steps leave
+    alone (the one-job loop's rewind point); else the module's own tensors, for a checkpoint
+    written at once."""
     model = problem.model.state_dict()
     opt = problem.opt.state_dict()
     if copy:
@@ -34,6 +37,8 @@ def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
         "opt": opt,
         "gen": None if problem.gen is None else problem.gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
     }
     if problem.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
@@ -41,12 +46,15 @@ def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
 
 
 def load_training_state_dict(problem: Problem, state: dict[str, Any]) -> None:
-    """Put ``training_state_dict``'s values back into the job (and torch's global RNG)."""
+    """Put ``training_state_dict``'s values back into the job (and the global generators)."""
     problem.model.load_state_dict(state["model"])
     problem.opt.load_state_dict(state["opt"])
     if problem.gen is not None:
         problem.gen.set_state(state["gen"])
     torch.set_rng_state(state["torch_rng"])
+    if "numpy_rng" in state:  # a checkpoint written before numpy's generator was seeded
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], problem.device)
 
@@ -62,11 +70,11 @@ def job_state_dict(problem: Problem, track: Track, seconds: float) -> dict[str, 
 
 def load_checkpoint(
     problem: Problem, checkpoints: Checkpoints | None
-) -> tuple[Track, torch.Tensor | None]:
+) -> tuple[Track, GlobalRngs | None]:
     """The job's track, from its checkpoint if it has one (loaded into the freshly set-up
-    ``problem``, with torch's global RNG set to the saved state), else a fresh one.
+    ``problem``, with the global generators set to the saved states), else a fresh one.
 
-    Returns the track and the restored global RNG state (None for a fresh start).
+    Returns the track and the restored global generators' states (None for a fresh start).
     """
     saved = None if checkpoints is None else checkpoints.load(problem.job.key)
     if saved is None or saved["seed"] != problem.job.seed:
@@ -74,4 +82,4 @@ def load_checkpoint(
     load_training_state_dict(problem, saved)
     track = Track.from_state_dict(problem.job, saved)
     say_resumed(problem.job, track.step)
-    return track, saved["torch_rng"]
+    return track, GlobalRngs.now()

@@ -4,13 +4,16 @@ WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see `
 pull groups from the parent one at a time and stream records back; the parent is the only
 writer of results. A worker that dies, whatever its timing, is replaced; its unfinished jobs
 are retried from their checkpoints up to MAX_RETRIES times, a group split in two
-(``retries.py``), and JOB_TIMEOUT stops a hung one. Ctrl-C stops handing out jobs and
+(``retries.py``), and JOB_TIMEOUT stops a hung one: a group has JOB_TIMEOUT seconds per
+unfinished job until its next record, and one that runs past that is split in two like a dead
+worker's, until the job that hangs is alone and fails. Ctrl-C stops handing out jobs and
 shuts every worker down. With one worker in total (and no JOB_TIMEOUT), ``from_hparams`` picks
 ``InProcessExecutor`` instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import signal
@@ -28,7 +31,7 @@ from modelscape.execution.base import Executor, Records, local_device
 from modelscape.execution.inprocess import InProcessExecutor
 from modelscape.execution.pickling import Payload
 from modelscape.execution.progress import notice
-from modelscape.execution.retries import Retries, exhausted_message, retry_notice
+from modelscape.execution.retries import Retries, exhausted_message, retry_notice, split_in_two
 from modelscape.execution.worker import AUTHKEY_ENV
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep import hparams as H
@@ -42,7 +45,7 @@ class _Worker:
     ready: bool = False
     gid: int | None = None  # the group in flight
     sent: bool = False  # whether that group reached the worker
-    since: float = 0.0  # when the group was sent, or its last record came back
+    deadline: float = math.inf  # JOB_TIMEOUT for each unfinished job, from the last news
 
 
 class LocalExecutor(Executor):
@@ -50,9 +53,10 @@ class LocalExecutor(Executor):
 
     Each worker gets ``threads`` torch threads; the default shares this machine's cores evenly,
     so that workers do not oversubscribe them. Jobs lost to a dead worker are retried up to
-    ``max_retries`` times (``retries.py``). With ``job_timeout`` > 0, a worker whose
-    group has produced no record for that many seconds is stopped, and the group's unfinished
-    jobs fail.
+    ``max_retries`` times (``retries.py``). With ``job_timeout`` > 0, a group has that
+    many seconds for each of its unfinished jobs to produce its next record (a stack of 64 jobs
+    of 1 s each may take 64 s); a worker that runs past it is stopped, and its unfinished jobs
+    train again split in two (from their checkpoints), until a job that times out alone fails.
     """
 
     stops_hung_jobs = True
@@ -130,25 +134,32 @@ class LocalExecutor(Executor):
                 except (EOFError, OSError):
                     self._lost(w, workers, pending, payload, records)
                     continue
-                self._handle(w, message, records)
+                self._handle(w, message, payload, records)
             self._stop_overdue(workers, pending, payload, records)
 
     def _assign(self, w: _Worker, gid: int, payload: Payload) -> None:
-        w.gid, w.since = gid, time.monotonic()
+        w.gid = gid
+        self._extend_deadline(w, len(payload.groups[gid]))
         try:
             w.conn.send((gid, payload.group_blob(gid)))
             w.sent = True
         except OSError:
             w.sent = False
 
-    def _handle(self, w: _Worker, message: tuple, records: Records) -> None:
+    def _extend_deadline(self, w: _Worker, unfinished: int) -> None:
+        """JOB_TIMEOUT from now for each unfinished job of the worker's group: a stack trains
+        its jobs together, so its first record may come only after all of them are done."""
+        if self.job_timeout > 0:
+            w.deadline = time.monotonic() + self.job_timeout * max(1, unfinished)
+
+    def _handle(self, w: _Worker, message: tuple, payload: Payload, records: Records) -> None:
         kind = message[0]
         if kind == "ready":
             w.ready = True
             self._startup_deaths = 0
         elif kind == "record":
-            w.since = time.monotonic()
             records.add(message[1], message[2])
+            self._extend_deadline(w, len(records.left(message[1])))
         elif kind == "group_error":
             records.fail_rest(message[1], RuntimeError(message[2]), w.device)
         elif kind == "done":
@@ -197,27 +208,41 @@ class LocalExecutor(Executor):
             del workers[i]
 
     def _wait_limit(self, workers: Sequence[_Worker]) -> float | None:
-        """Seconds until the first busy worker runs past JOB_TIMEOUT (None: no limit)."""
-        busy = [w.since for w in workers if w.gid is not None and w.sent]
+        """Seconds until the first busy worker runs past its deadline (None: no limit)."""
+        busy = [w.deadline for w in workers if w.gid is not None and w.sent]
         if self.job_timeout <= 0 or not busy:
             return None
-        return max(0.0, min(busy) + self.job_timeout - time.monotonic())
+        return max(0.0, min(busy) - time.monotonic())
 
     def _stop_overdue(self, workers, pending: deque, payload: Payload, records) -> None:
         if self.job_timeout <= 0:
             return
         now = time.monotonic()
         for w in list(workers):
-            if w.gid is None or not w.sent or now - w.since < self.job_timeout:
+            if w.gid is None or not w.sent or now < w.deadline:
                 continue
             w.proc.kill()
             w.proc.wait()
-            err = JobTimedOut(
-                f"JOB_TIMEOUT={self.job_timeout:g} s passed without this job finishing on the "
-                f"worker on {w.device}, so the worker was stopped; raise JOB_TIMEOUT if the job "
-                "is only slow, or find where the batch function, the model or a grab hangs."
-            )
-            records.fail_rest(w.gid, err, w.device)
+            left = records.left(w.gid)
+            if len(left) > 1:  # which job hangs is not known: split, as after a death
+                halves = split_in_two(left)
+                notice(
+                    f"the worker on {w.device} ran past JOB_TIMEOUT={self.job_timeout:g} s per "
+                    f"job with {len(left)} unfinished jobs; it was stopped, and they train again "
+                    f"from their checkpoints in groups of {len(halves[0])} and {len(halves[1])}."
+                )
+                gids = [payload.add_group(g) for g in halves]
+                for group in halves:
+                    records.regroup(w.gid, group)
+                pending.extendleft(reversed(gids))
+            else:
+                err = JobTimedOut(
+                    f"JOB_TIMEOUT={self.job_timeout:g} s passed without this job finishing on "
+                    f"the worker on {w.device}, so the worker was stopped; raise JOB_TIMEOUT if "
+                    "the job is only slow, or find where the batch function, the model or a "
+                    "grab hangs."
+                )
+                records.fail_rest(w.gid, err, w.device)
             w.gid = None
             _close(w)
             self._replace(w, workers, pending, payload)

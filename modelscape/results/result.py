@@ -16,8 +16,9 @@ import numpy as np
 
 from modelscape.results.records import FIELDS, PER_JOB, JobRecord, Status, hashable
 from modelscape.results.trace import ExptTrace
+from modelscape.sweep.jobs import trace_key, trace_value
 
-__all__ = ["JobRecord", "Result", "Status"]
+__all__ = ["JobRecord", "Result", "Status", "trace_key"]
 
 
 def _nan_like(shape: tuple[int, ...] | None) -> Any:
@@ -140,7 +141,7 @@ class Result(Mapping):
         coords = {a: _coord(v) for a, v in zip(self.axes, self.axis_values)}
         shape = [len(v) for v in self.axis_values]
         index = {
-            a: {hashable(_trace_value(x)): i for i, x in enumerate(v)}
+            a: {hashable(trace_value(x)): i for i, x in enumerate(v)}
             for a, v in zip(self.axes, self.axis_values)
         }
 
@@ -244,20 +245,6 @@ def scalar_grab(value: Any) -> Any:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value[()]
     return value
-
-
-def trace_key(key: tuple) -> tuple:
-    """A job's key in the traces: the original's conversion, ``str()`` of every value that is
-    not an int, float, str or tuple (tuples converted inside), so that expt-core can compare."""
-    return tuple(_trace_value(v) for v in key)
-
-
-def _trace_value(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return tuple(_trace_value(v) for v in value)
-    if isinstance(value, (int, float, str, np.integer, np.floating)):
-        return value
-    return str(value)
 
 
 def _coord(values: list) -> Any:

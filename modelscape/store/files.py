@@ -8,18 +8,21 @@ or the new one, and a reader on another node never sees half a file.
 A checked file is a short header (a magic string and the SHA-256 of the payload) followed by
 the payload, written by ``write_atomic``. ``read_checked`` raises ``DamagedFile`` saying what is
 wrong when the file is truncated, overwritten or not a checked file at all; a flipped byte
-anywhere is caught by the checksum.
+anywhere is caught by the checksum. A kill mid-write leaves the temporary file
+``.<name>.tmp<pid>``, which ``remove_stale_temporaries`` clears once its writer is gone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
 MAGIC = b"MODELSCAPE-CHECKED-1\n"
 DIGEST_BYTES = 32
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")
 
 
 class DamagedFile(ValueError):
@@ -66,3 +69,29 @@ def free_bytes(folder: Path) -> int:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writer is no longer running here (a
+    process killed mid-write leaves one, as large as the file it was writing); return them.
+
+    A writer is known by the process id in the name: a file of a process that still runs is
+    kept, as it may still be renamed into place.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob("*.tmp*")):
+        match = _TEMPORARY.search(path.name)
+        if match is not None and not _running(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

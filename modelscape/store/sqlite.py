@@ -41,7 +41,7 @@ from modelscape.store.base import Store, key_id
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.store.describe import FORMAT_VERSION, check_compatible, union_values
 from modelscape.store.faults import store_faults
-from modelscape.store.files import write_atomic
+from modelscape.store.files import remove_stale_temporaries, write_atomic
 from modelscape.sweep.jobs import Job, job_label
 
 DB_NAME = "results.sqlite"
@@ -100,6 +100,8 @@ class RunStore(Store):
         self._have = _existing_columns(conn)
         self._axes = list(axes)
         self._checkpoints = Checkpoints(self.checkpoint_dir, checkpoint_every, self._axes)
+        # what was opened: a folder deleted or replaced mid-sweep is noticed (check_in_place)
+        self._opened = {p: _file_id(p) for p in (self.run_dir, self.path)}
 
     @property
     def path(self) -> Path:
@@ -135,6 +137,8 @@ class RunStore(Store):
         with store_faults(run_dir, f"create the run folder SAVE_DIR={run_dir}", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = _FolderLock(run_dir)
+            # held by this sweep now: what a killed writer left behind is garbage
+            remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
         try:
             with store_faults(db, "open the sweep's store", run_dir):
                 conn = _connect(db)
@@ -212,22 +216,43 @@ class RunStore(Store):
         with store_faults(self.run_dir / CONFIG_NAME, "write the sweep's description"):
             _write_json(self.run_dir / CONFIG_NAME, description)
 
+    def in_place(self) -> bool:
+        """Whether the folder and the database this store opened are still at their paths."""
+        return all(_file_id(p) == opened for p, opened in self._opened.items())
+
+    def check_in_place(self, doing: str) -> None:
+        """Raise ``StoreError`` if the run folder or its database was deleted or replaced since
+        this store opened them: SQLite would go on writing to a file no path leads to."""
+        for path, opened in self._opened.items():
+            now = _file_id(path)
+            if now != opened:
+                what = "is gone" if now is None else "is another file now"
+                raise StoreError(
+                    f"cannot {doing}: the run folder {self.run_dir} was deleted or replaced while "
+                    f"this sweep was writing it ({path} {what}). The records it held went with "
+                    "it, and this sweep writes nothing more. Rerun the sweep to train its jobs "
+                    "again (with this SAVE_DIR or another)."
+                )
+
     def add(self, record: JobRecord) -> None:
         """Store ``record`` durably, then clear its job's checkpoint unless the job failed (a
         worker killed by the OOM killer, say, then continues from it under RETRY_FAILED)."""
         row = {"key_id": key_id(record.key), **_pack(record)}
         names = ", ".join(row)
         marks = ", ".join("?" * len(row))
+        doing = f"store the record of job ({self._label(record.key)})"
         # one statement in autocommit mode: its own atomic transaction
-        with store_faults(self.path, f"store the record of job ({self._label(record.key)})"):
+        with store_faults(self.path, doing):
             self._conn.execute(
                 f"INSERT OR REPLACE INTO records ({names}) VALUES ({marks})", tuple(row.values())
             )
+        self.check_in_place(doing)  # after the write: a record written to a lost file is lost
         if record.status != "failed":
             self._checkpoints.clear(record.key)
 
     def get(self, key: tuple) -> JobRecord | None:
         """The job's record; None if it has none, or if its row cannot be read (with a warning)."""
+        self.check_in_place(f"read the record of job ({self._label(key)})")
         with store_faults(self.path, f"read the record of job ({self._label(key)})"):
             row = self._conn.execute(
                 f"SELECT {_select_list(self._have)} FROM records r JOIN jobs j USING (key_id) "
@@ -267,6 +292,15 @@ class RunStore(Store):
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The device and inode at ``path`` (None if nothing is there): a file's identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

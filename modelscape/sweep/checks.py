@@ -4,6 +4,10 @@
   rows are not probabilities (they train to negative "losses"), and integer class labels under
   a regression loss such as ``MSELoss`` (an ``(n, 1)`` output broadcasts against ``(n,)``
   labels into an ``(n, n)`` difference).
+- Data that is not finite: NaN or infinite inputs or targets would train into NaN losses that
+  read as divergence (or, in the test set, into a NaN test loss of an "ok" job). The preflight
+  checks the first job's training batch and test set; every job checks its own test set and
+  fixed training set (or first online batch) once, and fails with a message that says so.
 - Grabs: the preflight calls every grab once on the first job, so a grab that raises or returns
   a non-number fails before training, and the shape it returns there is the shape every job's
   grab must return. A grab whose shape differs between jobs (a ragged grab) is refused at its
@@ -70,6 +74,22 @@ def _not_probabilities(y: torch.Tensor) -> str | None:
         i = tuple(int(k) for k in bad[0])
         return f"row {i[0]} sums to {float(sums[i]):.4g}, not 1"
     return None
+
+
+def check_finite(X: torch.Tensor, y: torch.Tensor, where: str) -> None:
+    """Raise ``SweepError`` when the inputs or targets hold NaN or infinite values."""
+    for name, t in (("X", X), ("y", y)):
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            first = tuple(int(k) for k in bad.nonzero()[0])
+            raise SweepError(
+                f"{where}: {name} holds {int(bad.sum())} NaN or infinite values (the first, "
+                f"{name}{list(first)}, is {t[first].item()}). Training on them gives NaN losses "
+                "that look like divergence; fix the data (drop or impute those samples) in the "
+                "batch function."
+            )
 
 
 def check_grab_shape(name: str, value: np.ndarray, expected: Mapping[str, tuple]) -> None:

@@ -182,7 +182,9 @@ class HParams:
         choices=BATCHED_MODES,
     )
     MAX_RETRIES: int = hp(1, "Retries of a job lost to a dead worker or Ray node.", scope="sweep")
-    JOB_TIMEOUT: float = hp(0.0, "Seconds before a hung worker job fails; 0 is off.", scope="sweep")
+    JOB_TIMEOUT: float = hp(
+        0.0, "Seconds per job before a hung worker job fails; 0 is off.", scope="sweep"
+    )
     RESUME_CHANGED_CODE: bool = hp(False, "Resume a SAVE_DIR whose code changed.", scope="sweep")
     COMPILE: str = hp("auto", "auto: CUDA graphs on GPU.", scope="sweep", choices=COMPILE_MODES)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 
 from modelscape.errors import SweepError
 from modelscape.sweep import hparams as H
@@ -80,7 +81,10 @@ def axis_target(name: str) -> str | None:
 
 
 def stable_repr(value: Any) -> str:
-    """A representation of an iterator value that is the same in every process."""
+    """The exact identity of an iterator value as text, the same in every process: what a job's
+    seed and its stored key are derived from. Numbers are their Python value (``np.float64(0.1)``
+    is ``0.1``); anything else is its ``repr``. ``check_axis_value`` refuses, before training,
+    the values this text cannot tell apart."""
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -93,6 +97,59 @@ def stable_repr(value: Any) -> str:
             "__repr__ that shows its contents."
         )
     return text
+
+
+def trace_value(value: Any) -> Any:
+    """A value as the original's traces key it: ``str()`` of everything that is not an int,
+    float, str or tuple (tuples converted inside), so that expt-core can compare."""
+    if isinstance(value, tuple):
+        return tuple(trace_value(v) for v in value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    return str(value)
+
+
+def trace_key(key: Sequence[Any]) -> tuple:
+    """A job's key in the traces (``result["losses"]``...): ``trace_value`` of each value."""
+    return tuple(trace_value(v) for v in key)
+
+
+def check_axis_value(name: str, value: Any) -> None:
+    """Refuse a value whose exact identity cannot be established, naming the fix.
+
+    A tensor or array prints rounded (``tensor(1.0000)`` for both 1.00001 and 1.00004) and
+    hashes by object, so two different ones would share a seed and a stored row. NaN is unequal
+    to itself, so it cannot key a job. Inside a tuple or a dict, each element is checked.
+    """
+    if isinstance(value, (tuple, frozenset, dict)):
+        for v in value.values() if isinstance(value, dict) else value:
+            check_axis_value(name, v)
+        return
+    if isinstance(value, torch.Tensor):
+        kind, fix = "tensor", "t.tolist()"
+    elif isinstance(value, np.ndarray):
+        kind, fix = "numpy array", "a.tolist()"
+    else:
+        kind = None
+    if kind is not None:
+        if value.ndim == 0:
+            raise SweepError(
+                f"axis {name!r} has the 0-d {kind} {value!r}; its text form is rounded, so it "
+                "cannot identify a job exactly. Convert it to its Python value first (x.item(); "
+                f"for a whole axis, iterate over {fix} instead of the {kind})."
+            )
+        raise SweepError(
+            f"axis {name!r} has a {kind} of shape {tuple(value.shape)} as a value; its text "
+            "form is rounded and it hashes by object, so two different ones could share one "
+            f"seed and one stored result. Use a tuple of Python numbers (tuple({fix})), or a "
+            "label or index as the axis value and look the data up in the batch function."
+        )
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        raise SweepError(
+            f"axis {name!r} has the value NaN, which is unequal to itself, so it cannot key a "
+            "job or its stored result. Use a label for it instead (None, or the string 'nan')."
+        )
+    stable_repr(value)
 
 
 def job_seed(base_seed: int, axes: Sequence[str], key: Sequence[Any]) -> int:
@@ -153,28 +210,54 @@ def materialize(iterators: Sequence[Iterable], names: Sequence[str]) -> list[lis
 
 
 def check_distinct(name: str, values: Sequence[Any]) -> None:
-    """Each value of an axis names one job, so no two may compare equal.
+    """Each value of an axis names one job, so each must have an exact identity
+    (``check_axis_value``) and no two may share one: not compare equal, not share the text
+    that seeds and stores a job (``stable_repr``), not share a key in the traces
+    (``trace_value``).
 
     Python treats ``1 == 1.0 == True`` and ``0 == False`` as one dictionary key: such values
-    would give two jobs one key, and one result would overwrite the other.
+    would give two jobs one key, and one result would overwrite the other. ``None`` and
+    ``"None"`` are one key of the original's traces.
     """
     seen: dict[Any, Any] = {}
+    texts: dict[str, Any] = {}
+    traced: dict[Any, Any] = {}
     for v in values:
+        check_axis_value(name, v)
         key = _equality_key(v)
-        if key not in seen:
-            seen[key] = v
-            continue
-        first = seen[key]
-        if repr(first) == repr(v):
+        if key in seen:
+            _refuse_equal(name, seen[key], v)
+        seen[key] = v
+        text = stable_repr(v)
+        if text in texts:
             raise SweepError(
-                f"axis {name!r} lists {v!r} twice; each value of an axis names one job, so give "
-                "each value once (use a 'trial' axis for repeats)."
+                f"axis {name!r} lists {texts[text]!r} and {v!r}, which differ but have the same "
+                f"text form {text!r}, so they would share one seed and one stored result. Give "
+                "the class a __repr__ that tells its values apart, or use labels."
             )
+        texts[text] = v
+        trace = trace_value(v)
+        if trace in traced:
+            raise SweepError(
+                f"axis {name!r} lists {traced[trace]!r} and {v!r}, which are one key of the "
+                f"result's traces ({trace!r}: the original's traces key such values by str()), "
+                "so one job's losses would hide the other's. Use values whose str() differ "
+                "(e.g. 'none' for None)."
+            )
+        traced[trace] = v
+
+
+def _refuse_equal(name: str, first: Any, v: Any) -> None:
+    if repr(first) == repr(v):
         raise SweepError(
-            f"axis {name!r} lists {first!r} and {v!r}, which compare equal in Python "
-            f"({first!r} == {v!r}), so both would key the same job and one result would be "
-            "lost. Keep one of them, or use values that differ (e.g. strings for labels)."
+            f"axis {name!r} lists {v!r} twice; each value of an axis names one job, so give "
+            "each value once (use a 'trial' axis for repeats)."
         )
+    raise SweepError(
+        f"axis {name!r} lists {first!r} and {v!r}, which compare equal in Python "
+        f"({first!r} == {v!r}), so both would key the same job and one result would be "
+        "lost. Keep one of them, or use values that differ (e.g. strings for labels)."
+    )
 
 
 def _equality_key(value: Any) -> Any:

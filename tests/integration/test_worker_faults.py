@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sweeps import config, trial_sweep
+from sweeps import config, rel, trial_sweep
 
 from modelscape import HParamError, SweepError, load
 
@@ -226,6 +226,51 @@ def test_a_hung_job_is_stopped_after_job_timeout_on_a_worker_process():
     error = result.record(1).error
     assert "JOB_TIMEOUT=10" in error and "raise JOB_TIMEOUT" in error
     assert {int(r.grabs["pid"]) for r in result.records if r.status == "ok"} != {os.getpid()}
+
+
+def slow_bfn(bsz, gen, X=None, y=None, trial=0, **kwargs):
+    """``make_bfn``'s data, 10 ms a draw: a stack of 16 jobs takes ~0.3 s per job."""
+    inner = make_bfn()(bsz, gen, trial=trial)
+
+    def batch_fn(step):
+        time.sleep(0.01)
+        return inner(step)
+
+    return batch_fn
+
+
+def test_job_timeout_is_per_job_so_a_large_stack_longer_than_it_finishes(tmp_path):
+    cfg = config(BATCHED="auto", MAX_ITER=30, SAVE_DIR=str(tmp_path / "run"), JOB_TIMEOUT=1.5)
+    start = time.perf_counter()
+    result = sweep(cfg, trials=range(16), bfn=slow_bfn)
+    seconds = time.perf_counter() - start
+    assert result.trained_by == {"stacked": 16}
+    # the stack trained longer than JOB_TIMEOUT, and nothing was stopped
+    assert sum(r.seconds for r in result.records) > 2 * 1.5
+    reference = sweep(config(BATCHED="auto", MAX_ITER=30), trials=range(16), bfn=slow_bfn)
+    stored = load(tmp_path / "run")
+    for r in (result, stored):
+        assert [x.status for x in r.records] == ["ok"] * 16
+        assert_same_numbers(reference, r, [(t,) for t in range(16)])
+    assert seconds < 120
+
+
+def test_a_hanging_job_times_out_alone_and_its_stack_mates_finish(tmp_path, capfd):
+    cfg = config(BATCHED="auto", MAX_ITER=30, SAVE_DIR=str(tmp_path / "run"), JOB_TIMEOUT=3.0)
+    result = sweep(cfg, bfn=make_bfn(hang_trial=1))
+    stored = load(tmp_path / "run")
+    # in this process nothing hangs: the same stack, untimed
+    reference = sweep(config(BATCHED="auto", MAX_ITER=30), bfn=make_bfn(hang_trial=1))
+    for r in (result, stored):
+        assert {x.key[0]: x.status for x in r.records} == {0: "ok", 1: "failed", 2: "ok", 3: "ok"}
+        assert "JOB_TIMEOUT=3" in r.record(1).error
+        assert r["errors"].keys() == {(1,)}
+        for t in (0, 2, 3):
+            assert r.record(t).steps == reference.record(t).steps == 30
+            # a mate left alone by the split trains in the one-job loop: float rounding apart
+            assert rel(r.record(t).test_loss, reference.record(t).test_loss) < 1e-5
+            assert r["losses"]["config2outcome"][(t,)] == result.record(t).test_loss
+    assert "ran past JOB_TIMEOUT=3 s per job with 4 unfinished jobs" in capfd.readouterr().err
 
 
 def test_job_timeout_cannot_be_silently_ignored_in_this_process():

@@ -30,7 +30,15 @@ from torch import nn
 from modelscape.engine import precision
 from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.loop import train
-from modelscape.engine.setup import Problem, setup_job, to_device, training_rng_seed
+from modelscape.engine.setup import (
+    GlobalRngs,
+    Problem,
+    kept_global_rngs,
+    seed_global_rngs,
+    setup_job,
+    to_device,
+    training_rng_seed,
+)
 from modelscape.engine.stacked import graphs, memory
 from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, group_cap, refuse
 from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
@@ -46,6 +54,7 @@ from modelscape.engine.tracking import (
 )
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
+from modelscape.sweep.checks import check_finite
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec, check_batch
 
@@ -130,8 +139,7 @@ def _set_up_and_train(jobs, spec, device, checkpoints, sync_every, group_bytes):
             yield failed.record
     if not problems:
         return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), precision.matmuls(jobs[0].hp.PRECISION):
+    with kept_global_rngs(device), precision.matmuls(jobs[0].hp.PRECISION):
         resumed = [load_checkpoint(p, checkpoints) for p in problems]
         if checkpoints is not None:
             checkpoints.reset_clock()
@@ -209,13 +217,13 @@ class Run:
         self.step_fn = graphs.step_function(self.kernel.loss_and_grads, self.hp.COMPILE, device)
         self.tracks = [track for _, track, _ in part]
         self.tracker = Tracker(self.tracks)
-        # The one-job loop seeds the global RNG per job; keep a state per job in case an online
-        # batch function draws from it (checked at the first draw).
-        self.rngs: list[torch.Tensor | None] = []
+        # The one-job loop seeds the global generators per job; keep their states per job in
+        # case an online batch function draws from them (checked at the first draw).
+        self.rngs: list[GlobalRngs | None] = []
         for p, _, rng in part:
             if self.online and rng is None:
-                torch.manual_seed(training_rng_seed(p.job))
-                rng = torch.get_rng_state()
+                seed_global_rngs(training_rng_seed(p.job))
+                rng = GlobalRngs.now()
             self.rngs.append(rng if self.online else None)
         self.stack: Stack | None = self._stack()
         self.uses_global_rng = False
@@ -275,13 +283,14 @@ class Run:
         for r in stack.rows:
             p = self.problems[r]
             if self.uses_global_rng or step == self.start:
-                torch.set_rng_state(self.rngs[r])
+                self.rngs[r].put()
             X, y = p.batch_fn(step)
             if step == 0:
                 check_batch(X, y, p.job.hp.N_SAMPLES, "batch_fn(0)")
+                check_finite(X, y, f"job ({p.job.label()}), batch_fn(0)")
             if self.uses_global_rng or step == self.start:
-                after = torch.get_rng_state()
-                if not torch.equal(after, self.rngs[r]):
+                after = GlobalRngs.now()
+                if not after.same_as(self.rngs[r]):
                     self.uses_global_rng = True
                 self.rngs[r] = after
             X, y = to_device(X, y, self.device, p.job.hp.DTYPE)
@@ -424,6 +433,6 @@ class Run:
             track: Track = self.tracks[r]
             self._load_job(stack, pos, r, step, with_opt=True)
             if self.rngs[r] is not None:
-                torch.set_rng_state(self.rngs[r])
+                self.rngs[r].put()
             seconds = self.tracker.seconds(track)
             self.checkpoints.save(track.job.key, job_state_dict(self.problems[r], track, seconds))
