@@ -9,6 +9,7 @@ model before a big sweep. Data sets and targets live in ``modelscape.data``, plo
 """
 
 from modelscape.backend.cli import base_args, parse_args
+from modelscape.code_identity import VERSION
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 from modelscape.errors import (
     ExecutorError,
@@ -35,7 +36,7 @@ from modelscape.runner import main as run_sweep
 from modelscape.store import load
 from modelscape.trace import ExptTrace
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "CNN",

@@ -24,6 +24,8 @@ from modelscape.jobs import Job
 from modelscape.models import resolve_model_class
 from modelscape.sweep import SweepSpec
 
+VERSION = "0.1.0"  # modelscape's version (the package root's __version__), stored in run folders
+
 
 def code_digest(obj: Any) -> str:
     """A short digest of ``obj``'s source, or of its pickled bytes when it has no source."""

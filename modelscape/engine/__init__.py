@@ -42,9 +42,15 @@ from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
 from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
 
+# The engines' numerics: bump it with any change that alters the numbers a job trains to (a new
+# kernel, a new random stream). A run folder stores it, and a resume across a change is refused
+# (store/describe.py), so that one folder never mixes two engines' numbers.
+NUMERICS_VERSION = 1
+
 __all__ = [
     "GROUP_BYTES",
     "MAX_GROUP",
+    "NUMERICS_VERSION",
     "STACKED_OPTIMIZERS",
     "SYNC_EVERY",
     "Checkpoints",

@@ -145,19 +145,36 @@ class Problem:
         return out.squeeze(-1) if self.squeeze else out
 
     @torch.no_grad()
-    def test_loss(self) -> float:
-        """The loss on the test set, in eval mode (no dropout), the model's mode restored."""
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """The trained function at ``X``, as the loss sees it: (f(x) - f_init(x)) / GAMMA.
+
+        In eval mode (no dropout; the model's mode is restored) and without gradients, in
+        chunks of EVAL_CHUNK rows. ``X`` moves to the job's device and DTYPE. The test and
+        training sets use the f_init values cached when the job was set up.
+        """
+        if X is self.X_te:
+            f0_all = self.f0_te
+        elif X is self.X_tr:
+            f0_all = self.f0_tr
+        else:
+            dtype = getattr(torch, self.job.hp.DTYPE) if X.is_floating_point() else X.dtype
+            X = X.to(self.device, dtype)
+            f0_all = None if self.model0 is None else _chunked(self.model0, X)
         was_training = self.model.training
         self.model.eval()
         try:
             outs = []
-            for start in range(0, self.X_te.shape[0], EVAL_CHUNK):
+            for start in range(0, X.shape[0], EVAL_CHUNK):
                 sl = slice(start, start + EVAL_CHUNK)
-                f0 = None if self.f0_te is None else self.f0_te[sl]
-                outs.append(self.output(self.X_te[sl], f0))
-            return float(self.loss_fn(torch.cat(outs), self.y_te))
+                outs.append(self.output(X[sl], None if f0_all is None else f0_all[sl]))
+            return torch.cat(outs)
         finally:
             self.model.train(was_training)
+
+    def test_loss(self) -> float:
+        """The loss on the test set (``predict``: eval mode, no gradients)."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.predict(self.X_te), self.y_te))
 
 
 def to_device(X: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str):
@@ -324,7 +341,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)
-            else:
+            if X_tr is None or spec.grabs:  # online batches, and predict() on a grab's inputs
                 problem.model0 = model0
     return problem
 
@@ -345,6 +362,7 @@ def evaluate_grabs(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int
             y_te=problem.y_te,
             opt=problem.opt,
             step=step,
+            predict=problem.predict,
             **problem.config,
         )
         out[name] = to_numpy(value, name)
