@@ -16,6 +16,7 @@ DEPRECATED_NAMES = {
     "DIM": "D_IN",
     "dim": "D_IN",
     "d_in": "D_IN",
+    "d_out": "D_OUT",
     "model_class": "MODEL_CLASS",
     "optimizer": "OPTIMIZER",
     "OPTIMIZER_CLASS": "OPTIMIZER",
@@ -32,6 +33,10 @@ DEPRECATED_NAMES = {
     "EXPT_NAME": "SAVE_DIR",
     "POST_INIT_FN": "post_init_fn",
 }
+
+# Hyperparameters that the original's user code reads under its old spelling (its batch
+# functions take ``d_out``): user code is offered the value under that name too.
+USER_CODE_SPELLINGS = {"D_OUT": "d_out"}
 
 # The original's model-from-file pair; together they are MODEL_CLASS="file.py:Name".
 LEGACY_MODEL_FILE = {"MODEL_FILE": "MODEL_NAME", "model_file": "model_name"}

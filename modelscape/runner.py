@@ -28,7 +28,7 @@ from modelscape.code_identity import describe_code
 from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_grabs
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
-from modelscape.jobs import Job, axis_target, build_jobs, materialize
+from modelscape.jobs import Job, axis_target, build_jobs, lookalike_axis, materialize
 from modelscape.progress import Progress, notice, placement_text
 from modelscape.results import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
@@ -107,6 +107,26 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             check_model(job, spec, X, y)
 
 
+def _check_lookalike_axes(names: Sequence[str], spec: SweepSpec) -> None:
+    """An axis named like a hyperparameter but not exactly (``lr``, ``GAMA``) would set nothing:
+    refuse it, naming the hyperparameter, unless the batch function takes it by name."""
+    listed = spec.listed_parameters()
+    for name in names:
+        target = lookalike_axis(name)
+        if target is None:
+            continue
+        if name in listed:
+            notice(
+                f"axis {name!r} is your batch function's own parameter; it does not set {target}."
+            )
+            continue
+        raise SweepError(
+            f"iterator name {name!r} is not a hyperparameter, but looks like {target}, so this "
+            f"axis would set nothing: name the axis {target} to sweep it, or, for an axis of "
+            f"your own, take {name!r} as a parameter of your batch function."
+        )
+
+
 def plan(
     iterators: Sequence[Iterable],
     iterator_names: Sequence[str],
@@ -115,13 +135,14 @@ def plan(
 ) -> tuple[list[str], list[list], list[Job], SweepSpec]:
     """Resolve and validate the whole sweep: (axes, axis values, jobs, shared spec)."""
     hps, user = H.split_config(_as_dict(global_config))
+    spec = SweepSpec.from_configs(bfn_config, user)
     names = list(iterator_names)
     values = materialize(iterators, names)
+    _check_lookalike_axes(names, spec)
     for name, extra_values in _list_valued_axes(hps, names):
         names.append(name)
         values.append(extra_values)
     jobs = build_jobs(values, names, hps)
-    spec = SweepSpec.from_configs(bfn_config, user)
     _preflight(jobs, spec)
     return names, values, jobs, spec
 

@@ -97,6 +97,27 @@ def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
     return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
 
 
+def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec) -> None:
+    """A user key that nearly names one of the optimizer's arguments (``nesterow``) is a typo
+    that would set nothing: refuse it, as OPTIMIZER_KWARGS does, unless the batch function
+    takes it by name. (A key named exactly like an argument is already copied, with a warning.)
+    """
+    params = inspect.signature(opt_cls.__init__).parameters
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    args = [n for n, p in params.items() if n not in ("self", "params") and p.kind not in variadic]
+    listed = spec.listed_parameters()
+    for key in spec.user_config:
+        if not isinstance(key, str) or key in params or key in listed:
+            continue
+        close = difflib.get_close_matches(key, args, n=1, cutoff=0.8)
+        if close:
+            raise SweepError(
+                f"config key {key!r} is not an argument of {opt_cls.__name__}: did you mean "
+                f"{close[0]!r}? Write OPTIMIZER_KWARGS={{{close[0]!r}: ...}} to set it, or, for a "
+                f"key of your own, take {key!r} as a parameter of your batch function."
+            )
+
+
 @dataclass
 class Problem:
     """Everything one job trains on, built once before its first step."""
@@ -190,20 +211,22 @@ def job_config(job: Job, spec: SweepSpec) -> dict[str, Any]:
     return {**spec.user_config, **dataclasses.asdict(job.hp), **job.values}
 
 
-def _output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
+def _output_dim(y: torch.Tensor, d_out: int | None) -> tuple[int, bool]:
+    """The model's output dimension and whether its (n, 1) output is squeezed to y's (n,)."""
     if not y.is_floating_point():
-        if "d_out" in config and "D_OUT" not in config:
-            raise SweepError("the number of classes is D_OUT; rename the config key d_out.")
-        d_out = config.get("D_OUT")
         if d_out is None:
             raise SweepError(
                 "y holds integer class labels, so the output dimension cannot be "
                 "read from it: set D_OUT (the number of classes) in global_config."
             )
-        return int(d_out), False
-    if y.ndim == 1:
-        return 1, True
-    return int(np.prod(y.shape[1:])), False
+        return d_out, False
+    found = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+    if d_out is not None and d_out != found:
+        raise SweepError(
+            f"D_OUT={d_out}, but the float targets have {found} outputs per sample (y has shape "
+            f"{tuple(y.shape)}); set D_OUT={found}, or None to read it from the targets."
+        )
+    return found, y.ndim == 1
 
 
 def model_spec(
@@ -223,9 +246,10 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     cannot run there is left for the job itself to report.
     """
     config = job_config(job, spec)
-    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, config)[0])
+    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), _output_dim(y, job.hp.D_OUT)[0])
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     optimizer_kwargs(opt_cls, job)
+    check_optimizer_lookalikes(opt_cls, spec)
     resolve_class(job.hp.LOSS, nn, "LOSS")
     if job.hp.PARAMETRIZATION == "sp":
         return
@@ -288,7 +312,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         check_batch(X_tr, y_tr, hp.N_SAMPLES, f"training set (batch_fn({job.trial}))")
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
 
-    d_out, squeeze = _output_dim(y_te, config)
+    d_out, squeeze = _output_dim(y_te, hp.D_OUT)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
     opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     opt_kwargs = optimizer_kwargs(opt_cls, job)
