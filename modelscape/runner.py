@@ -116,9 +116,7 @@ def _check_lookalike_axes(names: Sequence[str], spec: SweepSpec) -> None:
         if target is None:
             continue
         if name in listed:
-            notice(
-                f"axis {name!r} is your batch function's own parameter; it does not set {target}."
-            )
+            notice(f"axis {name!r} is your batch function's parameter; it does not set {target}.")
             continue
         raise SweepError(
             f"iterator name {name!r} is not a hyperparameter, but looks like {target}, so this "
