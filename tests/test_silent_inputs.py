@@ -252,3 +252,43 @@ def test_every_axis_name_the_original_uses_still_works(axis):
         assert lookalike_axis(axis) is None
         target = axis_target(axis)
     assert target in (None, "N_SAMPLES", "GAMMA", "WIDTH", "DEPTH")
+
+
+# --- 2. the original's ResNet flow: cross-entropy on one output ----------------------------------
+
+
+class OneOutputNet(torch.nn.Module):
+    def __init__(self, in_channels=1, width=8, num_blocks=2, d_out=1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, width, 3, padding=1)
+        self.output_layer = torch.nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.output_layer(self.conv(x).relu().mean((2, 3)))
+
+
+def test_cross_entropy_on_normalized_float_labels_is_refused_naming_the_fix():
+    """One output against float labels: the cross-entropy over one class is 0 whatever the
+    network does, so the original trained nothing. Refused before training."""
+    seen = []
+
+    def images(bsz, gen, X=None, y=None, **kwargs):
+        def batch_fn(step):
+            seen.append(step)
+            Xb = torch.randn(bsz, 1, 6, 6, generator=gen)
+            yb = torch.randint(0, 2, (bsz,), generator=gen).float()
+            return Xb, yb / torch.linalg.norm(yb)
+
+        return batch_fn
+
+    assert float(torch.nn.CrossEntropyLoss()(torch.randn(5, 1), torch.rand(5, 1))) == 0.0
+    cfg = {**config(MODEL_CLASS=OneOutputNet), "in_channels": 1, "num_blocks": 2}
+    del cfg["LOSS"]
+    cfg["LOSS_CLASS"] = torch.nn.CrossEntropyLoss  # the original's spelling
+    with pytest.warns(FutureWarning, match="LOSS_CLASS .*use LOSS"):
+        with pytest.raises(SweepError) as err:
+            sweep([[0]], ["trial"], cfg, images)
+    text = str(err.value)
+    assert "LOSS=CrossEntropyLoss" in text and "integer class labels" in text, text
+    assert "D_OUT" in text and "MSELoss" in text
+    assert max(seen) == 0
