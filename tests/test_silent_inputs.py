@@ -190,6 +190,30 @@ def test_a_near_miss_the_batch_function_takes_is_a_user_key():
     assert grab_values(result, "nesterov") == [0.0] and set(received) == {3}
 
 
+def test_beta_for_adam_is_refused_but_a_model_s_BETA_is_not_a_lookalike():
+    seen = []
+    cfg = {**config(OPTIMIZER="Adam"), "beta": 2.0}
+    with pytest.raises(SweepError, match="'beta' is not an argument of Adam: did you mean 'betas'"):
+        sweep([[0]], ["trial"], cfg, recording_bfn(seen))
+    assert max(seen) == 0
+    # a model's own arguments are upper-case keys, which no lower-case optimizer argument is
+    # near: BETA reaches the model
+    cfg = {**config(OPTIMIZER="Adam", MODEL_CLASS=BetaNet), "BETA": 2.0}
+    beta = {"beta": lambda model, **kw: model.beta}
+    assert grab_values(sweep([[0]], ["trial"], cfg, recording_bfn([]), beta), "beta") == [2.0]
+
+
+class BetaNet(torch.nn.Module):
+    def __init__(self, d_in, d_out, width, beta):
+        super().__init__()
+        self.input_layer = torch.nn.Linear(d_in, width)
+        self.output_layer = torch.nn.Linear(width, d_out)
+        self.beta = beta
+
+    def forward(self, x):
+        return self.output_layer(torch.tanh(self.beta * self.input_layer(x)))
+
+
 # --- every spelling the original's code reads --------------------------------------------------
 
 # What the original's code reads from global_config (backend/job.py: the model, the input size,
