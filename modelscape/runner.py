@@ -29,6 +29,7 @@ from modelscape.engine import Checkpoints, check_model, group_jobs, preflight_gr
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
 from modelscape.jobs import Job, axis_target, build_jobs, lookalike_axis, materialize
+from modelscape.legacy_names import LEGACY_AXES
 from modelscape.progress import Progress, notice, placement_text
 from modelscape.results import JobRecord, Result
 from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_id
@@ -110,8 +111,14 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
 def _check_lookalike_axes(names: Sequence[str], spec: SweepSpec) -> None:
     """An axis named like a hyperparameter but not exactly (``lr``, ``GAMA``) would set nothing:
     refuse it, naming the hyperparameter, unless the batch function takes it by name."""
-    listed = spec.listed_parameters()
+    listed = spec.listed_parameters() - {"bsz", "gen", "X", "y"}  # what every batch fn takes
     for name in names:
+        if name in LEGACY_AXES and name not in listed:
+            raise SweepError(
+                f"iterator name {name!r} was the original modelscape's name of the "
+                f"{LEGACY_AXES[name]!r} axis, and here it would set nothing: name the axis "
+                f"{LEGACY_AXES[name]!r}."
+            )
         target = lookalike_axis(name)
         if target is None:
             continue

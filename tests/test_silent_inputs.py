@@ -156,6 +156,18 @@ def test_ntrain_still_sets_N_SAMPLES():
     assert grab_values(result, "rows") == [8.0, 24.0]
 
 
+@pytest.mark.parametrize(
+    "axis, current", [("BSZ", "ntrain"), ("bsz", "ntrain"), ("TRIAL", "trial"), ("trials", "trial")]
+)
+def test_the_original_s_other_sample_and_trial_axis_names_are_refused_naming_the_current(
+    axis, current
+):
+    seen = []
+    with pytest.raises(SweepError, match=f"'{axis}' was the original .* name the axis '{current}'"):
+        sweep([[8, 16]], [axis], config(), recording_bfn(seen))
+    assert seen == []
+
+
 def test_a_legacy_axis_maps_with_a_warning():
     widths = {"width": lambda model, **kw: model.input_layer.weight.shape[0]}
     with pytest.warns(FutureWarning, match="width is the original modelscape's spelling; use W"):
