@@ -75,9 +75,17 @@ def test_a_resume_across_a_numerics_version_is_refused_before_training(tmp_path)
 
 
 def test_a_folder_without_the_field_holds_numerics_version_1(tmp_path):
+    """As written before the engine section and D_OUT existed."""
     run = tmp_path / "run"
     sweep(run, [])
     rewrite_engine_section(run, None)
+    with sqlite3.connect(run / DB_NAME) as db:
+        (text,) = db.execute("SELECT value FROM meta WHERE name = 'description'").fetchone()
+        description = json.loads(text)
+        assert description["job_hparams"].pop("D_OUT") is None
+        db.execute(
+            "UPDATE meta SET value = ? WHERE name = 'description'", (json.dumps(description),)
+        )
     if NUMERICS_VERSION == 1:
         assert len(sweep(run, [], trials=(0, 1, 2)).records) == 3
     else:

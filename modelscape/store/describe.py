@@ -122,6 +122,9 @@ def check_compatible(
         old, new = stored[section], current[section]
         for name in sorted(set(old) | set(new)):
             a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
+            if section == "job_hparams" and a is _ABSENT and name in H.DEFAULTS:
+                # a hyperparameter added since the folder was written: its jobs had the default
+                a = _describe(H.DEFAULTS[name])
             if _comparable(a) and _comparable(b) and a != b:
                 diffs.append(f"  {name}: {_show(a)} in the run folder, {_show(b)} now")
     if diffs:
