@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from modelscape.__main__ import main
 
 from modelscape import base_args, run_sweep
-from modelscape.__main__ import main
 from modelscape.data import monomial_bfn
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -41,10 +41,12 @@ from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOpti
 from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
 from modelscape.engine.state import Checkpoints
 from modelscape.engine.tracking import Curves, Track, Tracker, failed_record
+from modelscape.sweep.code_identity import NUMERICS_VERSION  # raise it there (see its comment)
 
 __all__ = [
     "GROUP_BYTES",
     "MAX_GROUP",
+    "NUMERICS_VERSION",
     "STACKED_OPTIMIZERS",
     "SYNC_EVERY",
     "Checkpoints",

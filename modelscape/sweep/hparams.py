@@ -32,7 +32,12 @@ import torch
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
 from modelscape.models.activations import ACTIVATIONS
-from modelscape.sweep.legacy_names import DEPRECATED_NAMES, LEGACY_MODEL_FILE, REFUSED_NAMES
+from modelscape.sweep.legacy_names import (
+    DEPRECATED_NAMES,
+    LEGACY_MODEL_FILE,
+    REFUSED_NAMES,
+    USER_CODE_SPELLINGS,
+)
 
 Scope = Literal["job", "sweep"]
 
@@ -79,6 +84,12 @@ class HParams:
     D_IN: Any = hp(
         None,
         "Input features (the original's DIM); None reads them from the data, a number must match.",
+        kind="optional_int",
+    )
+    D_OUT: Any = hp(
+        None,
+        "Outputs (the number of classes for integer labels); None reads them from float targets, "
+        "a number must match.",
         kind="optional_int",
     )
     GAMMA: float = hp(1.0, "Richness: outputs / GAMMA; LR * GAMMA**2 (GAMMA<1) or * GAMMA.")
@@ -360,8 +371,11 @@ def check_ranges(h: HParams) -> None:
             raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
     if not 0.0 <= h.EMA_SMOOTHER < 1.0:
         raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
-    if h.D_IN is not None and h.D_IN <= 0:
-        raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
+    for name in ("D_IN", "D_OUT"):
+        if getattr(h, name) is not None and getattr(h, name) <= 0:
+            raise HParamError(
+                f"{name} must be > 0 (or None to read it from the data), got {getattr(h, name)}."
+            )
     if h.PRECISION != "fp32" and h.DTYPE != "float32":
         raise HParamError(f"PRECISION={h.PRECISION!r} needs DTYPE='float32', not {h.DTYPE!r}.")
     if h.GAMMA <= 0:
@@ -400,6 +414,9 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         if isinstance(name, str):
             check_user_key(name)
         user[name] = value
+    for name, old in USER_CODE_SPELLINGS.items():
+        if isinstance(hps.get(name), numbers.Integral):
+            user.setdefault(old, hps[name])
     _legacy_optimizer_args(hps, user)
     return hps, user
 
