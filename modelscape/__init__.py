@@ -32,10 +32,11 @@ from modelscape.results.result import JobRecord, Result
 from modelscape.results.trace import ExptTrace
 from modelscape.runner import main as run_sweep
 from modelscape.store import load
+from modelscape.sweep.code_identity import VERSION
 from modelscape.sweep.hparams import HParams
 from modelscape.sweep.jobs import Job
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "CNN",

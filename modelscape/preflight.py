@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modelscape.engine.setup import (
+    check_optimizer_lookalikes,
     evaluate_grabs,
     job_config,
     kept_global_rngs,
@@ -96,9 +97,10 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     cannot run there is left for the job itself to report.
     """
     config = job_config(job, spec)
-    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), output_dim(y, config)[0])
+    model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), output_dim(y, job.hp.D_OUT)[0])
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     optimizer_kwargs(opt_cls, job)
+    check_optimizer_lookalikes(opt_cls, spec)
     resolve_class(job.hp.LOSS, nn, "LOSS")
     _check_input_dtype(job, model_cls, kwargs, X)
     if job.hp.PARAMETRIZATION == "sp":

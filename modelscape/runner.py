@@ -31,7 +31,8 @@ from modelscape.store import MemoryStore, RunStore, Store, describe_sweep, key_i
 from modelscape.store.describe import CODE_SECTION
 from modelscape.sweep import hparams as H
 from modelscape.sweep.code_identity import describe_code
-from modelscape.sweep.jobs import Job, axis_target, build_jobs, materialize
+from modelscape.sweep.jobs import Job, axis_target, build_jobs, lookalike_axis, materialize
+from modelscape.sweep.legacy_names import LEGACY_AXES
 from modelscape.sweep.spec import SweepSpec
 
 
@@ -62,6 +63,30 @@ def _list_valued_axes(hps: dict[str, Any], names: Sequence[str]) -> list[tuple[s
     return axes
 
 
+def _check_lookalike_axes(names: Sequence[str], spec: SweepSpec) -> None:
+    """An axis named like a hyperparameter but not exactly (``lr``, ``GAMA``) would set nothing:
+    refuse it, naming the hyperparameter, unless the batch function takes it by name."""
+    listed = spec.listed_parameters() - {"bsz", "gen", "X", "y"}  # what every batch fn takes
+    for name in names:
+        if name in LEGACY_AXES and name not in listed:
+            raise SweepError(
+                f"iterator name {name!r} was the original modelscape's name of the "
+                f"{LEGACY_AXES[name]!r} axis, and here it would set nothing: name the axis "
+                f"{LEGACY_AXES[name]!r}."
+            )
+        target = lookalike_axis(name)
+        if target is None:
+            continue
+        if name in listed:
+            notice(f"axis {name!r} is your batch function's parameter; it does not set {target}.")
+            continue
+        raise SweepError(
+            f"iterator name {name!r} is not a hyperparameter, but looks like {target}, so this "
+            f"axis would set nothing: name the axis {target} to sweep it, or, for an axis of "
+            f"your own, take {name!r} as a parameter of your batch function."
+        )
+
+
 def plan(
     iterators: Sequence[Iterable],
     iterator_names: Sequence[str],
@@ -70,13 +95,14 @@ def plan(
 ) -> tuple[list[str], list[list], list[Job], SweepSpec]:
     """Resolve and validate the whole sweep: (axes, axis values, jobs, shared spec)."""
     hps, user = H.split_config(_as_dict(global_config))
+    spec = SweepSpec.from_configs(bfn_config, user)
     names = list(iterator_names)
     values = materialize(iterators, names)
+    _check_lookalike_axes(names, spec)
     for name, extra_values in _list_valued_axes(hps, names):
         names.append(name)
         values.append(extra_values)
     jobs = build_jobs(values, names, hps)
-    spec = SweepSpec.from_configs(bfn_config, user)
     preflight.check_sweep(jobs, spec)
     return names, values, jobs, spec
 

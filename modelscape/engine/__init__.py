@@ -43,10 +43,12 @@ from modelscape.engine.stacked.grouping import (
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register
 from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
 from modelscape.engine.tracking import Curves, Track, Tracker
+from modelscape.sweep.code_identity import NUMERICS_VERSION  # raise it there (see its comment)
 
 __all__ = [
     "GROUP_BYTES",
     "MAX_GROUP",
+    "NUMERICS_VERSION",
     "STACKED_OPTIMIZERS",
     "SYNC_EVERY",
     "Curves",

@@ -99,6 +99,27 @@ def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
     return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
 
 
+def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec) -> None:
+    """A user key that nearly names one of the optimizer's arguments (``nesterow``) is a typo
+    that would set nothing: refuse it, as OPTIMIZER_KWARGS does, unless the batch function
+    takes it by name. (A key named exactly like an argument is already copied, with a warning.)
+    """
+    params = inspect.signature(opt_cls.__init__).parameters
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    args = [n for n, p in params.items() if n not in ("self", "params") and p.kind not in variadic]
+    listed = spec.listed_parameters()
+    for key in spec.user_config:
+        if not isinstance(key, str) or key in params or key in listed:
+            continue
+        close = difflib.get_close_matches(key, args, n=1, cutoff=0.8)
+        if close:
+            raise SweepError(
+                f"config key {key!r} is not an argument of {opt_cls.__name__}: did you mean "
+                f"{close[0]!r}? Write OPTIMIZER_KWARGS={{{close[0]!r}: ...}} to set it, or, for a "
+                f"key of your own, take {key!r} as a parameter of your batch function."
+            )
+
+
 @dataclass
 class Problem:
     """Everything one job trains on, built once before its first step."""
@@ -148,19 +169,36 @@ class Problem:
         return out.squeeze(-1) if self.squeeze else out
 
     @torch.no_grad()
-    def test_loss(self) -> float:
-        """The loss on the test set, in eval mode (no dropout), the model's mode restored."""
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        """The trained function at ``X``, as the loss sees it: (f(x) - f_init(x)) / GAMMA.
+
+        In eval mode (no dropout; the model's mode is restored) and without gradients, in
+        chunks of EVAL_CHUNK rows. ``X`` moves to the job's device and DTYPE. The test and
+        training sets use the f_init values cached when the job was set up.
+        """
+        if X is self.X_te:
+            f0_all = self.f0_te
+        elif X is self.X_tr:
+            f0_all = self.f0_tr
+        else:
+            dtype = getattr(torch, self.job.hp.DTYPE) if X.is_floating_point() else X.dtype
+            X = X.to(self.device, dtype)
+            f0_all = None if self.model0 is None else _chunked(self.model0, X)
         was_training = self.model.training
         self.model.eval()
         try:
             outs = []
-            for start in range(0, self.X_te.shape[0], EVAL_CHUNK):
+            for start in range(0, X.shape[0], EVAL_CHUNK):
                 sl = slice(start, start + EVAL_CHUNK)
-                f0 = None if self.f0_te is None else self.f0_te[sl]
-                outs.append(self.output(self.X_te[sl], f0))
-            return float(self.loss_fn(torch.cat(outs), self.y_te))
+                outs.append(self.output(X[sl], None if f0_all is None else f0_all[sl]))
+            return torch.cat(outs)
         finally:
             self.model.train(was_training)
+
+    def test_loss(self) -> float:
+        """The loss on the test set (``predict``: eval mode, no gradients)."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.predict(self.X_te), self.y_te))
 
 
 def to_device(X: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: str):
@@ -176,20 +214,22 @@ def job_config(job: Job, spec: SweepSpec) -> dict[str, Any]:
     return {**spec.user_config, **dataclasses.asdict(job.hp), **job.values}
 
 
-def output_dim(y: torch.Tensor, config: Mapping[str, Any]) -> tuple[int, bool]:
+def output_dim(y: torch.Tensor, d_out: int | None) -> tuple[int, bool]:
+    """The model's output dimension and whether its (n, 1) output is squeezed to y's (n,)."""
     if not y.is_floating_point():
-        if "d_out" in config and "D_OUT" not in config:
-            raise SweepError("the number of classes is D_OUT; rename the config key d_out.")
-        d_out = config.get("D_OUT")
         if d_out is None:
             raise SweepError(
                 "y holds integer class labels, so the output dimension cannot be "
                 "read from it: set D_OUT (the number of classes) in global_config."
             )
-        return int(d_out), False
-    if y.ndim == 1:
-        return 1, True
-    return int(np.prod(y.shape[1:])), False
+        return d_out, False
+    found = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+    if d_out is not None and d_out != found:
+        raise SweepError(
+            f"D_OUT={d_out}, but the float targets have {found} outputs per sample (y has shape "
+            f"{tuple(y.shape)}); set D_OUT={found}, or None to read it from the targets."
+        )
+    return found, y.ndim == 1
 
 
 def model_spec(
@@ -303,7 +343,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
         X_tr, y_tr = to_device(X_tr, y_tr, device, hp.DTYPE)
         check_finite(X_tr, y_tr, f"job ({job.label()}), the training set")
 
-    d_out, squeeze = output_dim(y_te, config)
+    d_out, squeeze = output_dim(y_te, hp.D_OUT)
     model_cls, kwargs = model_spec(job, config, tuple(X_te.shape[1:]), d_out)
     opt_cls = resolve_class(hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     opt_kwargs = optimizer_kwargs(opt_cls, job)
@@ -353,7 +393,7 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
             problem.f0_te = _chunked(model0, X_te)
             if X_tr is not None:
                 problem.f0_tr = model0(X_tr)
-            else:
+            if X_tr is None or spec.grabs:  # online batches, and predict() on a grab's inputs
                 problem.model0 = model0
     return problem
 
@@ -374,6 +414,7 @@ def evaluate_grabs(problem: Problem, X: torch.Tensor, y: torch.Tensor, step: int
             y_te=problem.y_te,
             opt=problem.opt,
             step=step,
+            predict=problem.predict,
             **problem.config,
         )
         out[name] = to_numpy(value, name)

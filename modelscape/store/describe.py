@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 
 from modelscape.errors import StoreError, SweepError
 from modelscape.sweep import hparams as H
+from modelscape.sweep.code_identity import NUMERICS_VERSION, VERSION
 from modelscape.sweep.jobs import Job, axis_target, job_fingerprint, stable_repr
 from modelscape.sweep.spec import SweepSpec
 
@@ -52,6 +54,7 @@ def describe_sweep(axes: Sequence[str], jobs: Sequence[Job], spec: SweepSpec) ->
             "LOSS_CHECKPOINTS": first.LOSS_CHECKPOINTS,
         },
         "n_jobs": len(jobs),
+        ENGINE_SECTION: {"modelscape": VERSION, "numerics": NUMERICS_VERSION},
     }
 
 
@@ -118,6 +121,9 @@ def check_compatible(
         old, new = stored[section], current[section]
         for name in sorted(set(old) | set(new)):
             a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
+            if section == "job_hparams" and a is _ABSENT and name in H.DEFAULTS:
+                # a hyperparameter added since the folder was written: its jobs had the default
+                a = _describe(H.DEFAULTS[name])
             if _comparable(a) and _comparable(b) and a != b:
                 diffs.append(f"  {name}: {_show(a)} in the run folder, {_show(b)} now")
     if diffs:
@@ -128,6 +134,8 @@ def check_compatible(
             "settings. To compare values of one setting, make it an iterator (in a new SAVE_DIR)."
         )
     allowed = current.get("sweep_hparams", {}).get("RESUME_CHANGED_CODE", False)
+    if has_records:
+        _check_numerics(run_dir, stored, current, allowed)
     # folders written before code digests have none to compare
     if CODE_SECTION in stored and has_records and not allowed:
         changes = _code_changes(stored[CODE_SECTION], current.get(CODE_SECTION, {}))
@@ -141,6 +149,36 @@ def check_compatible(
             )
 
 
+def _check_numerics(
+    run_dir: Path, stored: Mapping[str, Any], current: Mapping[str, Any], allowed: bool
+) -> None:
+    """Refuse to add results of other engine numerics to a folder's records.
+
+    A folder written before the engine section existed holds numerics version 1 (the numerics
+    of every modelscape that did not store it). RESUME_CHANGED_CODE=True resumes anyway, with a
+    warning naming both versions: the numbers of the two engines then sit in one folder.
+    """
+    old = stored.get(ENGINE_SECTION, {"modelscape": "before 0.1.0", "numerics": 1})
+    new = current[ENGINE_SECTION]
+    if old["numerics"] == new["numerics"]:
+        return
+    what = (
+        f"SAVE_DIR={run_dir} holds results of modelscape {old['modelscape']} (engine numerics "
+        f"version {old['numerics']}), and this is modelscape {new['modelscape']} (engine "
+        f"numerics version {new['numerics']}): the engine now trains to other numbers"
+    )
+    if not allowed:
+        raise StoreError(
+            f"{what}, so resuming would mix two engines' results. Use a new SAVE_DIR, or set "
+            "RESUME_CHANGED_CODE=True to add the new engine's results to this folder anyway."
+        )
+    warnings.warn(
+        f"{what}; RESUME_CHANGED_CODE=True adds its results to the folder anyway.",
+        UserWarning,
+        stacklevel=H.user_stacklevel(),
+    )
+
+
 def _code_changes(stored: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
     lines = []
     for what in sorted(set(stored) | set(current)):
@@ -151,6 +189,7 @@ def _code_changes(stored: Mapping[str, str], current: Mapping[str, str]) -> list
 
 
 _ABSENT = object()
+ENGINE_SECTION = "engine"  # modelscape's version and the engine's NUMERICS_VERSION
 CODE_SECTION = "code"  # the digests of the sweep's code (``modelscape.sweep.code_identity``)
 
 

@@ -1,4 +1,7 @@
-"""Checks of a sweep's data and grabs that catch silent nonsense before training.
+"""Checks of a sweep's hyperparameters, data and grabs that catch silent nonsense before training.
+
+- Values a type alone does not catch (``check_ranges``): sizes > 0, EMA_SMOOTHER in [0, 1),
+  DEVICES entries, a field that configures one EXECUTOR set for another.
 
 - Targets that do not fit the loss: ``CrossEntropyLoss``/``NLLLoss`` with float targets whose
   rows are not probabilities (they train to negative "losses"), and integer class labels under
@@ -17,13 +20,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from modelscape.errors import SweepError
+from modelscape.errors import HParamError, SweepError
 
 CLASS_LOSSES = ("CrossEntropyLoss", "NLLLoss")
 REGRESSION_LOSSES = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
@@ -101,3 +105,41 @@ def check_grab_shape(name: str, value: np.ndarray, expected: Mapping[str, tuple]
             "so that results stack into one array: pad to a fixed size, or return a summary "
             "number."
         )
+
+
+def check_ranges(h: Any) -> None:
+    """Value checks of resolved hyperparameters (``HParams``) that a type alone does not catch."""
+    positive = ["N_SAMPLES", "N_TRAIN", "N_TEST", "NUM_TRIALS", "MAX_ITER", "DEPTH", "WIDTH",
+                "EVAL_EVERY", "WORKERS_PER_DEVICE"]  # fmt: skip
+    for name in positive:
+        if getattr(h, name) <= 0:
+            raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
+    if not 0.0 <= h.EMA_SMOOTHER < 1.0:
+        raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
+    for name in ("D_IN", "D_OUT"):
+        if getattr(h, name) is not None and getattr(h, name) <= 0:
+            raise HParamError(
+                f"{name} must be > 0 (or None to read it from the data), got {getattr(h, name)}."
+            )
+    if h.PRECISION != "fp32" and h.DTYPE != "float32":
+        raise HParamError(f"PRECISION={h.PRECISION!r} needs DTYPE='float32', not {h.DTYPE!r}.")
+    if h.GAMMA <= 0:
+        raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
+    if not h.LOSS_CHECKPOINTS:
+        raise HParamError("LOSS_CHECKPOINTS needs at least one threshold, e.g. [0.1].")
+    if not h.DEVICES:
+        raise HParamError("DEVICES needs at least one entry, e.g. [0] or ['cpu'].")
+    for d in h.DEVICES:
+        if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
+            raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
+    for f in dataclasses.fields(h):  # a field that configures one executor only
+        executor = f.metadata["executor"]
+        if executor and getattr(h, f.name) and h.EXECUTOR != executor:
+            raise HParamError(f"{f.name}={getattr(h, f.name)!r} needs EXECUTOR={executor!r}.")
+    if h.CHECKPOINT_EVERY <= 0:
+        raise HParamError(
+            f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
+        )
+    for name, zero in (("LR", "frozen"), ("MAX_RETRIES", "no retry"), ("JOB_TIMEOUT", "off")):
+        if getattr(h, name) < 0:
+            raise HParamError(f"{name} must be >= 0 (0: {zero}), got {getattr(h, name)}.")

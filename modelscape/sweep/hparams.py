@@ -32,7 +32,13 @@ import torch
 from modelscape.errors import HParamError
 from modelscape.execution import EXECUTORS
 from modelscape.models.activations import ACTIVATIONS
-from modelscape.sweep.legacy_names import DEPRECATED_NAMES, LEGACY_MODEL_FILE, REFUSED_NAMES
+from modelscape.sweep.checks import check_ranges
+from modelscape.sweep.legacy_names import (
+    DEPRECATED_NAMES,
+    LEGACY_MODEL_FILE,
+    REFUSED_NAMES,
+    USER_CODE_SPELLINGS,
+)
 
 Scope = Literal["job", "sweep"]
 
@@ -98,6 +104,12 @@ class HParams:
     D_IN: Any = hp(
         None,
         "Input features (the original's DIM); None reads them from the data, a number must match.",
+        kind="optional_int",
+    )
+    D_OUT: Any = hp(
+        None,
+        "Outputs (the number of classes for integer labels); None reads them from float targets, "
+        "a number must match.",
         kind="optional_int",
     )
     GAMMA: float = hp(
@@ -383,41 +395,6 @@ def coerce_int(name: str, value: Any, bad: Any) -> int:
     raise bad("int")
 
 
-def check_ranges(h: HParams) -> None:
-    """Value checks that a type alone does not catch."""
-    positive = ["N_SAMPLES", "N_TRAIN", "N_TEST", "NUM_TRIALS", "MAX_ITER", "DEPTH", "WIDTH",
-                "EVAL_EVERY", "WORKERS_PER_DEVICE"]  # fmt: skip
-    for name in positive:
-        if getattr(h, name) <= 0:
-            raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
-    if not 0.0 <= h.EMA_SMOOTHER < 1.0:
-        raise HParamError(f"EMA_SMOOTHER must be in [0, 1), got {h.EMA_SMOOTHER}.")
-    if h.D_IN is not None and h.D_IN <= 0:
-        raise HParamError(f"D_IN must be > 0 (or None to read it from the data), got {h.D_IN}.")
-    if h.PRECISION != "fp32" and h.DTYPE != "float32":
-        raise HParamError(f"PRECISION={h.PRECISION!r} needs DTYPE='float32', not {h.DTYPE!r}.")
-    if h.GAMMA <= 0:
-        raise HParamError(f"GAMMA must be > 0, got {h.GAMMA}.")
-    if not h.LOSS_CHECKPOINTS:
-        raise HParamError("LOSS_CHECKPOINTS needs at least one threshold, e.g. [0.1].")
-    if not h.DEVICES:
-        raise HParamError("DEVICES needs at least one entry, e.g. [0] or ['cpu'].")
-    for d in h.DEVICES:
-        if not (d == "cpu" or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)):
-            raise HParamError(f"DEVICES entries are CUDA ids (0, 1, ...) or 'cpu'; got {d!r}.")
-    for name, f in FIELDS.items():
-        executor = f.metadata["executor"]
-        if executor and getattr(h, name) and h.EXECUTOR != executor:
-            raise HParamError(f"{name}={getattr(h, name)!r} needs EXECUTOR={executor!r}.")
-    if h.CHECKPOINT_EVERY <= 0:
-        raise HParamError(
-            f"CHECKPOINT_EVERY is in seconds and must be > 0, got {h.CHECKPOINT_EVERY}."
-        )
-    for name, zero in (("LR", "frozen"), ("MAX_RETRIES", "no retry"), ("JOB_TIMEOUT", "off")):
-        if getattr(h, name) < 0:
-            raise HParamError(f"{name} must be >= 0 (0: {zero}), got {getattr(h, name)}.")
-
-
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a user's config dict into (hyperparameters, the user's own keys).
 
@@ -433,6 +410,9 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         if isinstance(name, str):
             check_user_key(name)
         user[name] = value
+    for name, old in USER_CODE_SPELLINGS.items():
+        if isinstance(hps.get(name), numbers.Integral):
+            user.setdefault(old, hps[name])
     _legacy_optimizer_args(hps, user)
     return hps, user
 

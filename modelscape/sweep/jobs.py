@@ -12,6 +12,7 @@ never depends on the device, the worker or the order jobs run in.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import re
@@ -78,6 +79,24 @@ def axis_target(name: str) -> str | None:
             )
         return name
     return None
+
+
+def lookalike_axis(name: str) -> str | None:
+    """The hyperparameter an identity axis looks like (``lr``, ``Lr`` -> LR; ``GAMA`` -> GAMMA).
+
+    Legacy spellings, the aliases and exact names set their hyperparameter (``axis_target``) and
+    look like nothing. A match up to case may name any hyperparameter (``devices`` is refused
+    too: a sweep setting cannot be an axis); a near miss only a job hyperparameter, so that
+    ``batch`` does not read as BATCHED. ``samples`` is a near miss of N_SAMPLES, ``seed`` a
+    match of SEED; ``batch``, ``target``, ``alpha`` look like nothing.
+    """
+    if name.startswith(OPTIMIZER_ARG_AXIS) or name == TRIAL_AXIS or axis_target(name) is not None:
+        return None
+    by_case = {n.upper(): n for n in H.FIELDS}
+    if name.upper() in by_case:
+        return by_case[name.upper()]
+    hits = difflib.get_close_matches(name.upper(), H.JOB_FIELDS, n=1, cutoff=0.8)
+    return hits[0] if hits else None
 
 
 def stable_repr(value: Any) -> str:

@@ -16,6 +16,7 @@ DEPRECATED_NAMES = {
     "DIM": "D_IN",
     "dim": "D_IN",
     "d_in": "D_IN",
+    "d_out": "D_OUT",
     "model_class": "MODEL_CLASS",
     "optimizer": "OPTIMIZER",
     "OPTIMIZER_CLASS": "OPTIMIZER",
@@ -32,6 +33,15 @@ DEPRECATED_NAMES = {
     "EXPT_NAME": "SAVE_DIR",
     "POST_INIT_FN": "post_init_fn",
 }
+
+# Hyperparameters that the original's user code reads under its old spelling (its batch
+# functions take ``d_out``): user code is offered the value under that name too.
+USER_CODE_SPELLINGS = {"D_OUT": "d_out"}
+
+# Axis names the original's job runner also read as the sample count or the trial; an axis of
+# that name is refused with its current name (it would set nothing), unless the batch function
+# takes it by name. ``bsz`` is the batch function's own argument, so it can never be an axis.
+LEGACY_AXES = {"BSZ": "ntrain", "bsz": "ntrain", "TRIAL": "trial", "trials": "trial"}
 
 # The original's model-from-file pair; together they are MODEL_CLASS="file.py:Name".
 LEGACY_MODEL_FILE = {"MODEL_FILE": "MODEL_NAME", "model_file": "model_name"}

@@ -122,6 +122,14 @@ class SweepSpec:
             post_init_fn=post_init_fn,
         )
 
+    def listed_parameters(self) -> set[str]:
+        """The names the base batch function's signature lists (not what ``**kwargs`` takes)."""
+        try:
+            params = inspect.signature(self.base_bfn).parameters
+        except (TypeError, ValueError):
+            return set()
+        return {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
     def make_batch_fn(
         self, *, bsz: int, gen: torch.Generator, X: Any, y: Any, job_values: Mapping[str, Any]
     ) -> BatchFn:

@@ -206,10 +206,18 @@ def test_lookalike_flags_fail_with_the_name():
 
 def test_user_keys_of_the_original_examples_stay_user_keys():
     keys = {"N_TOT": 5000, "CLASSES": [[0], [6]], "NORMALIZED": True, "mup_param": "mup",
-            "num_blocks": 3, "in_channels": 1, "d_out": 10, "TARGET_MONOMIALS": [],
+            "num_blocks": 3, "in_channels": 1, "TARGET_MONOMIALS": [],
             "datasethps": {}}  # fmt: skip
     hps, user = H.split_config(keys)
     assert hps == {} and user == keys
+
+
+def test_d_out_is_the_legacy_spelling_of_D_OUT_and_stays_visible_to_user_code():
+    with pytest.warns(
+        FutureWarning, match="d_out is the original modelscape's spelling; use D_OUT"
+    ):
+        hps, user = H.split_config({"d_out": 10, "N_TOT": 5000})
+    assert hps == {"D_OUT": 10} and user == {"N_TOT": 5000, "d_out": 10}
 
 
 class _no_op:
