@@ -171,6 +171,8 @@ class Result(Mapping):
         thresholds = self.config.get("LOSS_CHECKPOINTS")
         if "timekeys" in ds and thresholds is not None:
             ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
+        if "EVAL_EVERY" in self.config:  # where the curves' test losses were evaluated
+            ds.attrs["EVAL_EVERY"] = int(self.config["EVAL_EVERY"])
         return ds
 
     def _per_job_grid(self, name: str, shape: list[int], index: dict) -> np.ndarray:
