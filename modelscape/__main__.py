@@ -1,4 +1,4 @@
-"""The `modelscape` command: run (a demo sweep), coord-check, show, plot, export.
+"""The `modelscape` command: run (a demo sweep), coord-check, show, plot, fit, export.
 
 Each subcommand lives in the module that owns its concept and registers itself through
 ``add_parser(subparsers)``; this file only lists them.
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "coord-check": "modelscape.coord_check",
     "show": "modelscape.analysis_cli",
     "plot": "modelscape.analysis_cli",
+    "fit": "modelscape.analysis_cli",
     "export": "modelscape.analysis_cli",
 }
 
