@@ -14,6 +14,8 @@ With fewer than 3 trials at some x there is no interval (NaN).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import xarray as xr
 
@@ -54,7 +56,9 @@ def fit_power_law(
     Returns a Dataset (over ``hue`` when given) with ``exponent``, ``exponent_low``,
     ``exponent_high``, ``prefactor``, ``prefactor_low``, ``prefactor_high``, ``x_min`` and
     ``x_max`` (the fitted range: x values with at least one finite positive y), ``n_points``
-    and ``min_trials`` (the fewest trials used at one x).
+    and ``min_trials`` (the fewest trials used at one x); and the refits themselves,
+    ``exponent_boot`` and ``prefactor_boot`` (a ``resample`` axis), from which a plot draws the
+    band of the fitted line.
     """
     ds = as_dataset(data)
     var = resolve_variable(ds, y)
@@ -77,23 +81,17 @@ def fit_power_law(
         raise ValueError(f"the x axis {xdim!r} must be numeric to fit a power law.")
     groups = [None] if hdim is None else list(da[hdim].values)
     fits = [
-        _fit(
-            da if h is None else da.sel({hdim: h}),
-            xdim,
-            over,
-            ci,
-            n_boot,
-            seed,
-        )
-        for h in groups
+        _fit(da if h is None else da.sel({hdim: h}), xdim, over, ci, n_boot, seed) for h in groups
     ]
+    hdims = [hdim] if hdim else []
     out = {
-        name: (
-            [hdim] if hdim else [],
-            np.array([f[name] for f in fits]).reshape(-1 if hdim else ()),
-        )
+        name: (hdims, np.reshape([f[name] for f in fits], -1 if hdim else ()))
         for name in fits[0]
+        if not name.endswith("_boot")
     }
+    for name in ("exponent_boot", "prefactor_boot"):
+        shape = (-1, n_boot) if hdim else (n_boot,)
+        out[name] = (hdims + ["resample"], np.reshape([f[name] for f in fits], shape))
     result = xr.Dataset(out, coords={hdim: da[hdim].values} if hdim else {})
     result.attrs = {
         "x": xdim,
@@ -107,7 +105,7 @@ def fit_power_law(
 
 def _fit(
     da: xr.DataArray, xdim: str, over: str, ci: float, n_boot: int, seed: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     values = last_dim(da.transpose(xdim, ...), over).values  # [x, trials]
     xs = da[xdim].values.astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -125,9 +123,8 @@ def _fit(
     boot = take(packed, index, mask)
     b_slope, b_intercept = _line(logx, np.nansum(boot, -1) / k)
     fewest = k.min()
-    enough = np.asarray(fewest)
-    slope_low, slope_high = percentile_interval(b_slope, enough, ci)
-    int_low, int_high = percentile_interval(b_intercept, enough, ci)
+    slope_low, slope_high = percentile_interval(b_slope, fewest, ci)
+    int_low, int_high = percentile_interval(b_intercept, fewest, ci)
     return {
         "exponent": slope,
         "exponent_low": float(slope_low),
@@ -139,6 +136,8 @@ def _fit(
         "x_max": float(xs[used].max()),
         "n_points": int(used.sum()),
         "min_trials": int(fewest),
+        "exponent_boot": b_slope,
+        "prefactor_boot": np.exp(b_intercept),
     }
 
 
