@@ -47,12 +47,13 @@ from modelscape.analysis._data import (
     resolve_dim,
 )
 
-EVENT, CENSORED, LEFT_OUT = 0, 1, 2  # the order of a tie: events first
+# what a job says about its time, in the order of a tie: events first
+EVENT, CENSORED, NEVER, LEFT_OUT = 0, 1, 2, 3
 
 
 def km_median(time: np.ndarray, kind: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """The Kaplan-Meier median along the last axis of ``time`` (+inf: never reached) and
-    ``kind`` (``EVENT``, ``CENSORED`` or ``LEFT_OUT``), where ``k`` jobs are not left out; NaN
+    """The Kaplan-Meier median along the last axis of ``time`` and ``kind`` (``EVENT``,
+    ``CENSORED``, ``NEVER``: at +inf, or ``LEFT_OUT``), where ``k`` jobs are not left out; NaN
     where the survival never falls to 1/2."""
     time = np.where(kind == LEFT_OUT, np.inf, time)
     order = np.lexsort((kind, time), axis=-1)
@@ -155,7 +156,7 @@ def _measurements(
     counted = (status == "ok") | (status == "diverged")
     reached = counted & np.isfinite(tk)
     censored = counted & ~reached & (status == "ok")
-    kind = xr.where(reached, EVENT, xr.where(censored, CENSORED, LEFT_OUT))
+    kind = xr.where(reached, EVENT, xr.where(censored, CENSORED, NEVER))
     kind = xr.where(counted, kind, LEFT_OUT)
     last_step = (steps.astype(float) - 1).broadcast_like(tk)
     time = xr.where(reached, tk, xr.where(censored, last_step, np.inf))
