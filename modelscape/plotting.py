@@ -193,15 +193,17 @@ def time_to_threshold(
         threshold = float(max(ds["threshold"].values))
     xdim, hdim = _plotted_dims(ds, x, hue)
     ds = _only(ds, [xdim, hdim], f"time_to_threshold(x={x!r})")
-    if threshold is None:
-        tt = analysis.time_to_threshold(ds.isel(threshold=0), None, ci=ci)
-    else:
+    if "threshold" in ds.coords:
         tt = analysis.time_to_threshold(ds, threshold, ci=ci)
+    else:  # a result without its LOSS_CHECKPOINTS: its one threshold
+        tt = analysis.time_to_threshold(ds.isel(threshold=0), None, ci=ci)
     what = f"threshold {threshold:g}" if threshold is not None else "the threshold"
     if not (tt["reached"] > 0).any():  # else matplotlib fails on an empty log scale
         raise ValueError(
             f"no job reached {what}: there are no times to plot; choose a larger threshold."
         )
+    # a job already below the threshold at step 0 has time 0, which a log axis cannot show
+    zero = logy and bool((tt["low"] == 0).any() | (tt["median"] == 0).any())
     ax = _new_axes(ax)
     frac = ax.twinx()
     xs = labels = None
@@ -209,7 +211,7 @@ def time_to_threshold(
         xs, labels = _x_values(g, xdim)
         # an upper bound that is not identified reaches the censoring step: "at least this"
         high = g["high"].fillna(g["censored_at"]).where(g["median"].notnull())
-        bars = _errorbars(ax, xs, g["median"], g["low"], high, label or "median", logy)
+        bars = _errorbars(ax, xs, g["median"], g["low"], high, label or "median", logy and not zero)
         color = bars.lines[0].get_color()
         censored = g["median_censored"].values
         if censored.any():
@@ -223,7 +225,9 @@ def time_to_threshold(
                 zorder=3,
             )
         frac.plot(xs, g["reached"].values, ":", marker=".", color=color, alpha=0.6)
-    _scales(ax, xs, labels, logx, logy)
+    _scales(ax, xs, labels, logx, logy and not zero)
+    if zero:
+        ax.set_yscale("symlog", linthresh=1)  # linear below 1 step, so 0 is drawn
     ax.scatter(
         [],
         [],
