@@ -13,7 +13,7 @@ have one value (select with ``ds.sel(...)`` first).
 - ``time_to_threshold``: the Kaplan-Meier median steps to a loss (``analysis.time_to_threshold``),
   censored grid points marked, with the fraction of jobs that reached it;
 - ``power_law_fit``: the data, the fitted power law and its bootstrap band
-  (``analysis.fit_power_law``);
+  (``analysis.fit_power_law``; ``draw_fit`` adds a fit to any axes);
 - ``loss_vs_step``: each job's curve up to its exit step, evaluations as points, diverged jobs
   marked.
 
@@ -46,6 +46,7 @@ __all__ = [
     "as_dataset",
     "learning_curve",
     "loglog_fit",
+    "draw_fit",
     "loss_vs_step",
     "power_law_fit",
     "resolve_dim",
@@ -86,7 +87,7 @@ def _only(ds: xr.Dataset, keep: Sequence[str | None], what: str) -> xr.Dataset:
 def _new_axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
-    _, ax = plt.subplots(figsize=(5.6, 4), constrained_layout=True)
+    _, ax = plt.subplots(figsize=(5.6, 4.4), constrained_layout=True)
     return ax
 
 
@@ -131,7 +132,7 @@ def _scales(ax: Axes, xs: np.ndarray, labels: list[str] | None, logx: bool, logy
         ax.set_yscale("log")
         low, high = ax.get_ylim()
         if high / low < SHORT_RANGE:  # matplotlib would label every minor tick, overlapping
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
             ax.yaxis.set_major_formatter(PLAIN)
             ax.yaxis.set_minor_formatter(NullFormatter())
 
@@ -179,12 +180,14 @@ def time_to_threshold(
     ax: Axes | None = None,
     logx: bool = True,
     logy: bool = True,
+    xlabel: str | None = None,
 ) -> Axes:
     """Steps until the EMA train loss first fell below ``threshold`` (default: the largest)
     against the axis ``x``: the Kaplan-Meier median over trials, which counts the jobs that
     stopped before reaching it as censored (``analysis.time_to_threshold``), with its bootstrap
     interval. A grid point where fewer than half reached it is drawn as a triangle at the step
-    its jobs stopped ("at least this"); the fraction that reached it is drawn on the right axis.
+    its jobs stopped ("at least this"); the fraction that reached it is drawn in a strip below
+    ``ax`` (``ax.child_axes[0]``), which carries the x label (``xlabel``, default: the axis).
     """
     ds = as_dataset(data)
     if "timekeys" not in ds:
@@ -202,16 +205,19 @@ def time_to_threshold(
         raise ValueError(
             f"no job reached {what}: there are no times to plot; choose a larger threshold."
         )
+    if np.issubdtype(tt[xdim].dtype, np.number):
+        tt = tt.sortby(xdim)  # lines join the points in the order of x
     # a job already below the threshold at step 0 has time 0, which a log axis cannot show
     zero = logy and bool((tt["low"] == 0).any() | (tt["median"] == 0).any())
     ax = _new_axes(ax)
-    frac = ax.twinx()
+    frac = ax.inset_axes((0, -0.34, 1, 0.22), sharex=ax)
     xs = labels = None
     for label, g in _groups(tt, hdim):
         xs, labels = _x_values(g, xdim)
         # an upper bound that is not identified reaches the censoring step: "at least this"
         high = g["high"].fillna(g["censored_at"]).where(g["median"].notnull())
-        bars = _errorbars(ax, xs, g["median"], g["low"], high, label or "median", logy and not zero)
+        label = label or "median"
+        bars = _errorbars(ax, xs, g["median"], g["low"], high, label, logy and not zero)
         color = bars.lines[0].get_color()
         censored = g["median_censored"].values
         if censored.any():
@@ -224,7 +230,7 @@ def time_to_threshold(
                 edgecolors=color,
                 zorder=3,
             )
-        frac.plot(xs, g["reached"].values, ":", marker=".", color=color, alpha=0.6)
+        frac.plot(xs, g["reached"].values, ":", marker="o", ms=3, color=color)
     _scales(ax, xs, labels, logx, logy and not zero)
     if zero:
         ax.set_yscale("symlog", linthresh=1)  # linear below 1 step, so 0 is drawn
@@ -236,10 +242,11 @@ def time_to_threshold(
         edgecolors="gray",
         label="median ≥ last step (fewer than half reached)",
     )
-    ax.plot([], [], ":", marker=".", color="gray", label="fraction reached (right axis)")
-    frac.set_ylim(0, 1.05)
-    frac.set_ylabel("fraction of jobs that reached it")
-    ax.set_xlabel(xdim)
+    frac.set_ylim(-0.05, 1.05)
+    frac.set_yticks([0, 0.5, 1], ["0", "½", "1"])
+    frac.set_ylabel("reached", fontsize="small")
+    frac.set_xlabel(xlabel or xdim)
+    ax.tick_params(labelbottom=False)
     ax.set_ylabel(f"steps to EMA loss < {threshold:g}" if threshold is not None else "steps")
     title = f"Kaplan-Meier median over {TRIAL_AXIS}, bars: {ci:.0%} bootstrap CI"
     ax.legend(fontsize="small", title=title, title_fontsize="small")
@@ -273,27 +280,28 @@ def power_law_fit(
         name = f"{label}: " if label else ""
         bars = _errorbars(ax, xs, g["center"], g["low"], g["high"], None, True, ls="none")
         color = bars.lines[0].get_color()
-        grid = np.geomspace(float(f["x_min"]), float(f["x_max"]), 60)
-        lines = f["prefactor_boot"].values[:, None] * grid ** f["exponent_boot"].values[:, None]
-        low, high = np.nanquantile(lines, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
-        exponent = (
-            f"exponent {float(f['exponent']):.2f} [{float(f['exponent_low']):.2f}, "
-            f"{float(f['exponent_high']):.2f}]"
-        )
-        ax.plot(
-            grid,
-            float(f["prefactor"]) * grid ** float(f["exponent"]),
-            "--",
-            color=color,
-            label=name + exponent,
-        )
-        ax.fill_between(grid, low, high, color=color, alpha=0.2, lw=0)
+        draw_fit(ax, f, ci, color=color, label=name)
     _scales(ax, xs, None, True, True)
     ax.set_xlabel(xdim)
     ax.set_ylabel(f"{var} (geometric mean over {TRIAL_AXIS})")
     title = f"points: {ci:.0%} bootstrap CI; fit: y = a x^b, {ci:.0%} bootstrap band"
     ax.legend(fontsize="small", title=title, title_fontsize="small")
     return ax, fit
+
+
+def draw_fit(ax: Axes, fit: xr.Dataset, ci: float = 0.95, *, color=None, label: str = "") -> None:
+    """The line of one fit of ``analysis.fit_power_law`` over its fitted range, labelled with
+    its exponent and interval, and the ``ci`` band of the refitted lines (none where the fit
+    has no interval)."""
+    grid = np.geomspace(float(fit["x_min"]), float(fit["x_max"]), 60)
+    low, high = float(fit["exponent_low"]), float(fit["exponent_high"])
+    line = float(fit["prefactor"]) * grid ** float(fit["exponent"])
+    text = f"exponent {float(fit['exponent']):.2f} [{low:.2f}, {high:.2f}]"
+    (drawn,) = ax.plot(grid, line, "--", color=color, label=label + text)
+    if np.isfinite(low):
+        boot = fit["prefactor_boot"].values[:, None] * grid ** fit["exponent_boot"].values[:, None]
+        band = np.nanquantile(boot, [(1 - ci) / 2, (1 + ci) / 2], axis=0)
+        ax.fill_between(grid, *band, color=drawn.get_color(), alpha=0.2, lw=0)
 
 
 def loss_vs_step(

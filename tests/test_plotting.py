@@ -103,7 +103,7 @@ def test_time_to_threshold_marks_the_points_where_fewer_than_half_reached(result
     ]
     np.testing.assert_allclose(censored.get_offsets(), [[8, 39]])  # at least step 39
     reached = analysis.time_to_threshold(ds, 0.5)["reached"].sel(target="x0*x1")
-    fractions = ax.figure.axes[1].lines[1].get_ydata()  # the right axis: fraction reached
+    fractions = ax.child_axes[0].lines[1].get_ydata()  # the strip below: fraction reached
     np.testing.assert_allclose(fractions, reached.values)
     assert fractions[0] == 0
 
