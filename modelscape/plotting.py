@@ -129,12 +129,16 @@ def _scales(ax: Axes, xs: np.ndarray, labels: list[str] | None, logx: bool, logy
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_minor_formatter(NullFormatter())
     if logy:
-        ax.set_yscale("log")
-        low, high = ax.get_ylim()
-        if high / low < SHORT_RANGE:  # matplotlib would label every minor tick, overlapping
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-            ax.yaxis.set_major_formatter(PLAIN)
-            ax.yaxis.set_minor_formatter(NullFormatter())
+        _log_y(ax)
+
+
+def _log_y(ax: Axes) -> None:
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high / low < SHORT_RANGE:  # matplotlib would label every minor tick, overlapping
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def learning_curve(
@@ -333,7 +337,8 @@ def loss_vs_step(
         jobs = c.values.reshape(-1, c.sizes["step"])
         status = np.asarray(g["status"].values).reshape(-1)
         last = exit_step(g).values.reshape(-1)
-        running = steps <= last[status != "missing"].min(initial=-1)
+        ran = last[status != "missing"]
+        running = steps <= (ran.min() if ran.size else -1)
         with warnings.catch_warnings():  # steps where no job was measured stay NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             median = np.nanmedian(np.where(running, jobs, np.nan), axis=0)
@@ -360,7 +365,7 @@ def loss_vs_step(
     ax.plot([], [], lw=0.7, color="gray", label="one line per job, to its exit step")
     ax.plot([], [], "x", color="red", label="diverged")
     if logy:
-        ax.set_yscale("log")
+        _log_y(ax)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{var} (at evaluations)" if points else f"{var} (EMA)")
     ax.legend(fontsize="small")
