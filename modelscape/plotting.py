@@ -216,6 +216,7 @@ def time_to_threshold(
     ax = _new_axes(ax)
     frac = ax.inset_axes((0, -0.34, 1, 0.22), sharex=ax)
     xs = labels = None
+    any_censored = False
     for label, g in _groups(tt, hdim):
         xs, labels = _x_values(g, xdim)
         # an upper bound that is not identified reaches the censoring step: "at least this"
@@ -225,6 +226,7 @@ def time_to_threshold(
         color = bars.lines[0].get_color()
         censored = g["median_censored"].values
         if censored.any():
+            any_censored = True
             ax.scatter(
                 xs[censored],
                 g["censored_at"].values[censored],
@@ -238,14 +240,15 @@ def time_to_threshold(
     _scales(ax, xs, labels, logx, logy and not zero)
     if zero:
         ax.set_yscale("symlog", linthresh=1)  # linear below 1 step, so 0 is drawn
-    ax.scatter(
-        [],
-        [],
-        marker="^",
-        facecolors="none",
-        edgecolors="gray",
-        label="median ≥ last step (fewer than half reached)",
-    )
+    if any_censored:
+        ax.scatter(
+            [],
+            [],
+            marker="^",
+            facecolors="none",
+            edgecolors="gray",
+            label="median ≥ last step (fewer than half reached)",
+        )
     frac.set_ylim(-0.05, 1.05)
     frac.set_yticks([0, 0.5, 1], ["0", "½", "1"])
     frac.set_ylabel("reached", fontsize="small")
@@ -409,6 +412,6 @@ def save(ax_or_fig: Axes | matplotlib.figure.Figure, path: str | os.PathLike) ->
     fig = ax_or_fig.figure if isinstance(ax_or_fig, Axes) else ax_or_fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # a strip below the axes stays in view
     plt.close(fig)
     return path
