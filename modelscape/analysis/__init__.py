@@ -20,6 +20,7 @@ from modelscape.analysis._data import as_dataset, resolve_dim, resolve_variable
 from modelscape.analysis.powerlaw import fit_power_law
 from modelscape.analysis.summary import summarize
 from modelscape.analysis.survival import time_to_threshold
+from modelscape.analysis.tensorboard import export_tensorboard
 
 __all__ = [
     "as_dataset",
@@ -30,10 +31,3 @@ __all__ = [
     "summarize",
     "time_to_threshold",
 ]
-
-
-def export_tensorboard(data, out_dir, **kwargs):
-    """Write one TensorBoard run per job under ``out_dir`` (see ``analysis.tensorboard``)."""
-    from modelscape.analysis.tensorboard import export_tensorboard as export
-
-    return export(data, out_dir, **kwargs)

@@ -116,7 +116,7 @@ def summarize(
         "variable": var,
         "statistic": LABELS[stat],
         "interval": interval,
-        "label": f"{LABELS[stat]} over {over}, " + _short(interval, ci, stat),
+        "label": f"{LABELS[stat]} over {over}, " + _short(ci, stat),
         "note": NO_INTERVAL,
     }
     return out
@@ -131,6 +131,6 @@ def _mean_se(packed: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, ...]:
     return mean, mean - se, mean + se
 
 
-def _short(interval: str, ci: float, stat: str) -> str:
+def _short(ci: float, stat: str) -> str:
     """The interval in a few words, for a legend."""
     return "bars: ±1 s.e." if stat == "mean" else f"bars: {ci:.0%} bootstrap CI"
