@@ -135,7 +135,7 @@ def show(result: Result, args: argparse.Namespace) -> int:
 
 
 def _select(ds, selections: Sequence[str]):
-    from modelscape.plotting import resolve_dim
+    from modelscape.analysis import resolve_dim
 
     for item in selections:
         if "=" not in item:
