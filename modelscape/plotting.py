@@ -84,6 +84,17 @@ def _only(ds: xr.Dataset, keep: Sequence[str | None], what: str) -> xr.Dataset:
     return ds.squeeze([d for d in ds.dims if d not in keep], drop=True)
 
 
+def _status_note(ds: xr.Dataset) -> str:
+    """A line naming the jobs that did not finish well (a plot marks them, never hides them):
+    diverged jobs enter the statistics (as never reaching, or +inf), the others are left out."""
+    if "status" not in ds:
+        return ""
+    status = ds["status"].values.ravel()
+    parts = [f"{(status == s).sum()} {s}" for s in ("diverged", "failed", "missing")]
+    parts = [p for p in parts if not p.startswith("0 ")]
+    return ("\n" + ", ".join(parts) + " (failed and missing left out)") if parts else ""
+
+
 def _new_axes(ax: Axes | None) -> Axes:
     if ax is not None:
         return ax
@@ -170,7 +181,7 @@ def learning_curve(
     _scales(ax, xs, labels, logx, logy)
     ax.set_xlabel(xdim)
     ax.set_ylabel(f"{var} ({s.attrs['statistic']} over {TRIAL_AXIS})")
-    ax.legend(fontsize="small", title=s.attrs["label"], title_fontsize="small")
+    ax.legend(fontsize="small", title=s.attrs["label"] + _status_note(ds), title_fontsize="small")
     return ax
 
 
@@ -256,7 +267,7 @@ def time_to_threshold(
     ax.tick_params(labelbottom=False)
     ax.set_ylabel(f"steps to EMA loss < {threshold:g}" if threshold is not None else "steps")
     title = f"Kaplan-Meier median over {TRIAL_AXIS}, bars: {ci:.0%} bootstrap CI"
-    ax.legend(fontsize="small", title=title, title_fontsize="small")
+    ax.legend(fontsize="small", title=title + _status_note(ds), title_fontsize="small")
     return ax
 
 
@@ -292,7 +303,7 @@ def power_law_fit(
     ax.set_xlabel(xdim)
     ax.set_ylabel(f"{var} (geometric mean over {TRIAL_AXIS})")
     title = f"points: {ci:.0%} bootstrap CI; fit: y = a x^b, {ci:.0%} bootstrap band"
-    ax.legend(fontsize="small", title=title, title_fontsize="small")
+    ax.legend(fontsize="small", title=title + _status_note(ds), title_fontsize="small")
     return ax, fit
 
 
@@ -371,7 +382,7 @@ def loss_vs_step(
         _log_y(ax)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{var} (at evaluations)" if points else f"{var} (EMA)")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", title=_status_note(ds).lstrip("\n") or None)
     return ax
 
 

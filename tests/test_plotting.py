@@ -159,3 +159,14 @@ def test_loglog_fit_recovers_a_power_law(tmp_path):
     ax, slope = plotting.loglog_fit(x, 3 * x**0.7, labels=[f"p{i}" for i in range(7)])
     assert slope == pytest.approx(0.7)
     assert_png(plotting.save(ax, tmp_path / "fit.png"))
+
+
+def test_legends_name_the_jobs_that_did_not_finish(result):
+    ds = result.to_xarray().sel(target="x0")
+    first = (ds["ntrain"] == 8) & (ds["trial"] == 0)
+    ds["status"] = xr.where(first, "failed", ds["status"])
+    ds["test_loss"] = ds["test_loss"].where(~first)
+    ax = plotting.learning_curve(ds, x="ntrain")
+    assert "1 failed (failed and missing left out)" in ax.get_legend().get_title().get_text()
+    ax = plotting.time_to_threshold(ds, "ntrain")
+    assert "1 failed" in ax.get_legend().get_title().get_text()
