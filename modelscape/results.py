@@ -133,7 +133,9 @@ class Result(Mapping):
 
         Variables: ``test_loss``, ``train_loss``, ``timekeys`` (extra dim ``threshold``), one per
         grab, and each per-job field of ``JobRecord`` (``status`` is ``"missing"`` for a job with
-        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
+        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim
+        (padded after each job's exit; ``modelscape.analysis.curves`` says which steps were
+        measured, from ``attrs["EVAL_EVERY"]``).
         """
         import xarray as xr
 

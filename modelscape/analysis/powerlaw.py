@@ -9,7 +9,8 @@ The interval resamples trials within each x value (a job's seed depends on all i
 trials at different x are independent), refits, and takes the percentile interval of the
 refitted exponents and prefactors, seeded. Coverage is close to nominal with 16 trials; with 4,
 a bootstrap of so few trials under-states the spread (tests/test_analysis.py measures both).
-With fewer than 3 trials at some x there is no interval (NaN).
+With fewer than 3 trials at some x there is no interval (NaN). Non-finite or non-positive values
+(diverged, failed and missing jobs) are left out of the fit.
 """
 
 from __future__ import annotations
