@@ -4,8 +4,9 @@ Inputs are Gaussian with covariance eigenvalues ``(i + OFFSET)^-ALPHA``; each ta
 normalized Hermite monomial of the principal coordinates (unit variance, so predicting zero costs
 1). An MLP is trained on a fixed training set of N_SAMPLES points (offline, full batch) until its
 EMA train loss is below LOSS_CHECKPOINTS or MAX_ITER steps, and the test loss is plotted against
-N_SAMPLES, one curve per target, with error bars over trials. Monomials with larger HEA
-eigenvalues (printed) need fewer samples.
+N_SAMPLES, one curve per target: the geometric mean over trials with its bootstrap interval, and
+the fitted power law with its exponent's bootstrap interval (printed; NUM_TRIALS >= 3 for an
+interval). Monomials with larger HEA eigenvalues (printed) need fewer samples.
 
     python examples/powerlaw_monomials.py                         # CPU, about a minute
     python examples/powerlaw_monomials.py --WIDTH 1024 --NUM_TRIALS 5 --DEVICES 0 \\
@@ -35,7 +36,7 @@ DEFAULTS = [
     "--MAX_ITER", "1500",
     "--LOSS_CHECKPOINTS", "0.01",
     "--N_TEST", "2000",
-    "--NUM_TRIALS", "2",
+    "--NUM_TRIALS", "3",
     "--DEVICES", "cpu",
 ]  # fmt: skip
 
@@ -74,7 +75,14 @@ def main(argv: list[str] | None = None) -> None:
         bfn_config,
     )
     print(result.summary())
-    ax = plotting.learning_curve(result, x="N_SAMPLES", y="test_loss", hue="target")
+    ax, fit = plotting.power_law_fit(result, x="N_SAMPLES", y="test_loss", hue="target")
+    for target in fit["target"].values:
+        f = fit.sel(target=target)
+        print(
+            f"target {target}: test loss ~ N^{float(f.exponent):.2f}, 95% bootstrap CI "
+            f"[{float(f.exponent_low):.2f}, {float(f.exponent_high):.2f}] over N = "
+            f"{float(f.x_min):g}..{float(f.x_max):g}"
+        )
     ax.set_title(f"MLP width {args.WIDTH}, power-law data (alpha={args.ALPHA:g})")
     print(f"plot saved to {plotting.save(ax, args.OUT)}")
 

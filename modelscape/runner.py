@@ -151,7 +151,7 @@ def main(
         values,
         [r for r in records if r is not None],
         only_thresholds=hp.ONLYTHRESHOLDS,
-        config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS},
+        config={"LOSS_CHECKPOINTS": hp.LOSS_CHECKPOINTS, "EVAL_EVERY": hp.EVAL_EVERY},
         grab_names=list(spec.grabs),
     )
     if hp.BATCHED != "off":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from modelscape.backend.job_iterator import main as run_job_iterator
@@ -99,12 +100,22 @@ def _axis(config: dict, name: str, given: set[str], default: list) -> list:
 
 
 def learning_curve_table(result) -> str:
-    """Test loss (mean +- std over trials) against sample size, one column per GAMMA."""
+    """Test loss (median over trials [95% bootstrap CI]) against sample size, one column per
+    GAMMA."""
+    from modelscape.analysis import summarize
+
     ds = result.to_xarray()
-    mean = ds.test_loss.mean("trial").to_pandas()
-    std = ds.test_loss.std("trial").to_pandas()
-    table = mean.map("{:.3f}".format) + " +- " + std.map("{:.3f}".format)
+    s = summarize(ds, "test_loss")
+    cells = [
+        f"{c:.3f} [{lo:.3f}, {hi:.3f}]"
+        for c, lo, hi in zip(*(s[v].values.ravel() for v in ("center", "low", "high")))
+    ]
+    table = s["center"].to_pandas().astype(object)
+    table[:] = np.reshape(cells, table.shape)
     table.columns = [f"GAMMA={g:g}" for g in table.columns]
     counts = ds.status.to_series().value_counts().to_dict()
     head = ", ".join(f"{n} {status}" for status, n in counts.items())
-    return f"{len(ds.status.values.ravel())} jobs ({head}). Test loss by sample size:\n{table}"
+    return (
+        f"{len(ds.status.values.ravel())} jobs ({head}). Test loss by sample size, median over "
+        f"trials [95% bootstrap CI; nan with fewer than 3 trials]:\n{table}"
+    )

@@ -1,4 +1,4 @@
-"""The `modelscape` command: run (a demo sweep), coord-check, show, plot, export.
+"""The `modelscape` command: run (a demo sweep), coord-check, show, plot, fit, export.
 
 Each subcommand lives in the module that owns its concept and registers itself through
 ``add_parser(subparsers)``; this file only lists them.
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "coord-check": "modelscape.coord_check",
     "show": "modelscape.cli.show",
     "plot": "modelscape.cli.show",
+    "fit": "modelscape.cli.show",
     "export": "modelscape.cli.show",
 }
 

@@ -1,4 +1,4 @@
-"""``modelscape show | plot | export``: look at a run folder from the shell.
+"""``modelscape show | plot | fit | export``: look at a run folder from the shell.
 
 Each command reads a run folder (the ``SAVE_DIR`` of a sweep, through ``modelscape.store.load``)
 or a pickled ``Result`` file (``pickle.dump(result, f)``), so it works while a sweep is still
@@ -7,7 +7,9 @@ writing and on results saved by hand:
     modelscape show runs/demo
     modelscape plot runs/demo --x N_SAMPLES --y test_loss --hue GAMMA -o fig.png
     modelscape plot runs/demo --x ntrain --y timekeys --threshold 0.2 -o t.png
+    modelscape fit runs/demo --x N_SAMPLES --y test_loss [--hue GAMMA]
     modelscape export runs/demo --format netcdf|csv|parquet [-o out.nc]
+    modelscape export runs/demo --format tensorboard -o tb/    (the tensorboard extra)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from modelscape.results.result import Result
 
-FORMATS = {"netcdf": ".nc", "csv": ".csv", "parquet": ".parquet"}
+FORMATS = {"netcdf": ".nc", "csv": ".csv", "parquet": ".parquet", "tensorboard": ".tensorboard"}
 
 
 def load_result(path: str | Path) -> Result:
@@ -51,7 +53,7 @@ def load_result(path: str | Path) -> Result:
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    """Register ``show``, ``plot`` or ``export`` (this module serves all three)."""
+    """Register ``show``, ``plot``, ``fit`` or ``export`` (this module serves all four)."""
     if name == "show":
         p = sub.add_parser(name, help="jobs done/failed/missing, the axes and a summary table")
         p.add_argument("run", help="run folder (SAVE_DIR) or pickled Result")
@@ -74,13 +76,26 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         )
         p.add_argument("--linear", action="store_true", help="linear instead of log axes")
         p.add_argument("-o", "--out", default="plot.png", help="output image (png, pdf, svg)")
+    elif name == "fit":
+        p = sub.add_parser(name, help="fit y = prefactor * x^exponent with bootstrap intervals")
+        p.add_argument("run", help="run folder (SAVE_DIR) or pickled Result")
+        p.add_argument("--x", required=True, help="the axis of the power law (e.g. N_SAMPLES)")
+        p.add_argument("--y", default="test_loss", help="test_loss, train_loss or a grab's name")
+        p.add_argument("--hue", default=None, help="one fit per value of this axis")
+        p.add_argument("--over", default="trial", help="the axis of the trials resampled")
+        p.add_argument("--ci", type=float, default=0.95, help="coverage of the interval")
+        p.add_argument("--sel", action="append", default=[], metavar="AXIS=VALUE")
     elif name == "export":
-        p = sub.add_parser(name, help="write a run's results as netcdf, csv or parquet")
+        p = sub.add_parser(
+            name, help="write a run's results as netcdf, csv, parquet or TensorBoard event files"
+        )
         p.add_argument("run", help="run folder (SAVE_DIR) or pickled Result")
         p.add_argument("--format", choices=list(FORMATS), default="csv")
-        p.add_argument("-o", "--out", default=None, help="output file (default: next to the run)")
+        p.add_argument(
+            "-o", "--out", default=None, help="output file or folder (default: next to the run)"
+        )
     else:
-        raise ValueError(f"analysis_cli serves show, plot and export, not {name!r}.")
+        raise ValueError(f"analysis_cli serves show, plot, fit and export, not {name!r}.")
     p.set_defaults(analysis=name)
 
 
@@ -88,7 +103,8 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if rest:
         raise SystemExit(f"modelscape {args.analysis}: unrecognized arguments {' '.join(rest)}")
     result = load_result(args.run)
-    return {"show": show, "plot": plot, "export": export}[args.analysis](result, args)
+    commands = {"show": show, "plot": plot, "fit": fit, "export": export}
+    return commands[args.analysis](result, args)
 
 
 def show(result: Result, args: argparse.Namespace) -> int:
@@ -120,7 +136,7 @@ def show(result: Result, args: argparse.Namespace) -> int:
 
 
 def _select(ds, selections: Sequence[str]):
-    from modelscape.results.plotting import resolve_dim
+    from modelscape.analysis import resolve_dim
 
     for item in selections:
         if "=" not in item:
@@ -172,14 +188,63 @@ def plot(result: Result, args: argparse.Namespace) -> int:
     return 0
 
 
+def fit(result: Result, args: argparse.Namespace) -> int:
+    """Print the power-law fit of ``--y`` against ``--x`` (one row per ``--hue`` value)."""
+    from modelscape.analysis import fit_power_law
+
+    try:
+        ds = _select(result.to_xarray(), args.sel)
+        f = fit_power_law(ds, x=args.x, y=args.y, over=args.over, hue=args.hue, ci=args.ci)
+    except (KeyError, ValueError) as err:
+        print(f"modelscape fit: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
+    print(f"{f.attrs['y']} = prefactor * {f.attrs['x']}^exponent ({f.attrs['fit']})")
+    print(f"interval: {f.attrs['interval']}")
+    hdim = next(iter(f.dims), None)  # the hue's axis, when a hue was given
+    rows = [f] if hdim is None else [f.isel({hdim: i}) for i in range(f.sizes[hdim])]
+    head = [hdim] if hdim else []
+    head += ["exponent", f"{args.ci:.0%} CI", "prefactor", f"{args.ci:.0%} CI", "x range"]
+    table = [head + ["points", "trials"]]
+    for row in rows:
+        cells = [str(row[hdim].item())] if hdim else []
+        cells += [
+            f"{row['exponent'].item():.3f}",
+            _interval(row, "exponent", ".3f"),
+            f"{row['prefactor'].item():.4g}",
+            _interval(row, "prefactor", ".4g"),
+            f"{row['x_min'].item():g}..{row['x_max'].item():g}",
+            str(row["n_points"].item()),
+            str(row["min_trials"].item()),
+        ]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if np.isnan(f["exponent_low"].values).any():
+        print(f"nan: {f.attrs['note']}")
+    return 0
+
+
+def _interval(row, name: str, fmt: str) -> str:
+    low, high = row[f"{name}_low"].item(), row[f"{name}_high"].item()
+    return f"[{low:{fmt}}, {high:{fmt}}]"
+
+
 def export(result: Result, args: argparse.Namespace) -> int:
-    """Write the xarray Dataset (netcdf) or the tidy DataFrame (csv, parquet)."""
+    """Write the xarray Dataset (netcdf), the tidy DataFrame (csv, parquet) or one TensorBoard
+    run per job (tensorboard, a folder)."""
     run = Path(args.run)
     default = (run / "results" if run.is_dir() else run.with_suffix("")).with_suffix(
         FORMATS[args.format]
     )
     out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "tensorboard":
+        from modelscape.analysis import export_tensorboard
+
+        runs = export_tensorboard(result, out)
+        print(f"wrote {len(runs)} TensorBoard runs to {out} (tensorboard --logdir {out})")
+        return 0
     if args.format == "netcdf":
         ds = result.to_xarray()
         for name in list(ds.variables):

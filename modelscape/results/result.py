@@ -134,7 +134,9 @@ class Result(Mapping):
 
         Variables: ``test_loss``, ``train_loss``, ``timekeys`` (extra dim ``threshold``), one per
         grab, and each per-job field of ``JobRecord`` (``status`` is ``"missing"`` for a job with
-        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim.
+        no record yet). With ONLYTHRESHOLDS=False the losses and grabs gain a ``step`` dim
+        (padded after each job's exit; ``modelscape.analysis.curves`` says which steps were
+        measured, from ``attrs["EVAL_EVERY"]``).
         """
         import xarray as xr
 
@@ -172,6 +174,8 @@ class Result(Mapping):
         thresholds = self.config.get("LOSS_CHECKPOINTS")
         if "timekeys" in ds and thresholds is not None:
             ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
+        if "EVAL_EVERY" in self.config:  # where the curves' test losses were evaluated
+            ds.attrs["EVAL_EVERY"] = int(self.config["EVAL_EVERY"])
         return ds
 
     def _per_job_grid(self, name: str, shape: list[int], index: dict) -> np.ndarray:

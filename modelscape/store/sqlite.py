@@ -432,7 +432,11 @@ def load(run_dir: str | os.PathLike) -> Result:
         pickle.loads(meta["axis_values"]),
         [r for r in records if r is not None],
         only_thresholds=description["result"]["ONLYTHRESHOLDS"],
-        config={"LOSS_CHECKPOINTS": description["result"]["LOSS_CHECKPOINTS"]},
+        config={
+            "LOSS_CHECKPOINTS": description["result"]["LOSS_CHECKPOINTS"],
+            # absent when EVAL_EVERY is an axis (then the jobs' values say it)
+            **{k: v for k, v in description["job_hparams"].items() if k == "EVAL_EVERY"},
+        },
     )
 
 

@@ -146,3 +146,86 @@ def test_the_modelscape_command_runs_show(run_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "16 done" in proc.stdout
+
+
+def test_fit_prints_one_row_per_hue_value(run_dir, capsys):
+    folder, result = run_dir
+    argv = ["fit", str(folder), "--x", "N_SAMPLES", "--y", "test_loss", "--hue", "GAMMA"]
+    assert main(argv + ["--sel", "target=x0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("test_loss = prefactor * ntrain^exponent")
+    assert "bootstrap percentile interval" in out[1]
+    header, rows = out[2].split(), out[3:5]
+    assert header[:3] == ["GAMMA", "exponent", "95%"]
+    from modelscape.analysis import fit_power_law
+
+    fit = fit_power_law(result.to_xarray().sel(target="x0"), "ntrain", "test_loss", hue="GAMMA")
+    for row, gamma in zip(rows, [1.0, 0.5]):
+        cells = row.split()
+        assert float(cells[0]) == gamma
+        assert float(cells[1]) == pytest.approx(float(fit.exponent.sel(GAMMA=gamma)), abs=1e-3)
+    # two trials: no interval, and the table says why
+    assert "[nan, nan]" in rows[0] and "fewer than 3 trials" in out[-1]
+
+
+def test_fit_names_the_axis_to_select(run_dir, capsys):
+    folder, _ = run_dir
+    assert main(["fit", str(folder), "--x", "N_SAMPLES"]) == 2
+    assert "target" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def curves_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs") / "curves"
+    args = base_args(
+        WIDTH=16,
+        DEPTH=1,
+        LR=0.2,
+        ONLINE=False,
+        MAX_ITER=30,
+        N_TEST=100,
+        LOSS_CHECKPOINTS=[0.5],
+        ONLYTHRESHOLDS=False,
+        EVAL_EVERY=10,
+        DEVICES=["cpu"],
+        SAVE_DIR=str(folder),
+    )
+    result = run_sweep(
+        [["x0", "x0^2"], [8, 32], range(2)],
+        ["target", "ntrain", "trial"],
+        args,
+        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
+        progress=False,
+    )
+    return folder, result
+
+
+def test_export_tensorboard_round_trips_through_tensorboards_reader(curves_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    folder, result = curves_dir
+    out = tmp_path / "tb"
+    assert main(["export", str(folder), "--format", "tensorboard", "-o", str(out)]) == 0
+    runs = sorted(p.name for p in out.iterdir())
+    assert len(runs) == 8 and "target=x0^2,ntrain=32,trial=1" in runs
+    for record in result.records:
+        values = dict(zip(result.axes, record.key))
+        name = ",".join(f"{a}={v}" for a, v in values.items())
+        events = EventAccumulator(str(out / name))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert hparams["target"].string_value == values["target"]
+        assert hparams["ntrain"].number_value == values["ntrain"]
+        assert hparams["status"].string_value == record.status
+        final = events.Scalars("final/test_loss")
+        assert final[0].value == pytest.approx(record.test_loss, rel=1e-6)
+        train = events.Scalars("train_loss")
+        assert [e.step for e in train] == list(range(record.steps))  # never the padding
+        np.testing.assert_allclose(
+            [e.value for e in train], record.curves["train_loss"][: record.steps], rtol=1e-6
+        )
+        last = record.steps - 1
+        evaluated = sorted(set(range(0, last + 1, 10)) | {last})
+        assert [e.step for e in events.Scalars("test_loss")] == evaluated
