@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.cli.args import explicit_names, parse_args
 from modelscape.errors import HParamError
+from modelscape.runner import main as run_job_iterator
 
 DEMO_DEFAULTS = [
     "--WIDTH",
