@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from modelscape.engine import resolve_class
+from modelscape.engine.setup import seeded_global_rng
 from modelscape.models import parametrize
 from modelscape.models.builtin import (
     ACTIVATIONS,
@@ -80,8 +81,7 @@ def coord_check(
         y = torch.randn(batch_size, d_out, generator=gen)
         for width in widths:
             for param in params:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                with seeded_global_rng(seed, torch.device("cpu")):
                     net = build(int(width))
                     opt = parametrize.apply(net, param, opt_cls, lr, dict(opt_kwargs or {}))
                 key = {
