@@ -22,19 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modelscape.sweep.jobs import hashable  # noqa: F401 - its old home; the shim re-exports it
+
 Status = Literal["ok", "diverged", "failed"]
-
-
-def hashable(value: Any) -> Any:
-    """``value`` as a dict key (a job's key values, a group's hyperparameters): lists become
-    tuples, element by element; any other unhashable value becomes its ``repr``."""
-    if isinstance(value, list):
-        return tuple(hashable(v) for v in value)
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return repr(value)
 
 
 class TrainedBy(str):

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from modelscape.results.records import FIELDS, PER_JOB, JobRecord, Status, hashable
+from modelscape.results.records import FIELDS, PER_JOB, JobRecord, Status
 from modelscape.results.trace import ExptTrace
-from modelscape.sweep.jobs import trace_key, trace_value
+from modelscape.sweep.jobs import hashable, trace_key, trace_value
 
 __all__ = ["JobRecord", "Result", "Status", "trace_key"]
 

@@ -5,10 +5,11 @@ through the ``Store`` interface (``base.py``); ``describe.py`` says what a run f
 about its sweep and whether a rerun may resume it.
 """
 
-from modelscape.store.base import Store, key_id
+from modelscape.store.base import Store
 from modelscape.store.describe import array_digest, check_compatible, describe_sweep
 from modelscape.store.memory import MemoryStore
 from modelscape.store.sqlite import RunStore, load
+from modelscape.sweep.jobs import key_id
 
 __all__ = [
     "MemoryStore",

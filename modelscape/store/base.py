@@ -1,19 +1,11 @@
-"""The ``Store`` interface the runner uses, and ``key_id``, a job key's identity as text."""
+"""The ``Store`` interface the runner uses; records are keyed by ``sweep.jobs.key_id``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
 
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
-from modelscape.sweep.jobs import stable_repr
-
-
-def key_id(key: Sequence[Any]) -> str:
-    """The text identity of a job key, equal in every process and every run."""
-    return repr(tuple(stable_repr(v) for v in key))
 
 
 class Store(ABC):

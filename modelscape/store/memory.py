@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from modelscape.results.records import JobRecord
-from modelscape.store.base import Store, key_id
+from modelscape.store.base import Store
+from modelscape.sweep.jobs import key_id
 
 
 class MemoryStore(Store):

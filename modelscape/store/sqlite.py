@@ -37,12 +37,12 @@ import numpy as np
 from modelscape.errors import StoreError
 from modelscape.results.records import SQL_COLUMNS, JobRecord, default_of
 from modelscape.results.result import Result
-from modelscape.store.base import Store, key_id
+from modelscape.store.base import Store
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.store.describe import FORMAT_VERSION, check_compatible, union_values
 from modelscape.store.faults import store_faults
 from modelscape.store.files import remove_stale_temporaries, write_atomic
-from modelscape.sweep.jobs import Job, job_label
+from modelscape.sweep.jobs import Job, job_label, key_id
 
 DB_NAME = "results.sqlite"
 CONFIG_NAME = "config.json"

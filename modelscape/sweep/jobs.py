@@ -118,6 +118,24 @@ def stable_repr(value: Any) -> str:
     return text
 
 
+def key_id(key: Sequence[Any]) -> str:
+    """A job key's identity as text, equal in every process and every run: the run folder's
+    key for the job's record and its checkpoint."""
+    return repr(tuple(stable_repr(v) for v in key))
+
+
+def hashable(value: Any) -> Any:
+    """``value`` as a dict key (a job's key values, a group's hyperparameters): lists become
+    tuples, element by element; any other unhashable value becomes its ``repr``."""
+    if isinstance(value, list):
+        return tuple(hashable(v) for v in value)
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def trace_value(value: Any) -> Any:
     """A value as the original's traces key it: ``str()`` of everything that is not an int,
     float, str or tuple (tuples converted inside), so that expt-core can compare."""

@@ -18,9 +18,9 @@ from torch import nn
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.errors import SweepError
 from modelscape.models.builtin import MLP
-from modelscape.results.records import TrainedBy, hashable
+from modelscape.results.records import TrainedBy
 from modelscape.sweep import hparams as H
-from modelscape.sweep.jobs import Job
+from modelscape.sweep.jobs import Job, hashable
 
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says
