@@ -47,7 +47,7 @@ NONLINEARITIES = tuple(ACTIVATIONS)
 BATCHED_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 PRECISIONS = ("fp32", "tf32", "bf16-mixed")
-COMPILE_MODES = ("auto", "off")
+COMPILE_MODES = ("off", "cuda-graphs")
 
 
 def hp(
@@ -198,7 +198,12 @@ class HParams:
         0.0, "Seconds per job before a hung worker job fails; 0 is off.", scope="sweep"
     )
     RESUME_CHANGED_CODE: bool = hp(False, "Resume a SAVE_DIR whose code changed.", scope="sweep")
-    COMPILE: str = hp("auto", "auto: CUDA graphs on GPU.", scope="sweep", choices=COMPILE_MODES)
+    COMPILE: str = hp(
+        "off",
+        "cuda-graphs: replay the stacked step on GPU (opt-in).",
+        scope="sweep",
+        choices=COMPILE_MODES,
+    )
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(HParams)}

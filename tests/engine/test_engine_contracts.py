@@ -153,3 +153,21 @@ def test_the_failure_boundary_fails_only_the_job_whose_code_exits_inside_a_stack
     assert status[(0,)] == ("ok", "stacked") and status[(2,)] == ("ok", "stacked")
     assert status[(1,)][0] == "failed"
     assert "UserCodeExit: SystemExit(3) was raised inside your code" in result.record(1).error
+
+
+def test_cuda_graph_capture_is_an_explicit_opt_in_never_the_default():
+    """The capture has never run on a GPU here, so the default step is eager everywhere;
+    COMPILE="cuda-graphs" asks for it, and only a CUDA device gets it."""
+    from modelscape.engine.stacked import graphs
+    from modelscape.sweep import hparams as H
+
+    def eager(*args):
+        return args
+
+    assert H.HParams().COMPILE == "off"
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert graphs.step_function(eager, "off", cuda) is eager
+    assert graphs.step_function(eager, "cuda-graphs", CPU) is eager
+    assert isinstance(graphs.step_function(eager, "cuda-graphs", cuda), graphs.GraphedStep)
+    with pytest.raises(H.HParamError, match="cuda-graphs"):
+        H.resolve({"COMPILE": "auto"})

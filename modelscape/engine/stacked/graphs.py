@@ -1,17 +1,18 @@
-"""COMPILE: the stacked kernel step as a CUDA graph where it pays.
+"""COMPILE: the stacked kernel step as a CUDA graph, an opt-in for GPUs.
 
 A step of a stack of small jobs on a GPU is a few dozen short kernels, whose launches cost more
-than their math. With COMPILE="auto" on a CUDA device, the kernel's ``loss_and_grads`` (forward,
-loss and hand-written backward: everything but the optimizer update, whose Adam step count
-changes every step) is captured once per stack as a CUDA graph and replayed each step; the
+than their math. With COMPILE="cuda-graphs" on a CUDA device, the kernel's ``loss_and_grads``
+(forward, loss and hand-written backward: everything but the optimizer update, whose Adam step
+count changes every step) is captured once per stack as a CUDA graph and replayed each step; the
 inputs of an online step are copied into the graph's own before the replay. A stack whose rows
 change (jobs exited) is captured again, which takes milliseconds. Replays run the captured
 kernels, so the numbers are those of the eager step.
 
-On the CPU, "auto" is the eager step: ``torch.compile`` of the stacked step was measured there
-(benchmarks/NOTES.md) and its compile time never pays back within a sweep. COMPILE="off" is the
-eager step everywhere. Capture failures (an op that cannot be captured) fall back to the eager
-step, saying so once.
+The default, COMPILE="off", is the eager step everywhere: the capture has not yet run on a GPU
+(no device was available to validate it against the eager step), so it is not on by default.
+On the CPU "cuda-graphs" is the eager step too: ``torch.compile`` of the stacked step was
+measured there (benchmarks/NOTES.md) and its compile time never pays back within a sweep.
+Capture failures (an op that cannot be captured) fall back to the eager step, saying so once.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ WARMUP = 2  # eager calls on a side stream before a capture, as CUDA graphs requ
 
 
 def step_function(loss_and_grads: Step, mode: str, device: torch.device) -> Step:
-    """The kernel step to train with: a CUDA graph replay (COMPILE="auto" on CUDA) or eager."""
-    if mode == "off" or device.type != "cuda":
+    """The kernel step to train with: a CUDA graph replay (COMPILE="cuda-graphs" on CUDA) or
+    eager."""
+    if mode != "cuda-graphs" or device.type != "cuda":
         return loss_and_grads
     return GraphedStep(loss_and_grads, device)
 
