@@ -1,4 +1,7 @@
-"""Helpers shared by the tests: a batch function, a tiny sweep's config, and the sweep itself."""
+"""Helpers shared by the tests: a batch function, a tiny sweep's config, the sweep itself, and
+tiny CIFAR-10 files in the real format."""
+
+import pickle
 
 import numpy as np
 import torch
@@ -66,3 +69,26 @@ def assert_same(ref, got, tol=1e-5):
         for name in r.curves or {}:
             assert r.curves[name].shape == g.curves[name].shape
             assert rel(r.curves[name], g.curves[name]) <= tol, name
+
+
+def write_fake_cifar(folder, n_per_batch=4, n_test=3):
+    """Tiny CIFAR-10 batches in the real format: pickled dicts with bytes keys, uint8 rows
+    of 3072 = 3 channels x 32 x 32 (channel-major, then row-major)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        written[name] = (data, labels)
+    return written

@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from sweeps import write_fake_cifar
 
 from modelscape.data import (
     Monomial,
@@ -199,31 +200,8 @@ def test_principal_coordinates_recover_the_spectrum():
 # ---------------------------------------------------------------- images
 
 
-def _write_fake_cifar(folder, n_per_batch=4, n_test=3):
-    """Tiny CIFAR-10 batches in the real format: pickled dicts with bytes keys, uint8 rows
-    of 3072 = 3 channels x 32 x 32 (channel-major, then row-major)."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else n_per_batch
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        batch = {
-            b"batch_label": name.encode(),
-            b"labels": labels,
-            b"data": data,
-            b"filenames": [f"img{i}.png".encode() for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-        written[name] = (data, labels)
-    return written
-
-
 def test_cifar10_loader_reads_the_pickle_format(tmp_path, monkeypatch):
-    written = _write_fake_cifar(tmp_path / "cifar-10-batches-py")
+    written = write_fake_cifar(tmp_path / "cifar-10-batches-py")
     X, y = load_cifar10(tmp_path, "train")
     assert X.shape == (20, 3, 32, 32) and X.dtype == torch.float32 and y.dtype == torch.int64
     data, labels = written["data_batch_2"]
@@ -247,7 +225,7 @@ def test_cifar10_missing_files_say_where_and_how(tmp_path, monkeypatch):
 
 
 def test_cifar10_through_load_image_data(tmp_path):
-    _write_fake_cifar(tmp_path / "cifar-10-batches-py", n_per_batch=40, n_test=30)
+    write_fake_cifar(tmp_path / "cifar-10-batches-py", n_per_batch=40, n_test=30)
     data = load_image_data("cifar10", root=str(tmp_path), classes=(0, 6), to_grayscale=True)
     assert data.X_train.shape[1:] == (1, 32, 32) and data.num_outputs == 1
     assert set(data.y_train.tolist()) <= {1.0, -1.0}

@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from sweeps import write_fake_cifar  # the real pickle format, tiny
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,9 +47,7 @@ def test_example_runs_and_saves_its_plot(name, tmp_path):
 
 
 def test_images_example_reads_cifar10_from_datasetpath(tmp_path):
-    from test_data import _write_fake_cifar  # the real pickle format, tiny
-
-    _write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py", n_per_batch=60, n_test=50)
+    write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py", n_per_batch=60, n_test=50)
     flags = ["--DATASET", "cifar10", "--DATASETPATH", str(tmp_path / "data"), "--SIZES", "8", "16"]
     out = run_example("images.py", tmp_path / "cifar.png", *flags)
     assert "cifar10 classes [0, 6]: 70 training and 13 test images of shape (3, 32, 32)" in out

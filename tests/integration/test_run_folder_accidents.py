@@ -34,7 +34,7 @@ cfg = vars(base_args(WIDTH=1536, MAX_ITER=40, N_SAMPLES=8, N_TEST=16, LR=0.01,
                      SAVE_DIR=sys.argv[1], CHECKPOINT_EVERY=1e-9))
 run_sweep([[0]], ["trial"], cfg, {"base_bfn": quadratic_bfn}, progress=False)
 """
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # where sweeps.py lives
 
 
 def wide_config(save_dir):
