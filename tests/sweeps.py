@@ -92,3 +92,22 @@ def write_fake_cifar(folder, n_per_batch=4, n_test=3):
             pickle.dump(batch, f, protocol=2)
         written[name] = (data, labels)
     return written
+
+
+def monomial_sweep(axes: dict, save_dir=None, **overrides):
+    """A small real sweep of Hermite-monomial targets (``monomial_bfn``, d=4) over ``axes``
+    (name -> values, e.g. target, ntrain, trial): offline, width 16, 40 steps unless
+    ``overrides`` say otherwise. What the analysis, plotting and run-folder tests look at."""
+    from modelscape.data import monomial_bfn
+
+    settings = dict(
+        WIDTH=16, DEPTH=1, LR=0.2, ONLINE=False, MAX_ITER=40, N_TEST=200,
+        LOSS_CHECKPOINTS=[0.9, 0.5], EVAL_EVERY=10, DEVICES=["cpu"], SAVE_DIR=save_dir,
+    )  # fmt: skip
+    return run_sweep(
+        list(axes.values()),
+        list(axes),
+        base_args(**{**settings, **overrides}),
+        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
+        progress=False,
+    )

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from sweeps import monomial_sweep
 
-from modelscape import analysis, base_args, run_sweep
-from modelscape.data import monomial_bfn
+from modelscape import analysis
 
 SIZES = np.array([16.0, 32, 64, 128, 256, 512])
 
@@ -170,27 +170,8 @@ def test_a_diverged_job_counts_as_infinite_in_the_median():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("runs") / "curves"
-    args = base_args(
-        WIDTH=16,
-        DEPTH=1,
-        LR=0.2,
-        ONLINE=False,
-        MAX_ITER=40,
-        N_TEST=200,
-        LOSS_CHECKPOINTS=[0.9, 0.5],
-        ONLYTHRESHOLDS=False,
-        EVAL_EVERY=10,
-        DEVICES=["cpu"],
-        SAVE_DIR=str(folder),
-    )
-    result = run_sweep(
-        [["x0", "x0*x1"], [8, 32], range(3)],
-        ["target", "ntrain", "trial"],
-        args,
-        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
-        progress=False,
-    )
-    return folder, result
+    axes = {"target": ["x0", "x0*x1"], "ntrain": [8, 32], "trial": range(3)}
+    return folder, monomial_sweep(axes, str(folder), ONLYTHRESHOLDS=False)
 
 
 def test_a_result_its_run_folder_and_its_dataset_give_the_same_analysis(sweep):

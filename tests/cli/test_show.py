@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from sweeps import monomial_sweep
 
-from modelscape import base_args, run_sweep
 from modelscape.__main__ import main
-from modelscape.data import monomial_bfn
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,25 +21,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs") / "monomials"
-    args = base_args(
-        WIDTH=16,
-        DEPTH=1,
-        LR=0.2,
-        ONLINE=False,
-        MAX_ITER=30,
-        N_TEST=200,
-        LOSS_CHECKPOINTS=[0.9, 0.5],
-        DEVICES=["cpu"],
-        SAVE_DIR=str(folder),
-    )
-    result = run_sweep(
-        [["x0", "x0^2"], [8, 32], [1.0, 0.5], range(2)],
-        ["target", "ntrain", "GAMMA", "trial"],
-        args,
-        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
-        progress=False,
-    )
-    return folder, result
+    axes = {"target": ["x0", "x0^2"], "ntrain": [8, 32], "GAMMA": [1.0, 0.5], "trial": range(2)}
+    return folder, monomial_sweep(axes, str(folder), MAX_ITER=30)
 
 
 def test_show_counts_jobs_and_lists_axes(run_dir, capsys):
@@ -177,27 +159,9 @@ def test_fit_names_the_axis_to_select(run_dir, capsys):
 @pytest.fixture(scope="module")
 def curves_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs") / "curves"
-    args = base_args(
-        WIDTH=16,
-        DEPTH=1,
-        LR=0.2,
-        ONLINE=False,
-        MAX_ITER=30,
-        N_TEST=100,
-        LOSS_CHECKPOINTS=[0.5],
-        ONLYTHRESHOLDS=False,
-        EVAL_EVERY=10,
-        DEVICES=["cpu"],
-        SAVE_DIR=str(folder),
-    )
-    result = run_sweep(
-        [["x0", "x0^2"], [8, 32], range(2)],
-        ["target", "ntrain", "trial"],
-        args,
-        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
-        progress=False,
-    )
-    return folder, result
+    axes = {"target": ["x0", "x0^2"], "ntrain": [8, 32], "trial": range(2)}
+    settings = dict(MAX_ITER=30, N_TEST=100, LOSS_CHECKPOINTS=[0.5], ONLYTHRESHOLDS=False)
+    return folder, monomial_sweep(axes, str(folder), **settings)
 
 
 def test_export_tensorboard_round_trips_through_tensorboards_reader(curves_dir, tmp_path):

@@ -6,35 +6,17 @@ import numpy as np
 import pytest
 import xarray as xr
 from matplotlib.collections import PathCollection
+from sweeps import monomial_sweep
 
-from modelscape import analysis, base_args, run_sweep
-from modelscape.data import monomial_bfn
+from modelscape import analysis
 from modelscape.results import plotting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_sweep(only_thresholds: bool, **overrides):
-    settings = dict(
-        WIDTH=16,
-        DEPTH=1,
-        LR=0.2,
-        ONLINE=False,
-        MAX_ITER=40,
-        N_TEST=200,
-        LOSS_CHECKPOINTS=[0.9, 0.5],
-        ONLYTHRESHOLDS=only_thresholds,
-        EVAL_EVERY=10,
-        DEVICES=["cpu"],
-    )
-    args = base_args(**{**settings, **overrides})
-    return run_sweep(
-        [["x0", "x0*x1"], [8, 32], range(2)],
-        ["target", "ntrain", "trial"],
-        args,
-        {"base_bfn": monomial_bfn, "d": 4, "alpha": 1.0},
-        progress=False,
-    )
+    axes = {"target": ["x0", "x0*x1"], "ntrain": [8, 32], "trial": range(2)}
+    return monomial_sweep(axes, ONLYTHRESHOLDS=only_thresholds, **overrides)
 
 
 @pytest.fixture(scope="module")
