@@ -100,7 +100,7 @@ def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> 
     model_cls, kwargs = model_spec(job, config, tuple(X.shape[1:]), output_dim(y, job.hp.D_OUT)[0])
     opt_cls = resolve_class(job.hp.OPTIMIZER, torch.optim, "OPTIMIZER")
     optimizer_kwargs(opt_cls, job)
-    check_optimizer_lookalikes(opt_cls, spec)
+    check_optimizer_lookalikes(opt_cls, spec, model_cls)
     resolve_class(job.hp.LOSS, nn, "LOSS")
     _check_input_dtype(job, model_cls, kwargs, X)
     if job.hp.PARAMETRIZATION == "sp":

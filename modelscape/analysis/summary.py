@@ -42,6 +42,7 @@ from modelscape.analysis._data import (
     resolve_dim,
     resolve_variable,
 )
+from modelscape.analysis.curves import exit_step
 
 Stat = Literal["median", "gmean", "mean"]
 STATS = ("median", "gmean", "mean")
@@ -75,8 +76,11 @@ def summarize(
     over = resolve_dim(ds, over)
     da = ds[var].astype(float)
     status = job_status(ds).broadcast_like(da)
-    if stat == "median":
-        da = xr.where(status == "diverged", np.inf, da)
+    if stat == "median":  # a diverged job is worse than any finite value, from its divergence on
+        diverged = status == "diverged"
+        if "step" in da.dims:
+            diverged = diverged & (da["step"] >= exit_step(ds).broadcast_like(da))
+        da = xr.where(diverged, np.inf, da)
     values = last_dim(da, over)
     dims = list(values.dims[:-1])
     arr = values.values

@@ -15,6 +15,7 @@ package: ``pip install modelscape[tensorboard]``.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
@@ -25,6 +26,7 @@ import xarray as xr
 
 from modelscape.analysis._data import Data, as_dataset
 from modelscape.analysis.curves import taken
+from modelscape.sweep.jobs import key_id
 
 METRICS = ("test_loss", "train_loss", "steps")
 
@@ -52,7 +54,10 @@ def export_tensorboard(data: Data, out_dir: str | os.PathLike) -> list[Path]:
         if status == "missing":
             continue
         values = {a: _hparam(job[a].item()) for a in axes}
-        folder = out / ",".join(f"{a}={_safe(v)}" for a, v in values.items())
+        # named by its values as the checkpoints are, with a digest of the job's identity, so
+        # two jobs whose values print alike (0.1 and 0.10000001, "a/b" and "a_b") stay apart
+        digest = hashlib.sha256(key_id(tuple(job[a].item() for a in axes)).encode()).hexdigest()
+        folder = out / (",".join(f"{a}={_safe(v)}" for a, v in values.items()) + f"--{digest[:8]}")
         writer = SummaryWriter(log_dir=str(folder))
         metrics = {f"final/{m}": _number(job[m]) for m in METRICS if m in job}
         hp = {**values, "status": status, "seed": str(job["seed"].item())}
@@ -89,5 +94,5 @@ def _number(da: xr.DataArray) -> float:
 
 def _safe(value) -> str:
     return re.sub(
-        r"[^A-Za-z0-9_.=+^*-]", "_", f"{value:g}" if isinstance(value, float) else str(value)
+        r"[^A-Za-z0-9_.=+^*-]", "_", repr(value) if isinstance(value, float) else str(value)
     )

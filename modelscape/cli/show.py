@@ -200,7 +200,7 @@ def fit(result: Result, args: argparse.Namespace) -> int:
         return 2
     print(f"{f.attrs['y']} = prefactor * {f.attrs['x']}^exponent ({f.attrs['fit']})")
     print(f"interval: {f.attrs['interval']}")
-    hdim = next(iter(f.dims), None)  # the hue's axis, when a hue was given
+    hdim = next(iter(f["exponent"].dims), None)  # the hue's axis, when a hue was given
     rows = [f] if hdim is None else [f.isel({hdim: i}) for i in range(f.sizes[hdim])]
     head = [hdim] if hdim else []
     head += ["exponent", f"{args.ci:.0%} CI", "prefactor", f"{args.ci:.0%} CI", "x range"]

@@ -99,15 +99,16 @@ def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
     return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
 
 
-def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec) -> None:
+def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec, model_cls: type) -> None:
     """A user key that nearly names one of the optimizer's arguments (``nesterow``) is a typo
-    that would set nothing: refuse it, as OPTIMIZER_KWARGS does, unless the batch function
-    takes it by name. (A key named exactly like an argument is already copied, with a warning.)
+    that would set nothing: refuse it, as OPTIMIZER_KWARGS does, unless the batch function or
+    the model's constructor takes it by name (a model's ``beta``, say). (A key named exactly
+    like an argument is already copied, with a warning.)
     """
     params = inspect.signature(opt_cls.__init__).parameters
     variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     args = [n for n, p in params.items() if n not in ("self", "params") and p.kind not in variadic]
-    listed = spec.listed_parameters()
+    listed = spec.listed_parameters() | set(inspect.signature(model_cls).parameters)
     for key in spec.user_config:
         if not isinstance(key, str) or key in params or key in listed:
             continue
@@ -116,7 +117,8 @@ def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec) -> None:
             raise SweepError(
                 f"config key {key!r} is not an argument of {opt_cls.__name__}: did you mean "
                 f"{close[0]!r}? Write OPTIMIZER_KWARGS={{{close[0]!r}: ...}} to set it, or, for a "
-                f"key of your own, take {key!r} as a parameter of your batch function."
+                f"key of your own, take {key!r} as a parameter of your batch function or your "
+                "model's constructor."
             )
 
 

@@ -230,8 +230,9 @@ def time_to_threshold(
     any_censored = False
     for label, g in _groups(tt, hdim):
         xs, labels = _x_values(g, xdim)
-        # an upper bound that is not identified reaches the censoring step: "at least this"
-        high = g["high"].fillna(g["censored_at"]).where(g["median"].notnull())
+        # a bound that is not identified (fewer than 3 trials, or an unbounded upper quantile)
+        # is not drawn: the bar would be invented; censored medians get their own marker
+        high = g["high"].where(g["median"].notnull())
         label = label or "median"
         bars = _errorbars(ax, xs, g["median"], g["low"], high, label, logy and not zero)
         color = bars.lines[0].get_color()

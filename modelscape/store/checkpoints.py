@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from modelscape.store.files import free_bytes, read_checked, write_checked
-from modelscape.sweep.jobs import job_label
+from modelscape.sweep.jobs import job_label, key_id
 
 RESERVE_BYTES = 64 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
@@ -48,10 +48,19 @@ class Checkpoints:
         """``trial=1, GAMMA=0.5``: the job's values, as job labels show them."""
         return job_label(self.axes, key)
 
-    def _path(self, key: Any) -> Path:
-        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    def _path(self, key: Any, identity: str | None = None) -> Path:
+        """The job's file, named after its values and a digest of its identity (``key_id``: a
+        job is one file whichever equal form its values take, ``0.1`` or ``np.float64(0.1)``)."""
+        identity = key_id(key) if identity is None else identity
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         prefix = _UNSAFE.sub("_", self.label(key).replace(", ", ","))[:80]
         return self.folder / f"{prefix}--{digest}.pt"
+
+    def _paths(self, key: Any) -> list[tuple[Path, str]]:
+        """Where the job's checkpoint may be, with the identity stored in it: its file, then the
+        file of a checkpoint written before files were named by ``key_id`` (by ``repr(key)``;
+        resumed from, then cleared)."""
+        return [(self._path(key), key_id(key)), (self._path(key, repr(key)), repr(key))]
 
     def reset_clock(self) -> None:
         """Count CHECKPOINT_EVERY from now (an engine calls this when a job starts)."""
@@ -65,7 +74,7 @@ class Checkpoints:
         """Write the job's state, unless the disk is nearly full (then warn once and skip)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        torch.save({"key": repr(key), "state": state}, buf)
+        torch.save({"key": key_id(key), "state": state}, buf)
         payload = buf.getvalue()
         self._last = time.monotonic()
         free = free_bytes(self.folder)
@@ -85,9 +94,10 @@ class Checkpoints:
 
     def load(self, key: Any) -> dict[str, Any] | None:
         """The job's last saved state; None if there is none or it is damaged (discarded)."""
-        path = self._path(key)
-        if not path.is_file():
+        found = [(path, identity) for path, identity in self._paths(key) if path.is_file()]
+        if not found:
             return None
+        path, identity = found[0]
         try:
             payload = io.BytesIO(read_checked(path))
             blob = torch.load(payload, map_location="cpu", weights_only=False)
@@ -100,7 +110,8 @@ class Checkpoints:
             )
             path.unlink(missing_ok=True)
             return None
-        return blob["state"] if blob.get("key") == repr(key) else None
+        return blob["state"] if blob.get("key") == identity else None
 
     def clear(self, key: Any) -> None:
-        self._path(key).unlink(missing_ok=True)
+        for path, _ in self._paths(key):
+            path.unlink(missing_ok=True)

@@ -9,7 +9,8 @@ A checked file is a short header (a magic string and the SHA-256 of the payload)
 the payload, written by ``write_atomic``. ``read_checked`` raises ``DamagedFile`` saying what is
 wrong when the file is truncated, overwritten or not a checked file at all; a flipped byte
 anywhere is caught by the checksum. A kill mid-write leaves the temporary file
-``.<name>.tmp<pid>``, which ``remove_stale_temporaries`` clears once its writer is gone.
+``.<name>.tmp-<host>-<pid>``, which ``remove_stale_temporaries`` clears once that host's writer
+is gone (files of writers on other nodes of a cluster, which share the folder, are kept).
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 MAGIC = b"MODELSCAPE-CHECKED-1\n"
 DIGEST_BYTES = 32
-_TEMPORARY = re.compile(r"\.tmp(\d+)$")
+# the host names the writer too: a run folder on a shared file system has writers on other nodes
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+# ".tmp-<host>-<pid>"; ".tmp<pid>" as written before the host was named (this host's)
+_TEMPORARY = re.compile(r"\.tmp(?:-(?P<host>[A-Za-z0-9._]+)-)?(?P<pid>\d+)$")
 
 
 class DamagedFile(ValueError):
@@ -32,7 +37,7 @@ class DamagedFile(ValueError):
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically and durably (fsync before the rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -72,16 +77,19 @@ def free_bytes(folder: Path) -> int:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files in ``folder`` whose writer is no longer running here (a
-    process killed mid-write leaves one, as large as the file it was writing); return them.
+    """Delete the temporary files in ``folder`` whose writer is no longer running (a process
+    killed mid-write leaves one, as large as the file it was writing); return them.
 
-    A writer is known by the process id in the name: a file of a process that still runs is
-    kept, as it may still be renamed into place.
+    A writer is known by the host and process id in the name: a file of a process that still
+    runs, or of another host (a SLURM task on another node may be writing it), is kept, as it
+    may still be renamed into place.
     """
     removed = []
     for path in sorted(Path(folder).glob("*.tmp*")):
         match = _TEMPORARY.search(path.name)
-        if match is not None and not _running(int(match.group(1))):
+        if match is None or match["host"] not in (None, _HOST):
+            continue
+        if not _running(int(match["pid"])):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -132,7 +132,7 @@ class RunStore(Store):
         values extend the stored sweep. Running jobs checkpoint every ``checkpoint_every``
         seconds (CHECKPOINT_EVERY) into ``checkpoints``.
         """
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()  # user code may chdir while the sweep runs
         db = run_dir / DB_NAME
         with store_faults(run_dir, f"create the run folder SAVE_DIR={run_dir}", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ class RunStore(Store):
 
         Raises ``StoreError`` while a sweep is writing the folder (that sweep stores them).
         """
-        run_dir = Path(run_dir)
+        run_dir = Path(run_dir).resolve()
         if not (run_dir / DB_NAME).is_file():
             raise StoreError(f"{run_dir} is not a modelscape run folder (no {DB_NAME}).")
         lock = _FolderLock(run_dir)

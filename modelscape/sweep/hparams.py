@@ -20,6 +20,7 @@ import difflib
 import inspect
 import math
 import numbers
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -368,11 +369,11 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise bad("dict of argument names to values")
         return dict(value)
-    if kind == "path":
-        if value is None or (isinstance(value, str) and value.strip()):
-            return value
-        if hasattr(value, "__fspath__"):
-            return str(value)
+    if kind == "path":  # absolute from the start: user code may chdir while the sweep runs
+        if value is None:
+            return None
+        if (isinstance(value, str) and value.strip()) or hasattr(value, "__fspath__"):
+            return os.path.abspath(os.path.expanduser(os.fspath(value)))
         raise bad("folder or None (an empty name would write into the current one)")
     if kind == "optional_int":
         return None if value is None else coerce_int(name, value, bad)

@@ -156,10 +156,19 @@ def check_axis_value(name: str, value: Any) -> None:
 
     A tensor or array prints rounded (``tensor(1.0000)`` for both 1.00001 and 1.00004) and
     hashes by object, so two different ones would share a seed and a stored row. NaN is unequal
-    to itself, so it cannot key a job. Inside a tuple or a dict, each element is checked.
+    to itself, so it cannot key a job. A plain dict is unhashable and equal dicts print in their
+    own key order (a hashable subclass, such as the original's ``Monomial``, is its own key).
+    Inside a tuple, each element is checked.
     """
-    if isinstance(value, (tuple, frozenset, dict)):
-        for v in value.values() if isinstance(value, dict) else value:
+    if isinstance(value, (dict, list, set)) and type(value).__hash__ is None:
+        fix = "tuple(sorted(d.items()))" if isinstance(value, dict) else "tuple(v)"
+        raise SweepError(
+            f"axis {name!r} has the {type(value).__name__} {value!r} as a value; it cannot key a "
+            f"job (unhashable, and equal ones can print differently). Use {fix}, or a label as "
+            "the axis value and look the settings up in the batch function."
+        )
+    if isinstance(value, (tuple, frozenset)):
+        for v in value:
             check_axis_value(name, v)
         return
     if isinstance(value, torch.Tensor):

@@ -167,6 +167,23 @@ def test_a_diverged_job_counts_as_infinite_in_the_median():
     assert float(s["center"]) == 2.5 and int(s["n"]) == 4  # median of 1, 2, 3, inf
 
 
+def test_a_diverged_jobs_curve_counts_as_infinite_only_from_its_divergence_on():
+    """Before it diverged a job's curve is a measurement like any other: the median at the
+    early steps is that of all three jobs' values, not pulled up by a later divergence."""
+    nan = np.nan
+    curve = np.array([[1.0] * 5, [3.0] * 5, [2.0, 2.0, nan, nan, nan]])  # trial x step
+    ds = xr.Dataset(
+        {
+            "test_loss": (("trial", "step"), curve),
+            "status": ("trial", np.array(["ok", "ok", "diverged"], dtype=object)),
+            "steps": ("trial", [5, 5, 3]),  # the third diverged at step 2
+        },
+        coords={"step": range(5)},
+    )
+    center = analysis.summarize(ds, "test_loss")["center"].values
+    np.testing.assert_array_equal(center, [2.0, 2.0, 3.0, 3.0, 3.0])
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("runs") / "curves"

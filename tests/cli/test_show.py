@@ -150,6 +150,21 @@ def test_fit_prints_one_row_per_hue_value(run_dir, capsys):
     assert "[nan, nan]" in rows[0] and "fewer than 3 trials" in out[-1]
 
 
+def test_fit_without_a_hue_prints_one_row(run_dir, capsys):
+    """The issue's own example, ``modelscape fit SAVE_DIR --x N_SAMPLES --y test_loss``: one
+    exponent over every remaining value (its bootstrap draws are not a hue axis)."""
+    folder, result = run_dir
+    argv = ["fit", str(folder), "--x", "N_SAMPLES", "--y", "test_loss"]
+    assert main(argv + ["--sel", "target=x0", "--sel", "GAMMA=1.0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, row = out[2].split(), out[3].split()
+    assert header[0] == "exponent"
+    from modelscape.analysis import fit_power_law
+
+    fit = fit_power_law(result.to_xarray().sel(target="x0", GAMMA=1.0), "ntrain", "test_loss")
+    assert float(row[0]) == pytest.approx(float(fit.exponent), abs=1e-3)
+
+
 def test_fit_names_the_axis_to_select(run_dir, capsys):
     folder, _ = run_dir
     assert main(["fit", str(folder), "--x", "N_SAMPLES"]) == 2
@@ -171,12 +186,12 @@ def test_export_tensorboard_round_trips_through_tensorboards_reader(curves_dir, 
     folder, result = curves_dir
     out = tmp_path / "tb"
     assert main(["export", str(folder), "--format", "tensorboard", "-o", str(out)]) == 0
-    runs = sorted(p.name for p in out.iterdir())
+    runs = {p.name.rsplit("--", 1)[0]: p for p in out.iterdir()}  # values--digest
     assert len(runs) == 8 and "target=x0^2,ntrain=32,trial=1" in runs
     for record in result.records:
         values = dict(zip(result.axes, record.key))
         name = ",".join(f"{a}={v}" for a, v in values.items())
-        events = EventAccumulator(str(out / name))
+        events = EventAccumulator(str(runs[name]))
         events.Reload()
         content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
@@ -193,3 +208,13 @@ def test_export_tensorboard_round_trips_through_tensorboards_reader(curves_dir, 
         last = record.steps - 1
         evaluated = sorted(set(range(0, last + 1, 10)) | {last})
         assert [e.step for e in events.Scalars("test_loss")] == evaluated
+
+
+def test_tensorboard_runs_of_values_that_print_alike_stay_apart(tmp_path):
+    """0.1 and 0.10000001 are two jobs; their runs are two folders, not one merged run."""
+    from modelscape.analysis import export_tensorboard
+
+    axes = {"target": ["x0"], "LR": [0.1, 0.10000001], "trial": [0]}
+    runs = export_tensorboard(monomial_sweep(axes, MAX_ITER=3), tmp_path / "tb")
+    names = sorted(r.name.rsplit("--", 1)[0] for r in runs)
+    assert names == ["target=x0,LR=0.1,trial=0", "target=x0,LR=0.10000001,trial=0"]

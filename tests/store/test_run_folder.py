@@ -1,11 +1,13 @@
 """The run folder (SAVE_DIR): lossless records, resuming, refusing changed settings, load()."""
 
 import json
+import os
 import sqlite3
 
 import numpy as np
 import pytest
 import torch
+from sweeps import quadratic_bfn
 
 from modelscape import SweepError
 from modelscape.backend.job_iterator import main as run_job_iterator
@@ -179,3 +181,22 @@ def test_changed_row_of_an_array_user_key_is_refused(tmp_path, to_array):
         run(cfg, [0], POOL=to_array(changed))
     resumed = run(cfg, [0], POOL=to_array(pool.clone()))
     assert len(resumed.records) == 2
+
+
+def chdir_bfn(bsz, gen, X=None, y=None, elsewhere=None, **kwargs):
+    os.chdir(elsewhere)  # user code that changes the working directory mid-sweep
+    return quadratic_bfn(bsz, gen, X, y)
+
+
+def test_a_relative_save_dir_survives_user_code_that_changes_directory(tmp_path, monkeypatch):
+    """SAVE_DIR is resolved when the folder opens: a batch function's chdir is not mistaken
+    for a deleted run folder, and the records land where the sweep started."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    hp = base_args(WIDTH=8, MAX_ITER=5, N_SAMPLES=8, N_TEST=8, DEVICES=["cpu"], SAVE_DIR="runs/rel")
+    cfg = {**vars(hp), "elsewhere": str(tmp_path / "elsewhere")}
+    result = run_job_iterator([range(2)], ["trial"], cfg, {"base_bfn": chdir_bfn}, progress=False)
+    assert [r.status for r in result.records] == ["ok", "ok"]
+    assert [r.test_loss for r in load(tmp_path / "runs" / "rel").records] == [
+        r.test_loss for r in result.records
+    ]

@@ -213,6 +213,11 @@ def test_beta_for_adam_is_refused_but_a_model_s_BETA_is_not_a_lookalike():
     cfg = {**config(OPTIMIZER="Adam", MODEL_CLASS=BetaNet), "BETA": 2.0}
     beta = {"beta": lambda model, **kw: model.beta}
     assert grab_values(sweep([[0]], ["trial"], cfg, recording_bfn([]), beta), "beta") == [2.0]
+    # a lower-case key the model's constructor takes is not an optimizer typo: the error names
+    # the model's spelling, not Adam's betas
+    cfg = {**config(OPTIMIZER="Adam", MODEL_CLASS=BetaNet), "beta": 3.0}
+    with pytest.raises(SweepError, match="BetaNet.__init__ takes 'beta': give it as BETA"):
+        sweep([[0]], ["trial"], cfg, recording_bfn([]))
 
 
 class BetaNet(torch.nn.Module):
