@@ -23,10 +23,9 @@ from modelscape.engine import precision
 from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.loop import train
 from modelscape.engine.setup import kept_global_rngs, setup_job
-from modelscape.engine.stacked import memory
+from modelscape.engine.stacked import grouping, memory
 from modelscape.engine.stacked.grouping import (
     GROUP_BYTES,
-    MAX_GROUP,
     STACKED,
     device_budget,
     job_bytes,
@@ -64,7 +63,7 @@ class Waiting:
         self.ready: deque[Item] = deque()  # set up, but could not join the stack
         self.spec, self.device, self.checkpoints = spec, device, checkpoints
         self.refill = bool(jobs) and jobs[0].hp.REFILL
-        self.width = MAX_GROUP if width is None else width
+        self.width = grouping.MAX_GROUP if width is None else width
         self.budget = device_budget(jobs[0]) if group_bytes == GROUP_BYTES else group_bytes
         self.free = float("inf")
         if self.refill and device.type == "cuda":

@@ -412,6 +412,8 @@ class Run:
         format."""
         for pos, r in enumerate(stack.rows):
             track: Track = self.tracks[r]
+            if t < self.begins[r]:
+                continue  # it joined at this step: its state is still its start's
             self._load_job(stack, pos, r, t - stack.offsets[pos], with_opt=True)
             if self.rngs[r] is not None:
                 self.rngs[r].put()
