@@ -164,9 +164,9 @@ class Tracker:
         width = losses.shape[1]
         starts = [t0] * len(tracks) if isinstance(t0, int) else list(t0)
         trail = any(t.curves is not None or t.job.hp.VERBOSE for t in tracks)
-        ema, timekeys, thresholds, s, last = self._state(xp, tracks, losses)
+        ema, timekeys, thresholds, s, last, first = self._state(xp, tracks, losses, starts)
         with np.errstate(invalid="ignore"):  # NaN losses are expected (divergence)
-            packed = scan(xp, starts, losses, ema, timekeys, thresholds, s, last, trail)
+            packed = scan(xp, first, losses, ema, timekeys, thresholds, s, last, trail)
         if xp is torch:
             packed = packed.cpu().numpy()  # the window's one host sync
         k = timekeys.shape[1]
@@ -180,14 +180,15 @@ class Tracker:
                 self._record_trail(track, t0, row[k + 3 : k + 3 + width], row[k + 3 + width :])
 
     @staticmethod
-    def _state(xp, tracks: Sequence[Track], losses):
-        """The tracks' state before the window, as arrays on the losses' device."""
+    def _state(xp, tracks: Sequence[Track], losses, starts: Sequence[int]):
+        """The tracks' state before the window (and its first step), as arrays on the losses'
+        device."""
         ema = np.array([t.ema for t in tracks], dtype=np.float64)
         timekeys = np.stack([t.timekeys for t in tracks]).astype(np.float64)
         thresholds = np.array([t.thresholds for t in tracks], dtype=np.float64)
         s = np.array([t.job.hp.EMA_SMOOTHER for t in tracks], dtype=np.float64)
         last = np.array([t.job.hp.MAX_ITER - 1 for t in tracks], dtype=np.float64)
-        arrays = (ema, timekeys, thresholds, s, last)
+        arrays = (ema, timekeys, thresholds, s, last, np.array(starts, dtype=np.float64))
         if xp is np:
             return arrays
         return [torch.as_tensor(a).to(losses.device, non_blocking=True) for a in arrays]
@@ -250,7 +251,7 @@ def _f64(xp: Any, a: Any) -> Any:
 
 def scan(
     xp: Any,
-    t0: int | Sequence[int],
+    t0: Any,
     losses: Any,
     ema: Any,
     timekeys: Any,
@@ -273,7 +274,8 @@ def scan(
     R, W = losses.shape
     x = _f64(xp, losses).T  # [W, R]: a step across the jobs
     device = {} if xp is np else {"device": x.device}
-    t0 = xp.asarray(np.broadcast_to(np.asarray(t0, dtype=np.float64), (R,)), **device)
+    if isinstance(t0, int):
+        t0 = xp.full((R,), float(t0), dtype=xp.float64, **device)
     emas = xp.empty_like(x)
     u = (1 - s) * x  # (1-s)*loss for every step at once: elementwise, the same rounding
     tmp = xp.empty_like(ema)
