@@ -9,7 +9,7 @@ import pytest
 import torch
 from sweeps import assert_same, quadratic_bfn, reference
 
-from modelscape import engine, run_sweep
+from modelscape import engine, load, run_sweep
 from modelscape.engine.stacked import grouping
 from modelscape.engine.stacked.optimizers import StackedAdam
 from modelscape.engine.stacked.stack import Layout, Stack
@@ -31,6 +31,18 @@ BASE = {
 }
 # exit steps spread widely: the fast jobs free rows early, the slow ones keep theirs
 AXES = {"trial": range(3), "LR": [0.003, 0.01, 0.03]}
+
+
+class Tanh(torch.nn.Module):
+    """A user model: its stack takes the torch.func kernel."""
+
+    def __init__(self, d_in, d_out, width):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(d_in, width), torch.nn.Tanh())
+        self.head = torch.nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.head(self.body(x))
 
 
 def make_jobs(**overrides):
@@ -67,8 +79,9 @@ def assert_identical(a, b):
         {},
         {"ONLINE": True, "CENTER": True, "ONLYTHRESHOLDS": False, "EVAL_EVERY": 25},
         {"OPTIMIZER": "SGD", "MOMENTUM": 0.9, "OPTIMIZER_KWARGS": {"dampening": 0.3}},
+        {"MODEL_CLASS": Tanh, "ONLINE": True, "N_SAMPLES": 16},  # the torch.func kernel
     ],
-    ids=["adam-offline", "adam-online-curves", "sgd-dampened-momentum"],
+    ids=["adam-offline", "adam-online-curves", "sgd-dampened-momentum", "user-model"],
 )
 def test_joined_job_equals_a_stack_start_and_its_one_job_run(overrides):
     jobs, spec = make_jobs(**overrides)
@@ -156,17 +169,16 @@ def test_checkpoint_with_rows_at_different_steps_resumes_to_the_same_result(tmp_
     assert_identical(whole, finished)
 
 
-def test_sweep_with_refill_equals_sweep_without(monkeypatch):
+def test_sweep_with_refill_equals_sweep_without(monkeypatch, tmp_path):
     monkeypatch.setattr(grouping, "MAX_GROUP", 3)
     iterators, names = [list(AXES["trial"]), AXES["LR"]], ["trial", "LR"]
     config = {**BASE, "BATCHED": "on"}
     results = {}
     for refill in (False, True):
-        result = run_sweep(
-            iterators, names, {**config, "REFILL": refill}, {"base_bfn": quadratic_bfn},
-            progress=False,
-        )  # fmt: skip
-        results[refill] = {r.key: r for r in result.records}
+        run_dir = tmp_path / str(refill)
+        cfg = {**config, "REFILL": refill, "SAVE_DIR": str(run_dir)}
+        run_sweep(iterators, names, cfg, {"base_bfn": quadratic_bfn}, progress=False)
+        results[refill] = {r.key: r for r in load(run_dir).records}  # as the run folder has it
     assert all(r.trained_by == "stacked" for r in results[True].values())
     assert all(r.joined_at is None for r in results[False].values())
     assert sum(r.joined_at is not None for r in results[True].values()) == 6
