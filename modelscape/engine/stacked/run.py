@@ -8,15 +8,16 @@ loop rules as the one-job loop where the losses are and copies back, once, what 
 Jobs with different N_SAMPLES share a stack when the MLP kernel trains them (their samples lie
 ragged along ``stack.Layout``). A job that exits inside a window is replayed
 from the window's start on its own, so its final parameters are those of its exit step; the
-others carry on, and the exited job's rows leave the stack. The test loss and grabs run on the
-job's own module (its ``Problem.model``, with the stacked values copied in) only where they are
-recorded.
+others carry on, and the exited job's rows leave the stack, where waiting jobs may join it
+(``refill``: each row then takes its own step, ``Stack.offsets``). The test loss and grabs
+run on the job's own module (its ``Problem.model``, with the stacked values copied in) only
+where they are recorded.
 
 Whether a group trains here is decided before any step (``grouping.why_single``, and
 ``Unbatchable`` for what only the built models reveal); once a stack trains, an error fails its
 unfinished jobs and is never retried elsewhere, except running out of device memory: then the
-unfinished jobs train again in two smaller stacks (``memory``). PRECISION and COMPILE apply
-here as in the one-job loop (``precision``, ``graphs``).
+unfinished jobs train again in smaller stacks (``memory``, ``refill.train_stacked``).
+PRECISION and COMPILE apply here as in the one-job loop (``precision``, ``graphs``).
 """
 
 from __future__ import annotations
