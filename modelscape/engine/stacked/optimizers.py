@@ -287,7 +287,7 @@ class StackedAdam(StackedOptimizer):
         if stack.in_step:
             n = float(t - stack.offsets[0] + 1)
             same = torch.full((), n, dtype=torch.float32, device=like.device)
-        else:
+        elif self.trained:
             self._row_groups(stack, self.trained[0])  # the stack's step counts
             base, counts = self._counts
             torch.add(base, float(t + 1), out=counts)
