@@ -93,7 +93,7 @@ class Run:
         self.sync_every = sync_every
         self.group_bytes = group_bytes
         self.waiting = waiting
-        p0 = problems[0]
+        p0 = self.p0 = problems[0]  # the stack's shapes: every job that joins must match them
         self.hp = p0.job.hp
         self.online = self.hp.ONLINE
         self.names = [n for n, _ in p0.model.named_parameters()]
@@ -132,7 +132,7 @@ class Run:
         return rng if self.online else None
 
     def _check_shapes(self, problems: Sequence[Problem]) -> None:
-        p0 = self.problems[0]
+        p0 = self.p0
         names = [(n, t.shape, t.dtype) for n, t in p0.model.named_parameters()]
         for p in problems:
             stateful = {
@@ -205,7 +205,7 @@ class Run:
         """Whether a set-up job can join this stack (reading its optimizer's settings if so);
         one that cannot waits for the next stack."""
         p = item[0]
-        if not can_share(self.problems[0], p):
+        if not can_share(self.p0, p):
             return False
         try:
             self._check_shapes([p])
@@ -347,6 +347,9 @@ class Run:
             if exits:
                 keep = [pos for pos in range(len(stack.rows)) if pos not in exits]
                 self.stack = stack.take(keep) if keep else None
+                for pos in exits:  # a long stream keeps only its running jobs' data
+                    r = stack.rows[pos]
+                    self.problems[r] = self.tracks[r] = self.rngs[r] = None
                 if self.waiting:
                     yield from self._refill(t1)
             t = t1
