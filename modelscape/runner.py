@@ -211,16 +211,20 @@ def _stored(store: RunStore) -> str:
 
 
 def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
-    """Split the largest groups until every worker has one (a group trains on one worker).
+    """Split the largest groups until every worker has one (a group trains on one worker), and
+    none holds more than a worker's share of the jobs (a REFILL group is a whole stream).
 
     Halves keep at least two jobs: a job alone trains in the one-job loop, whose rounding differs
     from the stacked engine's, so splitting off a single job would make results depend on the
     number of workers.
     """
     groups = [list(g) for g in groups]
-    while len(groups) < n_workers:
+    share = -(-sum(map(len, groups)) // max(1, n_workers))
+    while n_workers > 1:
         largest = max(range(len(groups)), key=lambda i: len(groups[i]), default=None)
         if largest is None or len(groups[largest]) < 4:
+            break
+        if len(groups) >= n_workers and len(groups[largest]) <= share:
             break
         group = groups.pop(largest)
         half = (len(group) + 1) // 2

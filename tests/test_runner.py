@@ -434,3 +434,13 @@ def test_curves_of_jobs_with_different_max_iter_are_padded_with_their_last_value
     short, long = curves[10], curves[25]
     assert short.shape == long.shape == (25,)
     assert np.all(short[10:] == short[9]) and len(np.unique(long[:25])) == 25
+
+
+def test_balance_gives_every_worker_a_share_of_a_refill_stream():
+    from modelscape.runner import balance
+
+    stream, other = list(range(1000)), list(range(1000, 1010))  # two group keys
+    sizes = [len(g) for g in balance([stream, other], 2)]
+    assert sizes == [500, 500, 10]  # not one worker with 1000 jobs, the other with 10
+    assert [len(g) for g in balance([stream], 1)] == [1000]  # one worker: one stream
+    assert sorted(sum(balance([stream, other], 3), [])) == stream + other

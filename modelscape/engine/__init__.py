@@ -41,8 +41,8 @@ from modelscape.engine.stacked.grouping import (
     why_single,
 )
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register
-from modelscape.engine.stacked.run import SYNC_EVERY, train_stacked
-from modelscape.engine.tracking import Curves, Track, Tracker
+from modelscape.engine.stacked.refill import train_stacked
+from modelscape.engine.tracking import SYNC_EVERY, Curves, Track, Tracker
 from modelscape.sweep.code_identity import NUMERICS_VERSION  # raise it there (see its comment)
 
 __all__ = [

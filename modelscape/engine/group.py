@@ -1,8 +1,9 @@
 """How a group of jobs trains on one device: stacked, or one job at a time and why.
 
 ``train_group`` is what every executor calls. It asks ``stacked.grouping.why_single`` (decided
-from the jobs alone, before anything trains) and trains the group with ``stacked.run`` or the
-one-job ``loop``; every record's ``trained_by`` says which, and why a stack was not used.
+from the jobs alone, before anything trains) and trains the group with ``stacked.refill`` (in
+stacked runs) or the one-job ``loop``; every record's ``trained_by`` says which, and why a
+stack was not used.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from modelscape.engine.allocator import keep_freed_memory
 from modelscape.engine.failures import failed_record, failure_of
 from modelscape.engine.loop import run_job
 from modelscape.engine.stacked.grouping import STACKED, why_single
-from modelscape.engine.stacked.run import train_stacked
+from modelscape.engine.stacked.refill import train_stacked
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep.jobs import Job

@@ -14,8 +14,8 @@ It consumes the train losses of a window of steps as a [jobs x steps] array and 
 
 It also owns what the loop state is in a checkpoint (``loop_state``/``resume``) and how a job's
 record is assembled (``finish``). ``seconds`` in a record: wall time from the start of training
-(setup excluded) to the record, divided by the number of jobs that trained together, plus the
-seconds a checkpoint carried.
+(setup excluded), or from when the job joined a running stack, to the record, divided by the
+number of jobs that trained at once, plus the seconds a checkpoint carried.
 """
 
 from __future__ import annotations
@@ -133,11 +133,25 @@ class Tracker:
     def __init__(self, tracks: Sequence[Track]):
         self.tracks = list(tracks)
         self.clock = time.perf_counter()
+        self.width = len(self.tracks)  # the most jobs that trained at once
+        self._joined: dict[int, float] = {}  # id(track) -> the clock when it joined (refill)
 
-    def consume(self, t0: int, losses: torch.Tensor | Sequence[Sequence[float]], rows) -> None:
+    def join(self, tracks: Sequence[Track], width: int) -> None:
+        """Follow ``tracks`` too: jobs that joined the running stack, which is now ``width``
+        jobs wide."""
+        now = time.perf_counter()
+        for track in tracks:
+            self._joined[id(track)] = now
+            self.tracks.append(track)
+        self.width = max(self.width, width)
+
+    def consume(
+        self, t0: int | Sequence[int], losses: torch.Tensor | Sequence[Sequence[float]], rows
+    ) -> None:
         """Apply the loop rules to the losses [len(rows) x steps] of steps t0...; row k
-        belongs to ``rows[k]``. A job that exits inside the window ignores the losses after
-        its exit step.
+        belongs to ``rows[k]`` (``t0``: one first step for every row, or one per row, for rows
+        that joined a stack at different steps). A job that exits inside the window ignores
+        the losses after its exit step.
 
         On a GPU the rules run where the losses are (``scan``, vectorized over the jobs) and
         one copy brings back what is recorded; host losses (a CPU stack or one job) run the
@@ -148,14 +162,15 @@ class Tracker:
         if xp is np:
             losses = losses.numpy() if isinstance(losses, torch.Tensor) else np.asarray(losses)
         width = losses.shape[1]
+        starts = [t0] * len(tracks) if isinstance(t0, int) else list(t0)
         trail = any(t.curves is not None or t.job.hp.VERBOSE for t in tracks)
-        ema, timekeys, thresholds, s, last = self._state(xp, tracks, losses)
+        ema, timekeys, thresholds, s, last, first = self._state(xp, tracks, losses, starts)
         with np.errstate(invalid="ignore"):  # NaN losses are expected (divergence)
-            packed = scan(xp, t0, losses, ema, timekeys, thresholds, s, last, trail)
+            packed = scan(xp, first, losses, ema, timekeys, thresholds, s, last, trail)
         if xp is torch:
             packed = packed.cpu().numpy()  # the window's one host sync
         k = timekeys.shape[1]
-        for track, row in zip(tracks, packed):
+        for track, row, t0 in zip(tracks, packed, starts):
             track.timekeys = row[:k].copy()
             exit_step, diverged, track.ema = int(row[k]), bool(row[k + 1]), float(row[k + 2])
             if exit_step >= 0:
@@ -165,14 +180,15 @@ class Tracker:
                 self._record_trail(track, t0, row[k + 3 : k + 3 + width], row[k + 3 + width :])
 
     @staticmethod
-    def _state(xp, tracks: Sequence[Track], losses):
-        """The tracks' state before the window, as arrays on the losses' device."""
+    def _state(xp, tracks: Sequence[Track], losses, starts: Sequence[int]):
+        """The tracks' state before the window (and its first step), as arrays on the losses'
+        device."""
         ema = np.array([t.ema for t in tracks], dtype=np.float64)
         timekeys = np.stack([t.timekeys for t in tracks]).astype(np.float64)
         thresholds = np.array([t.thresholds for t in tracks], dtype=np.float64)
         s = np.array([t.job.hp.EMA_SMOOTHER for t in tracks], dtype=np.float64)
         last = np.array([t.job.hp.MAX_ITER - 1 for t in tracks], dtype=np.float64)
-        arrays = (ema, timekeys, thresholds, s, last)
+        arrays = (ema, timekeys, thresholds, s, last, np.array(starts, dtype=np.float64))
         if xp is np:
             return arrays
         return [torch.as_tensor(a).to(losses.device, non_blocking=True) for a in arrays]
@@ -192,7 +208,8 @@ class Tracker:
 
     def seconds(self, track: Track) -> float:
         """The job's share of the wall time since training started (see the module docstring)."""
-        return track.seconds + (time.perf_counter() - self.clock) / len(self.tracks)
+        start = self._joined.get(id(track), self.clock)
+        return track.seconds + (time.perf_counter() - start) / self.width
 
     def finish(
         self,
@@ -234,7 +251,7 @@ def _f64(xp: Any, a: Any) -> Any:
 
 def scan(
     xp: Any,
-    t0: int,
+    t0: Any,
     losses: Any,
     ema: Any,
     timekeys: Any,
@@ -245,28 +262,31 @@ def scan(
 ) -> Any:
     """The loop rules over steps t0..t0+W-1 of R jobs, on numpy (``xp=np``) or torch.
 
-    ``losses`` [R, W]; per job the state before the window: ``ema`` [R], ``timekeys`` [R, K]
-    (NaN: not crossed yet), ``thresholds`` [R, K] (descending), ``s`` [R] (EMA_SMOOTHER) and
-    ``last`` [R] (MAX_ITER - 1). Returns one float64 array [R, K + 3 (+ 2W)]: the timekeys
-    after the window, the exit step (-1: none), diverged (0/1), the EMA after the window and,
-    with ``trail``, the EMA and the loss of every step (NaN after the exit): everything a host
-    needs, in one piece, so that a device copies it once.
+    ``t0``: the first step of the window, for every job or per job [R] (jobs that joined a
+    stack at different steps). ``losses`` [R, W]; per job the state before the window:
+    ``ema`` [R], ``timekeys`` [R, K] (NaN: not crossed yet), ``thresholds`` [R, K]
+    (descending), ``s`` [R] (EMA_SMOOTHER) and ``last`` [R] (MAX_ITER - 1). Returns one
+    float64 array [R, K + 3 (+ 2W)]: the timekeys after the window, the exit step (-1: none),
+    diverged (0/1), the EMA after the window and, with ``trail``, the EMA and the loss of every
+    step (NaN after the exit): everything a host needs, in one piece, so that a device copies
+    it once.
     """
     R, W = losses.shape
     x = _f64(xp, losses).T  # [W, R]: a step across the jobs
+    device = {} if xp is np else {"device": x.device}
+    if isinstance(t0, int):
+        t0 = xp.full((R,), float(t0), dtype=xp.float64, **device)
     emas = xp.empty_like(x)
     u = (1 - s) * x  # (1-s)*loss for every step at once: elementwise, the same rounding
     tmp = xp.empty_like(ema)
     prev = ema
     for i in range(W):
-        if t0 + i == 0:
-            emas[0] = x[0]
-        else:
-            xp.multiply(s, prev, out=tmp)
-            xp.add(tmp, u[i], out=emas[i])
+        xp.multiply(s, prev, out=tmp)
+        xp.add(tmp, u[i], out=emas[i])
+        if i == 0:  # a job's first step starts its EMA at its loss
+            emas[0] = xp.where(t0 == 0, x[0], emas[0])
         prev = emas[i]
-    device = {} if xp is np else {"device": x.device}
-    steps = xp.arange(t0, t0 + W, dtype=xp.float64, **device)[:, None]  # [W, 1]
+    steps = t0[None, :] + xp.arange(W, dtype=xp.float64, **device)[:, None]  # [W, R]
     first_bad = xp.amin(xp.where(xp.isfinite(x), INF, steps), 0)  # [R]
     valid = (steps < first_bad) & (steps <= last)  # [W, R]: steps the loop took
     below = (emas[:, :, None] < thresholds[None]) & valid[:, :, None]  # [W, R, K]
@@ -278,7 +298,7 @@ def scan(
     exit_step = xp.where(diverged, first_bad, stop)
     exit_step = xp.where(exit_step < t0 + W, exit_step, -1.0)
     # the EMA after the window: at the exit step, before a divergence, or at the window's end
-    upto = xp.where(exit_step < 0, float(t0 + W - 1), exit_step) - _f64(xp, diverged)
+    upto = xp.where(exit_step < 0, t0 + (W - 1), exit_step) - _f64(xp, diverged)
     index = (upto - t0).clip(0, None) if xp is np else (upto - t0).clamp(min=0)
     index = index.astype(np.int64) if xp is np else index.long()
     final = xp.where(upto < t0, ema, emas[index, xp.arange(R, **device)])

@@ -78,7 +78,9 @@ class JobRecord:
     reached). With ONLYTHRESHOLDS=False, ``curves`` holds ``train_loss``, ``test_loss`` and each
     grab, each of length MAX_ITER (padded after exit with the last value). ``trained_by`` says
     how the job trained: ``"stacked"`` (with others of its group), ``"single"``, or
-    ``"single: <reason>"`` when a stack could not be used.
+    ``"single: <reason>"`` when a stack could not be used. ``joined_at``: for a job that
+    joined a running stack (REFILL), the steps that stack had taken when it joined (None
+    for a job that started with its stack, or trained alone).
     """
 
     key: tuple = column(sql=None)
@@ -95,6 +97,7 @@ class JobRecord:
     error: str | None = column(None, sql="TEXT", per_job=True)
     traceback: str | None = column(None, sql="TEXT")
     trained_by: str = column("", sql="TEXT NOT NULL DEFAULT ''", per_job=True)
+    joined_at: int | None = column(None, sql="INTEGER", per_job=True)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(JobRecord)}

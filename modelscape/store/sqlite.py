@@ -317,7 +317,7 @@ def _encode(sql: str, value: Any) -> Any:
         value = float(value)
         return None if np.isnan(value) else value
     if kind == "INTEGER":
-        return int(value)
+        return None if value is None else int(value)  # NULL where the column allows it
     return value
 
 
@@ -326,7 +326,7 @@ def _decode(sql: str, value: Any) -> Any:
     if kind == "REAL":
         return float("nan") if value is None else float(value)
     if kind == "INTEGER":
-        return int(value)
+        return None if value is None else int(value)
     return value
 
 

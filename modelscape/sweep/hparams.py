@@ -194,6 +194,8 @@ class HParams:
         scope="sweep",
         choices=BATCHED_MODES,
     )
+    REFILL: bool = hp(True, "Jobs waiting in a group take the stack rows of jobs that exited.",
+                      scope="sweep")  # fmt: skip
     MAX_RETRIES: int = hp(1, "Retries of a job lost to a dead worker or Ray node.", scope="sweep")
     JOB_TIMEOUT: float = hp(
         0.0, "Seconds per job before a hung worker job fails; 0 is off.", scope="sweep"

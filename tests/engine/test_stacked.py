@@ -15,6 +15,7 @@ from sweeps import assert_same, quadratic_bfn, reference, rel
 import modelscape
 from modelscape import engine
 from modelscape import engine as batched
+from modelscape.engine.stacked.refill import Waiting
 from modelscape.errors import SweepError
 from modelscape.runner import plan
 from modelscape.store.checkpoints import Checkpoints
@@ -185,11 +186,17 @@ def test_grouping_and_fallbacks(capsys):
 
 
 def test_group_size_is_capped_by_memory_budget():
-    jobs, _ = make_jobs({"WIDTH": 2048, "N_SAMPLES": 2048}, axes={"trial": range(20)})
+    config = {"WIDTH": 2048, "N_SAMPLES": 2048, "REFILL": False}
+    jobs, _ = make_jobs(config, axes={"trial": range(20)})
     per_job = batched.job_bytes(jobs[0])
     groups = batched.group_jobs(jobs)
     assert 2 <= max(len(g) for g in groups) == batched.GROUP_BYTES // per_job < 20
     assert sum(len(g) for g in groups) == 20
+    # with REFILL the group is one stream, as many jobs at once as the budget holds
+    jobs, spec = make_jobs({**config, "REFILL": True}, axes={"trial": range(20)})
+    (group,) = batched.group_jobs(jobs)
+    stream = Waiting(group, spec, CPU, None)
+    assert len(group) == 20 and len(stream.first()) == batched.GROUP_BYTES // per_job
 
 
 def test_checkpointed_group_resumes_to_the_same_result(tmp_path):

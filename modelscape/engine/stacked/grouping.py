@@ -94,7 +94,9 @@ def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list
 
     Jobs with the same ``group_key`` share a group, up to ``MAX_GROUP`` jobs and
     ``group_bytes`` of estimated memory; a job whose optimizer cannot be stacked stays alone
-    (its record says why).
+    (its record says why). With REFILL=True a group is not capped: it trains as a stream, as
+    many jobs at once as the caps allow, a waiting job taking the rows of one that exited
+    (``refill``).
     """
     budget = device_budget(jobs[0]) if jobs and group_bytes == GROUP_BYTES else group_bytes
     buckets: dict[tuple, list[list[Job]]] = {}
@@ -106,7 +108,8 @@ def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list
             continue
         groups = buckets.setdefault(group_key(job), [])
         size = job_bytes(job)
-        if not groups or len(groups[-1]) >= MAX_GROUP or used[id(groups[-1])] + size > budget:
+        full = groups and (len(groups[-1]) >= MAX_GROUP or used[id(groups[-1])] + size > budget)
+        if not groups or (full and not job.hp.REFILL):
             groups.append([])
             order.append(groups[-1])
             used[id(groups[-1])] = 0

@@ -53,19 +53,31 @@ class StackedOptimizer:
     settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, problems: Sequence[Problem], names: list[str]):
-        cls = type(problems[0].opt)
+        self.names = names
+        self.values: dict[str, list[list[float]]] = {k: [[] for _ in names] for k in self.settings}
+        self.mask: list[bool] | None = None  # which parameters the optimizers train
+        self.flags: dict[str, Any] | None = None
+        self.any: dict[str, bool] | None = None
+        self._cache: tuple | None = None
+        self.add(problems)
+
+    def add(self, problems: Sequence[Problem]) -> None:
+        """Read the settings of more jobs, rows numbered after those read before (jobs that
+        join a running stack). Raises ``Unbatchable``, having read nothing, when they cannot
+        share the stack, or would need optimizer state the stack does not hold."""
+        names, mask = self.names, self.mask
+        cls = type(problems[0].opt) if mask is None else self.cls
         values: dict[str, list[list[float]]] = {k: [[] for _ in names] for k in self.settings}
-        trained: list[bool] | None = None
-        flags: set[tuple] = set()
+        flags: set[tuple] = set((self.flags or {}).items())
         for p in problems:
             if type(p.opt) is not cls:
                 raise Unbatchable("the jobs' optimizers are of different classes")
             groups = {id(q): g for g in p.opt.param_groups for q in g["params"]}
             params = dict(p.model.named_parameters())
             mine = [id(params[n]) in groups and params[n].requires_grad for n in names]
-            if trained is None:
-                trained = mine
-            elif mine != trained:
+            if mask is None:
+                mask = mine
+            elif mine != mask:
                 raise Unbatchable("the jobs' optimizers train different parameters")
             for i, n in enumerate(names):
                 g = groups.get(id(params[n]))
@@ -79,11 +91,15 @@ class StackedOptimizer:
                     values[k][i].append(float(v))
         if len(flags) > len(dict(flags)):
             raise Unbatchable(f"the jobs' optimizers differ in {sorted(flags)}")
-        self.trained = [i for i, t in enumerate(trained) if t]
-        self.flags = dict(flags)
-        self.values = values
-        self.any = {k: any(v for per_param in vs for v in per_param) for k, vs in values.items()}
-        self._cache: tuple | None = None
+        for k, vs in values.items():
+            for i, per_param in enumerate(vs):
+                per_param[:0] = self.values[k][i]
+        nonzero = {k: any(v for per_param in vs for v in per_param) for k, vs in values.items()}
+        if self.any is not None and nonzero != self.any:
+            raise Unbatchable("the joining jobs need optimizer state the stack does not hold")
+        self.cls, self.mask, self.flags = cls, mask, dict(flags)
+        self.trained = [i for i, t in enumerate(mask) if t]
+        self.values, self.any = values, nonzero
 
     # -- what a subclass provides
 
@@ -91,14 +107,18 @@ class StackedOptimizer:
         """The values of ``settings`` in this param group, and flags that must agree."""
         raise NotImplementedError
 
-    def derive(self, hyper: dict[str, Tensors], like: Tensors) -> None:
-        """Add the tensors the step needs beyond the settings themselves."""
+    def derive(
+        self, hyper: dict[str, Tensors], like: Tensors, values: dict[str, list[list[float]]]
+    ) -> None:
+        """Add the tensors the step needs beyond the settings themselves (``values``: the
+        settings of the stack's rows, per parameter)."""
 
     def slot_names(self) -> list[str]:
         raise NotImplementedError
 
-    def step(self, stack: Stack, grads: Tensors, n_done: int) -> None:
-        """One update; ``n_done`` steps were taken before it (0: the first step)."""
+    def step(self, stack: Stack, grads: Tensors, t: int) -> None:
+        """One update at the stack's step ``t``: row ``r`` took ``t - stack.offsets[r]``
+        steps before it (0: its first step)."""
         raise NotImplementedError
 
     def export_state(self, stack: Stack, i: int, r: int, n_done: int) -> dict | None:
@@ -107,13 +127,20 @@ class StackedOptimizer:
 
     # -- shared
 
-    def hyper(self, like: Tensors) -> dict[str, Tensors]:
-        """The settings as tensors that broadcast against each stacked parameter."""
-        hyper = {
-            k: [as_rows(per_param[i] or [0.0] * p.shape[0], p) for i, p in enumerate(like)]
-            for k, per_param in self.values.items()
+    def hyper(self, like: Tensors, rows: Sequence[int]) -> dict[str, Tensors]:
+        """The settings of jobs ``rows`` as tensors that broadcast against each stacked
+        parameter ``like``."""
+        values = {
+            k: [
+                [per_param[r] for r in rows] if per_param else [0.0] * len(rows) for per_param in vs
+            ]
+            for k, vs in self.values.items()
         }
-        self.derive(hyper, like)
+        hyper = {
+            k: [as_rows(per_param[i], p) for i, p in enumerate(like)]
+            for k, per_param in values.items()
+        }
+        self.derive(hyper, like, values)
         return hyper
 
     def _trained(self, stack: Stack) -> tuple[Tensors, dict[str, Tensors]]:
@@ -158,16 +185,13 @@ class StackedSGD(StackedOptimizer):
         values = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
         return values, {"nesterov": bool(group["nesterov"])}
 
-    def derive(self, hyper, like):
+    def derive(self, hyper, like, values):
         # With momentum 0 torch uses the gradient itself; buf = 0*buf + 1*grad is the same.
         hyper["keep"] = [
             as_rows(
                 [
                     1.0 if m == 0 else 1.0 - d
-                    for m, d in zip(
-                        self.values["momentum"][i] or [0.0] * p.shape[0],
-                        self.values["dampening"][i] or [0.0] * p.shape[0],
-                    )
+                    for m, d in zip(values["momentum"][i], values["dampening"][i])
                 ],
                 p,
             )
@@ -177,7 +201,7 @@ class StackedSGD(StackedOptimizer):
     def slot_names(self):
         return ["momentum_buffer"] if self.any["momentum"] else []
 
-    def step(self, stack, grads, n_done):
+    def step(self, stack, grads, t):
         with torch.no_grad():
             ps, hy = self._trained(stack)
             gs = [grads[i] for i in self.trained]
@@ -185,11 +209,16 @@ class StackedSGD(StackedOptimizer):
                 gs = [g + p * wd for g, p, wd in zip(gs, ps, hy["weight_decay"])]
             if self.any["momentum"]:
                 bufs = [stack.slots["momentum_buffer"][i] for i in self.trained]
-                if n_done == 0:
+                if stack.in_step and t == stack.offsets[0]:
                     torch._foreach_copy_(bufs, gs)
                 else:
                     torch._foreach_mul_(bufs, hy["momentum"])
                     torch._foreach_add_(bufs, torch._foreach_mul(gs, hy["keep"]))
+                    if not stack.in_step and t in stack.offsets:
+                        # rows taking their first step: torch's buffer starts as the gradient
+                        first = [r for r, o in enumerate(stack.offsets) if o == t]
+                        for buf, g in zip(bufs, gs):
+                            buf[first] = g[first]
                 if self.flags.get("nesterov"):
                     gs = torch._foreach_add(gs, torch._foreach_mul(bufs, hy["momentum"]))
                 else:
@@ -215,6 +244,7 @@ class StackedAdam(StackedOptimizer):
 
     settings = ("lr", "beta1", "beta2", "eps", "weight_decay")
     _groups_of: Stack | None = None  # the stack whose row groups ``_groups`` holds
+    _counts: tuple[torch.Tensor, torch.Tensor]  # its rows' -offsets, and their step counts
 
     def read(self, group, torch_cls):
         if group.get("amsgrad"):
@@ -228,38 +258,52 @@ class StackedAdam(StackedOptimizer):
 
     def _row_groups(self, stack: Stack, i: int) -> list[tuple[tuple[float, ...], list[int], list]]:
         """Parameter ``i``'s stack positions grouped by their settings, with the rows of its
-        parameter and state in each group (made once per stack: they are updated in place)."""
+        parameter and state in each group and, for rows at different steps, views of their
+        step counts (made once per stack: they are updated in place)."""
         if self._groups_of is not stack:
             self._groups_of, self._groups = stack, {}
+            like = stack.params[0]
+            base = torch.tensor([-o for o in stack.offsets], dtype=torch.float32)
+            self._counts = (base.to(like.device), torch.empty_like(base, device=like.device))
         if i not in self._groups:
             groups: dict[tuple[float, ...], list[int]] = {}
             for pos, row in enumerate(stack.rows):
                 key = tuple(self.values[k][i][row] for k in self.settings)
                 groups.setdefault(key, []).append(pos)
             p, m, v = stack.params[i], stack.slots["exp_avg"][i], stack.slots["exp_avg_sq"][i]
+            counts = self._counts[1]
             self._groups[i] = [
-                (key, rows, [[t[r] for r in rows] for t in (p, m, v)])
+                (key, rows, [[t[r] for r in rows] for t in (p, m, v, counts)])
                 for key, rows in groups.items()
             ]
         return self._groups[i]
 
-    def step(self, stack, grads, n_done):
+    def step(self, stack, grads, t):
         fused = torch._fused_adamw_ if self.flags["decoupled"] else torch._fused_adam_
         like = stack.params[0]
-        # the kernel reads each tensor's step count; torch's optimizer counts in float32
-        t = torch.full((), float(n_done + 1), dtype=torch.float32, device=like.device)
+        # the kernel reads each tensor's step count (Adam's bias correction); torch's optimizer
+        # counts in float32, exactly up to 2**24 steps
+        same = None
+        if stack.in_step:
+            n = float(t - stack.offsets[0] + 1)
+            same = torch.full((), n, dtype=torch.float32, device=like.device)
+        elif self.trained:
+            self._row_groups(stack, self.trained[0])  # the stack's step counts
+            base, counts = self._counts
+            torch.add(base, float(t + 1), out=counts)
         with torch.no_grad():
             for i in self.trained:
                 # the kernel reads raw memory: autograd's gradients may come transposed
                 g = grads[i].contiguous()
-                for (lr, beta1, beta2, eps, wd), rows, (ps, ms, vs) in self._row_groups(stack, i):
+                groups = self._row_groups(stack, i)
+                for (lr, beta1, beta2, eps, wd), rows, (ps, ms, vs, ts) in groups:
                     fused(
                         ps,
                         [g[r] for r in rows],
                         ms,
                         vs,
                         [],
-                        [t] * len(rows),
+                        ts if same is None else [same] * len(rows),
                         lr=lr,
                         beta1=beta1,
                         beta2=beta2,
@@ -289,7 +333,7 @@ class StackedRMSprop(StackedOptimizer):
         values = (group["lr"], group["alpha"], group["eps"], group["weight_decay"])
         return (*values, group["momentum"]), {}
 
-    def derive(self, hyper, like):
+    def derive(self, hyper, like, values):
         hyper["1-alpha"] = [1 - a for a in hyper["alpha"]]
 
     def slot_names(self):

@@ -1,7 +1,8 @@
 """The stacked state of jobs training together: every tensor with a leading job dimension.
 
 ``Stack`` holds the running jobs' parameters, optimizer state (slots), per-job optimizer
-settings and data; ``take`` drops the rows of jobs that exited. ``Unbatchable`` is how the
+settings and data; ``take`` drops the rows of jobs that exited (and reorders rows, when jobs
+join a running stack). ``Unbatchable`` is how the
 stacked engine says, before training, that a group cannot share a stack.
 
 Samples are laid out flat: the training samples (and everything per sample) of every job of
@@ -101,7 +102,9 @@ class Stack:
 
     ``params`` and ``slots`` (optimizer state) change every step; ``hyper`` (per-parameter
     optimizer settings, shaped to broadcast against the parameter), ``data`` (per job) and
-    ``samples`` (per sample, flat along ``layout``) do not.
+    ``samples`` (per sample, flat along ``layout``) do not. ``offsets``: at the stack's step
+    ``t``, row ``r`` takes its own step ``t - offsets[r]`` (rows differ when jobs joined a
+    running stack or resumed from different steps).
     """
 
     rows: list[int]
@@ -111,7 +114,12 @@ class Stack:
     data: dict[str, torch.Tensor | None]
     samples: dict[str, torch.Tensor | None]
     layout: Layout
+    offsets: list[int]
     init: list[torch.Tensor] | None = None  # online centering: the initial parameters
+
+    def __post_init__(self) -> None:
+        # whether every row takes the same own step (no row joined at another step)
+        self.in_step = all(o == self.offsets[0] for o in self.offsets)
 
     def take(self, keep: Sequence[int]) -> Stack:
         """The stack of rows ``keep`` (positions in this stack)."""
@@ -134,6 +142,7 @@ class Stack:
                 for k, v in self.samples.items()
             },
             layout=layout,
+            offsets=[self.offsets[k] for k in keep],
             init=None if self.init is None else sel(self.init),
         )
 
