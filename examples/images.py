@@ -14,23 +14,21 @@ environment variable); nothing is downloaded.
 
 from __future__ import annotations
 
-import sys
-
 from modelscape import parse_args, run_sweep
 from modelscape.data import image_bfn, load_image_data
 from modelscape.results import plotting
 
-DEFAULTS = [
-    "--ONLINE", "False",
-    "--WIDTH", "64", "256",
-    "--DEPTH", "2",
-    "--BIAS", "True",
-    "--LR", "0.1",
-    "--MAX_ITER", "1000",
-    "--LOSS_CHECKPOINTS", "0.01",
-    "--NUM_TRIALS", "3",  # the fewest that give the median an interval
-    "--DEVICES", "cpu",
-]  # fmt: skip
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "ONLINE": False,
+    "WIDTH": [64, 256],
+    "DEPTH": 2,
+    "BIAS": True,
+    "LR": 0.1,
+    "MAX_ITER": 1000,
+    "LOSS_CHECKPOINTS": [0.01],
+    "NUM_TRIALS": 3,  # the fewest that give the median an interval
+    "DEVICES": ["cpu"],
+}
 
 EXTRA = {
     "DATASET": ("digits", "digits (scikit-learn, built in) or cifar10 (local files)"),
@@ -43,7 +41,7 @@ EXTRA = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
     options = {
         "root": args.DATASETPATH or None,
         "classes": tuple(args.CLASSES),

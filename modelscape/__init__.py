@@ -8,6 +8,7 @@ model before a big sweep. Data sets and targets live in ``modelscape.data``, plo
 ``docs/ARCHITECTURE.md`` maps the package.
 """
 
+from modelscape._version import VERSION
 from modelscape.cli.args import base_args, parse_args
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 from modelscape.errors import (
@@ -15,6 +16,7 @@ from modelscape.errors import (
     HParamError,
     ModelscapeError,
     ParametrizationError,
+    RunFolderMismatch,
     StoreError,
     SweepError,
 )
@@ -32,7 +34,6 @@ from modelscape.results.result import JobRecord, Result
 from modelscape.results.trace import ExptTrace
 from modelscape.runner import main as run_sweep
 from modelscape.store import load
-from modelscape.sweep.code_identity import VERSION
 from modelscape.sweep.hparams import HParams
 from modelscape.sweep.jobs import Job
 
@@ -53,6 +54,7 @@ __all__ = [
     "ParametrizedLinear",
     "ResNet",
     "Result",
+    "RunFolderMismatch",
     "ScaledReLU",
     "StoreError",
     "SweepError",

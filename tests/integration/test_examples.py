@@ -98,3 +98,5 @@ def test_notebook_executes(tmp_path):
     assert "'x0': 0.2364" in text  # the HEA eigenvalue cell
     assert "jobs=18, failed=0" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered inline
+    # the progress bar is a widget (tqdm.auto), not a text bar written to stderr
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
