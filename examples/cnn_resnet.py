@@ -7,11 +7,13 @@ shows the EMA train loss against the step, one curve per model, with a band over
 
     python examples/cnn_resnet.py                                 # CPU, < 1 minute
     python examples/cnn_resnet.py --WIDTH 128 --DEPTH 4 --MAX_ITER 3000 --PARAMETRIZATION mup
+
+Needs the `data` extra (scikit-learn, for the digits): pip install -e ".[data]".
 """
 
 from __future__ import annotations
 
-from modelscape import parse_args, run_sweep
+from modelscape import MissingExtra, parse_args, run_sweep
 from modelscape.data import image_bfn, load_image_data
 from modelscape.results import plotting
 
@@ -39,7 +41,10 @@ EXTRA = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
-    data = load_image_data("digits")
+    try:
+        data = load_image_data("digits")
+    except MissingExtra as err:
+        raise SystemExit(f"cnn_resnet.py: {err}") from None
     args.X_te, args.y_te, args.D_OUT = data.X_test, data.y_test, data.num_outputs
     result = run_sweep(
         [args.MODELS, range(args.NUM_TRIALS)],

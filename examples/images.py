@@ -9,12 +9,13 @@ centered with the training mean and scaled per sample to unit RMS pixel.
         --SIZES 64 256 1024 4096 --WIDTH 512 2048 --DEVICES 0
 
 CIFAR-10 is read from the python-pickle batches (cifar-10-batches-py) under DATASETPATH (flag or
-environment variable); nothing is downloaded.
+environment variable); nothing is downloaded. Needs the `data` extra (scikit-learn, for the
+digits): pip install -e ".[data]".
 """
 
 from __future__ import annotations
 
-from modelscape import parse_args, run_sweep
+from modelscape import MissingExtra, parse_args, run_sweep
 from modelscape.data import image_bfn, load_image_data
 from modelscape.results import plotting
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         data = load_image_data(args.DATASET, **options)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingExtra) as err:
         raise SystemExit(f"images.py: {err}") from None
     print(
         f"{args.DATASET} classes {args.CLASSES}: {len(data.y_train)} training and "

@@ -14,6 +14,7 @@ from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 from modelscape.errors import (
     ExecutorError,
     HParamError,
+    MissingExtra,
     ModelscapeError,
     ParametrizationError,
     RunFolderMismatch,
@@ -48,6 +49,7 @@ __all__ = [
     "Job",
     "JobRecord",
     "MLP",
+    "MissingExtra",
     "ModelscapeError",
     "ParametrizationError",
     "ParametrizedConv2d",

@@ -100,3 +100,19 @@ def test_notebook_executes(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered inline
     # the progress bar is a widget (tqdm.auto), not a text bar written to stderr
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.parametrize("name", ["images.py", "cnn_resnet.py"])
+def test_an_example_without_scikit_learn_names_the_extra(name):
+    blocked = (
+        "import runpy, sys; sys.modules['sklearn'] = None; sys.argv = [sys.argv[1]]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "pip install 'modelscape-sweeps[data]'" in proc.stderr
