@@ -10,7 +10,7 @@ event file with:
   padding after the job's exit).
 
 The files are written with ``torch.utils.tensorboard``, which needs the ``tensorboard``
-package: ``pip install modelscape[tensorboard]``.
+package: ``pip install 'modelscape-sweeps[tensorboard]'``.
 """
 
 from __future__ import annotations
