@@ -68,3 +68,13 @@ def test_every_block_that_does_not_run_says_why():
         if not runs(code):
             first = code.lstrip().splitlines()[0]
             assert re.match(r"# not run: \w", first), f"{page.name}:{line}: {first}"
+
+
+def test_the_readme_stays_a_pitch_with_the_two_command_quickstart():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    quickstart = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in quickstart.splitlines() if line.strip()]
+    assert len(commands) == 2 and commands[1] == "bash tests/run_all_tests.sh"
+    assert "modelscape run" in commands[0]
+    assert "modelscape-sweeps" in readme and "`pip install modelscape` installs an" in readme
