@@ -361,7 +361,7 @@ def parse_with(
     argv = list(sys.argv[1:] if argv is None else argv)
     parsed, unknown = parser.parse_known_args(argv)
     if unknown:
-        parser.error(_unknown_message(unknown[0], argv))
+        parser.error(_unknown_message(unknown[0], argv, extra))
     given = {k: v for k, v in vars(parsed).items() if k not in own and k != "config"}
     values = _defaults(extra, defaults)
     extra_names = set(_extra_specs(extra))
@@ -378,21 +378,29 @@ def parse_with(
     return _namespace(values)
 
 
-def _unknown_message(item: str, argv: list[str]) -> str:
+def _unknown_message(item: str, argv: list[str], extra: Extra | None) -> str:
     """What an argument argparse could not place means: a misspelt flag, or a second value
     given to an option that takes one (``--NUM_TRIALS 2 3``)."""
     if item.startswith("-"):
         return H.unknown_message(item.lstrip("-").split("=")[0])
-    before = argv[: argv.index(item)] if item in argv else []
-    flag = next((a for a in reversed(before) if a.startswith("--")), None)
-    if flag is None:
-        return f"unexpected value {item!r}: give hyperparameters as --NAME value."
-    return (
-        f"{flag} takes one value, so {item!r} is left over. Only job options (LR, WIDTH, "
-        f"GAMMA, ...) take several values to sweep them; for trials use --NUM_TRIALS N."
-        if flag[2:].split("=")[0] in H.FIELDS
-        else f"{flag} takes one value, so {item!r} is left over."
-    )
+    for i, arg in enumerate(argv):
+        flags = [k for k in range(i) if argv[k].startswith("--")]
+        if arg != item or not flags or i == flags[-1] + 1:
+            continue  # another token, or the flag's own first value
+        flag = argv[flags[-1]]
+        name = H.DEPRECATED_NAMES.get(flag[2:], flag[2:])
+        if name in H.FIELDS and _flag_options(name).get("nargs") is None:
+            return (
+                f"{flag} takes one value, so {item!r} is left over. Only job options (LR, "
+                "WIDTH, GAMMA, ...) take several values, to sweep them."
+            )
+        specs = _extra_specs(extra)
+        if name in specs and not isinstance(specs[name][0], list):
+            return (
+                f"{flag} takes one value, so {item!r} is left over (an option of your own takes "
+                "several when its default is a list)."
+            )
+    return f"unexpected value {item!r}: give hyperparameters as --NAME value."
 
 
 def base_args(extra: Extra | None = None, **overrides: Any) -> argparse.Namespace:

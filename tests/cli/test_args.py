@@ -164,3 +164,6 @@ def test_extra_options_take_one_value_unless_declared_as_lists(capsys):
         parse_args(["--OUT", "b.png", "c.png"], extra=extra)
     err = capsys.readouterr().err
     assert "--OUT takes one value, so 'c.png' is left over" in err and "usage" not in err
+    with pytest.raises(SystemExit):  # the same value given earlier, to an option that took it
+        parse_args(["--WIDTH", "3", "--NUM_TRIALS", "2", "3"])
+    assert "--NUM_TRIALS takes one value, so '3' is left over" in capsys.readouterr().err
