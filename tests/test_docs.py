@@ -78,3 +78,15 @@ def test_the_readme_stays_a_pitch_with_the_two_command_quickstart():
     assert len(commands) == 2 and commands[1] == "bash tests/run_all_tests.sh"
     assert "modelscape run" in commands[0]
     assert "modelscape-sweeps" in readme and "`pip install modelscape` installs an" in readme
+
+
+def test_every_test_the_docs_name_exists():
+    """A row of the reliability table, or a claim that a test checks something, names a real
+    test: its file, or the test function somewhere under tests/."""
+    sources = "\n".join(p.read_text() for p in (REPO / "tests").rglob("*.py"))
+    for page in PAGES:
+        text = page.read_text()
+        for path in re.findall(r"`(tests/[\w/]*(?:\.py)?)`", text):
+            assert (REPO / path).exists(), f"{page.name} names {path}"
+        for name in re.findall(r"`(test_[a-z0-9]+_[a-z0-9]+_\w+)`", text):  # not `test_loss`
+            assert f"def {name}(" in sources, f"{page.name} names {name}"
