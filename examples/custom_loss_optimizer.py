@@ -14,7 +14,6 @@ arguments (momentum, weight_decay...) by name.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
@@ -68,18 +67,18 @@ def heavy_tailed_bfn(bsz, gen, X=None, y=None, *, noise_df: float = 2.0, **kwarg
     return batch_fn
 
 
-DEFAULTS = [
-    "--WIDTH", "256",
-    "--ONLINE", "True",
-    "--ONLYTHRESHOLDS", "False",
-    "--N_SAMPLES", "128",
-    "--MAX_ITER", "400",
-    "--EVAL_EVERY", "25",
-    "--LOSS_CHECKPOINTS", "0.01",
-    "--NUM_TRIALS", "2",
-    "--BIAS", "True",
-    "--DEVICES", "cpu",
-]  # fmt: skip
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "WIDTH": 256,
+    "ONLINE": True,
+    "ONLYTHRESHOLDS": False,
+    "N_SAMPLES": 128,
+    "MAX_ITER": 400,
+    "EVAL_EVERY": 25,
+    "LOSS_CHECKPOINTS": [0.01],
+    "NUM_TRIALS": 2,
+    "BIAS": True,
+    "DEVICES": ["cpu"],
+}
 
 EXTRA = {
     "SGD_LR": (0.1, "learning rate of plain SGD"),
@@ -89,7 +88,7 @@ EXTRA = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
     args.LOSS = LogCoshLoss
     optimizers = [torch.optim.SGD, SignSGD]
     lrs = {torch.optim.SGD: args.SGD_LR, SignSGD: args.SIGN_LR}

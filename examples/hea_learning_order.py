@@ -18,8 +18,6 @@ factor SPREAD below the top mode) unless --TARGETS "x0,x0^2,x1*x2" lists them.
 
 from __future__ import annotations
 
-import sys
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -37,34 +35,21 @@ from modelscape.results import plotting
 
 INVERSE = "inverse_eigenvalue"  # the axis of targets, as 1/HEA eigenvalue
 
-DEFAULTS = [
-    "--PARAMETRIZATION",
-    "mup",
-    "--GAMMA",
-    "10",
-    "--LR",
-    "0.05",
-    "--WIDTH",
-    "128",
-    "--DEPTH",
-    "2",
-    "--BIAS",
-    "True",
-    "--ONLINE",
-    "True",
-    "--N_SAMPLES",
-    "256",
-    "--N_TEST",
-    "2000",
-    "--MAX_ITER",
-    "5000",
-    "--LOSS_CHECKPOINTS",
-    "0.5",
-    "--NUM_TRIALS",
-    "3",
-    "--DEVICES",
-    "cpu",
-]
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "PARAMETRIZATION": "mup",
+    "GAMMA": 10.0,
+    "LR": 0.05,
+    "WIDTH": 128,
+    "DEPTH": 2,
+    "BIAS": True,
+    "ONLINE": True,
+    "N_SAMPLES": 256,
+    "N_TEST": 2000,
+    "MAX_ITER": 5000,
+    "LOSS_CHECKPOINTS": [0.5],
+    "NUM_TRIALS": 3,
+    "DEVICES": ["cpu"],
+}
 
 EXTRA = {
     "D": (64, "input dimension d of the power-law Gaussian data"),
@@ -107,7 +92,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> float:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
     gamma = powerlaw_eigenvalues(args.D, args.ALPHA, args.OFFSET).numpy()
     coeffs = relu_ntk_level_coefficients(
         gamma, args.MAX_DEGREE + 2, depth=args.KERNEL_DEPTH, bias_variance=args.BIAS_VARIANCE

@@ -9,28 +9,27 @@ centered with the training mean and scaled per sample to unit RMS pixel.
         --SIZES 64 256 1024 4096 --WIDTH 512 2048 --DEVICES 0
 
 CIFAR-10 is read from the python-pickle batches (cifar-10-batches-py) under DATASETPATH (flag or
-environment variable); nothing is downloaded.
+environment variable); nothing is downloaded. Needs the `data` extra (scikit-learn, for the
+digits): pip install -e ".[data]".
 """
 
 from __future__ import annotations
 
-import sys
-
-from modelscape import parse_args, run_sweep
+from modelscape import MissingExtra, parse_args, run_sweep
 from modelscape.data import image_bfn, load_image_data
 from modelscape.results import plotting
 
-DEFAULTS = [
-    "--ONLINE", "False",
-    "--WIDTH", "64", "256",
-    "--DEPTH", "2",
-    "--BIAS", "True",
-    "--LR", "0.1",
-    "--MAX_ITER", "1000",
-    "--LOSS_CHECKPOINTS", "0.01",
-    "--NUM_TRIALS", "3",  # the fewest that give the median an interval
-    "--DEVICES", "cpu",
-]  # fmt: skip
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "ONLINE": False,
+    "WIDTH": [64, 256],
+    "DEPTH": 2,
+    "BIAS": True,
+    "LR": 0.1,
+    "MAX_ITER": 1000,
+    "LOSS_CHECKPOINTS": [0.01],
+    "NUM_TRIALS": 3,  # the fewest that give the median an interval
+    "DEVICES": ["cpu"],
+}
 
 EXTRA = {
     "DATASET": ("digits", "digits (scikit-learn, built in) or cifar10 (local files)"),
@@ -43,7 +42,7 @@ EXTRA = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
     options = {
         "root": args.DATASETPATH or None,
         "classes": tuple(args.CLASSES),
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     try:
         data = load_image_data(args.DATASET, **options)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingExtra) as err:
         raise SystemExit(f"images.py: {err}") from None
     print(
         f"{args.DATASET} classes {args.CLASSES}: {len(data.y_train)} training and "

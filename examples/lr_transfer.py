@@ -13,7 +13,6 @@ the list-valued ones set the grid:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,18 +22,18 @@ import torch
 from modelscape import parse_args
 from modelscape.backend.job_iterator import main as run_sweep
 
-DEFAULTS = [
-    "--PARAMETRIZATION", "sp", "mup",
-    "--WIDTH", "64", "256", "1024",
-    "--LR", *[f"{2.0**k:g}" for k in range(-8, 3)],
-    "--MAX_ITER", "100",
-    "--N_SAMPLES", "64",
-    "--N_TEST", "1000",
-    "--LOSS_CHECKPOINTS", "0",  # never crossed: every job trains exactly MAX_ITER steps
-    "--DEVICES", "cpu",
-]  # fmt: skip
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "PARAMETRIZATION": ["sp", "mup"],
+    "WIDTH": [64, 256, 1024],
+    "LR": [2.0**k for k in range(-8, 3)],
+    "MAX_ITER": 100,
+    "N_SAMPLES": 64,
+    "N_TEST": 1000,
+    "LOSS_CHECKPOINTS": [0.0],  # never crossed: every job trains exactly MAX_ITER steps
+    "DEVICES": ["cpu"],
+}
 EXTRA = {
-    "OUT": ("lr_transfer.png", "where to save the plot"),
+    "OUT": ("runs/lr_transfer.png", "where to save the plot"),
     "TASK_DIM": (16, "input dimension of the task"),
 }
 
@@ -54,13 +53,11 @@ def as_list(value) -> list:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
-    params, widths, lrs = as_list(args.PARAMETRIZATION), as_list(args.WIDTH), as_list(args.LR)
-    args.TASK_DIM, args.OUT = as_list(args.TASK_DIM)[0], as_list(args.OUT)[0]
-    result = run_sweep(
-        [params, widths, lrs], ["PARAMETRIZATION", "WIDTH", "LR"], vars(args),
-        {"base_bfn": task_bfn},
-    )  # fmt: skip
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
+    config = vars(args)
+    # the grid's axes, in this order; taken out of the config, which would otherwise hold them too
+    axes = {name: as_list(config.pop(name)) for name in ("PARAMETRIZATION", "WIDTH", "LR")}
+    result = run_sweep(list(axes.values()), list(axes), config, {"base_bfn": task_bfn})
     df = result.to_dataframe()
     df["loss"] = df["test_loss"].where(df["status"] == "ok")  # diverged runs have no loss
     best = best_lrs(df)

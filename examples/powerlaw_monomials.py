@@ -15,8 +15,6 @@ interval). Monomials with larger HEA eigenvalues (printed) need fewer samples.
 
 from __future__ import annotations
 
-import sys
-
 from modelscape import parse_args, run_sweep
 from modelscape.data import (
     Monomial,
@@ -27,18 +25,18 @@ from modelscape.data import (
 )
 from modelscape.results import plotting
 
-DEFAULTS = [
-    "--ONLINE", "False",
-    "--WIDTH", "128",
-    "--DEPTH", "2",
-    "--BIAS", "True",
-    "--LR", "0.2",
-    "--MAX_ITER", "1500",
-    "--LOSS_CHECKPOINTS", "0.01",
-    "--N_TEST", "2000",
-    "--NUM_TRIALS", "3",
-    "--DEVICES", "cpu",
-]  # fmt: skip
+DEFAULTS = {  # this script's defaults: every flag overrides them, --help shows them
+    "ONLINE": False,
+    "WIDTH": 128,
+    "DEPTH": 2,
+    "BIAS": True,
+    "LR": 0.2,
+    "MAX_ITER": 1500,
+    "LOSS_CHECKPOINTS": [0.01],
+    "N_TEST": 2000,
+    "NUM_TRIALS": 3,
+    "DEVICES": ["cpu"],
+}
 
 EXTRA = {
     "D": (16, "input dimension d"),
@@ -51,7 +49,7 @@ EXTRA = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(DEFAULTS + list(sys.argv[1:] if argv is None else argv), extra=EXTRA)
+    args = parse_args(argv, extra=EXTRA, defaults=DEFAULTS)
     targets = [Monomial(t) for t in args.TARGETS]
     gamma = powerlaw_eigenvalues(args.D, args.ALPHA, args.OFFSET)
     max_degree = max(t.degree for t in targets)

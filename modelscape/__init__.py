@@ -8,13 +8,16 @@ model before a big sweep. Data sets and targets live in ``modelscape.data``, plo
 ``docs/ARCHITECTURE.md`` maps the package.
 """
 
+from modelscape._version import VERSION
 from modelscape.cli.args import base_args, parse_args
 from modelscape.coord_check import coord_check, coord_slopes, plot_coord_check
 from modelscape.errors import (
     ExecutorError,
     HParamError,
+    MissingExtra,
     ModelscapeError,
     ParametrizationError,
+    RunFolderMismatch,
     StoreError,
     SweepError,
 )
@@ -32,7 +35,6 @@ from modelscape.results.result import JobRecord, Result
 from modelscape.results.trace import ExptTrace
 from modelscape.runner import main as run_sweep
 from modelscape.store import load
-from modelscape.sweep.code_identity import VERSION
 from modelscape.sweep.hparams import HParams
 from modelscape.sweep.jobs import Job
 
@@ -47,12 +49,14 @@ __all__ = [
     "Job",
     "JobRecord",
     "MLP",
+    "MissingExtra",
     "ModelscapeError",
     "ParametrizationError",
     "ParametrizedConv2d",
     "ParametrizedLinear",
     "ResNet",
     "Result",
+    "RunFolderMismatch",
     "ScaledReLU",
     "StoreError",
     "SweepError",

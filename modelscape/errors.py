@@ -6,9 +6,11 @@ training becomes a failed ``JobRecord`` (its error and traceback kept), not an e
 - ``HParamError``: a hyperparameter has a bad name, type or value.
 - ``SweepError``: the sweep's definition is bad (axes, iterators, functions, data).
   - ``StoreError``: the run folder (SAVE_DIR) cannot be used for this sweep.
+    - ``RunFolderMismatch``: it holds a sweep with other axes or settings.
   - ``ExecutorError``: the executor cannot run the sweep (workers die at startup, Ray missing).
 - ``ParametrizationError``: a parametrization cannot be applied to a model.
 - ``WorkerDied``: a worker process ended while training a job (kept in that job's record).
+- ``MissingExtra``: an optional package is missing; ``require_extra`` names the extra to install.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class StoreError(SweepError):
     """A run folder (SAVE_DIR) holds another sweep, another format, or is being written."""
 
 
+class RunFolderMismatch(StoreError):
+    """A run folder (SAVE_DIR) holds a sweep with other axes or other settings than this one."""
+
+
 class ExecutorError(SweepError):
     """The executor cannot run the sweep: its workers cannot start, or its backend is missing."""
 
@@ -40,3 +46,20 @@ class ParametrizationError(ModelscapeError, ValueError):
 
 class WorkerDied(ModelscapeError, RuntimeError):
     """A worker process ended (killed, out of memory, crashed) while training a job."""
+
+
+class MissingExtra(ModelscapeError, ImportError):
+    """An optional package is not installed; the message names the extra that brings it."""
+
+
+def require_extra(module: str, extra: str, purpose: str) -> None:
+    """Raise ``MissingExtra`` unless ``module`` can be imported; ``purpose`` says what needs it."""
+    import importlib.util
+
+    from modelscape._version import DISTRIBUTION
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(
+            f"{purpose} needs {module}, which is not installed: pip install "
+            f"'{DISTRIBUTION}[{extra}]' (in a clone: pip install -e '.[{extra}]')."
+        )

@@ -1,14 +1,17 @@
-"""Regenerate the README's hyperparameter table from the schema in modelscape/hparams.py."""
+"""Regenerate the hyperparameter reference (docs/reference/hyperparameters.md) from the schema
+in modelscape/sweep/hparams.py. (The name is older than the docs site: the table used to live
+in the README.)"""
 
 from pathlib import Path
 
 from modelscape.sweep.hparams import markdown_table
 
 BEGIN, END = "<!-- hparams:begin -->", "<!-- hparams:end -->"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "hyperparameters.md"
 
 
-def update_readme(path: Path) -> bool:
-    """Rewrite the table between the README's hparams markers; True if it changed."""
+def update_table(path: Path = PAGE) -> bool:
+    """Rewrite the table between the page's hparams markers; True if it changed."""
     text = path.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
@@ -18,5 +21,6 @@ def update_readme(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    print("README table updated" if update_readme(readme) else "README table already current")
+    print(
+        "hyperparameter table updated" if update_table() else "hyperparameter table already current"
+    )

@@ -10,7 +10,7 @@ event file with:
   padding after the job's exit).
 
 The files are written with ``torch.utils.tensorboard``, which needs the ``tensorboard``
-package: ``pip install modelscape[tensorboard]``.
+package: ``pip install 'modelscape-sweeps[tensorboard]'``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import xarray as xr
 
 from modelscape.analysis._data import Data, as_dataset
 from modelscape.analysis.curves import taken
+from modelscape.errors import require_extra
 from modelscape.sweep.jobs import key_id
 
 METRICS = ("test_loss", "train_loss", "steps")
@@ -33,14 +34,10 @@ METRICS = ("test_loss", "train_loss", "steps")
 
 def export_tensorboard(data: Data, out_dir: str | os.PathLike) -> list[Path]:
     """Write one TensorBoard run per job with a record under ``out_dir``; returns their folders."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-    except ImportError as err:
-        raise ImportError(
-            "the TensorBoard export needs the tensorboard package: "
-            "pip install 'modelscape[tensorboard]'."
-        ) from err
+    require_extra("tensorboard", "tensorboard", "the TensorBoard export")
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
     ds = as_dataset(data)
     axes = [d for d in ds["status"].dims]
     curves = [v for v in ds.data_vars if "step" in ds[v].dims]

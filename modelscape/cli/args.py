@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,33 @@ def parse_none_or_int(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "null", "") else parse_int(text)
 
 
+def parse_json_dict(text: str) -> dict[str, Any]:
+    """A JSON object of argument names to values, such as ``{"betas": [0.9, 0.99]}``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"betas\": [0.9, 0.99]}}' (names in double "
+            f"quotes, the whole in single quotes for the shell), got {text!r}"
+        )
+    return value
+
+
 _PARSERS = {"bool": parse_bool, "int": parse_int, "float": float, "str": str}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is the one line that matters and a pointer to ``--help``.
+
+    argparse's own error prints the whole usage block first (about 40 lines of flags here),
+    which scrolls the message away.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
+
 
 # Namespace attributes kept as lists, as the original's parse_args/base_args gave them, so that
 # scripts can iterate them (``iterators = [args.N_SAMPLES, ...]``).
@@ -123,19 +150,29 @@ def _value_parser(default: Any):
     return str
 
 
-def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    extra: Extra | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    prog: str | None = None,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
     """The argparse parser generated from the schema, plus the user's ``extra`` options.
 
-    ``extra`` maps a name to a default, or to ``(default, help)``; its type follows the default.
+    ``extra`` maps a name to a default, or to ``(default, help)``; its type follows the default,
+    and it takes one value unless the default is a list. ``defaults`` are the script's own
+    defaults, shown by ``--help``.
     """
-    parser = argparse.ArgumentParser(
-        description="modelscape sweep. Job options take several values to sweep them.",
+    parser = ArgumentParser(
+        prog=prog,
+        description=description or "Job options take several values to sweep them.",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
+    shown = _defaults(extra, defaults)
     parser.add_argument("--config", type=Path, help="YAML or JSON file of hyperparameter values.")
     for name, f in H.FIELDS.items():
-        help_ = f"{f.metadata['help']} (default: {H.DEFAULTS[name]!r})"
+        help_ = f"{f.metadata['help']} (default: {shown[name]!r})"
         parser.add_argument(f"--{name}", help=help_, **_flag_options(name))
     for old, new in H.DEPRECATED_NAMES.items():
         if new in H.FIELDS:
@@ -144,11 +181,12 @@ def build_parser(extra: Extra | None = None) -> argparse.ArgumentParser:
         for key in (file_key, name_key):
             parser.add_argument(f"--{key}", dest=key, type=str, help=argparse.SUPPRESS)
     for name, (default, help_) in _extra_specs(extra).items():
+        help_ = f"{help_} (default: {shown[name]!r})"
         if isinstance(default, list):
             item = _value_parser(default[0]) if default else str
             parser.add_argument(f"--{name}", nargs="+", type=item, help=help_)
         else:
-            parser.add_argument(f"--{name}", nargs="+", type=_value_parser(default), help=help_)
+            parser.add_argument(f"--{name}", type=_value_parser(default), help=help_)
     return parser
 
 
@@ -168,7 +206,7 @@ def _flag_options(name: str) -> dict[str, Any]:
     if kind == "class":
         return {"nargs": many, "type": str}
     if kind == "dict":
-        return {"type": json.loads}
+        return {"type": parse_json_dict}
     return {"nargs": many, "type": _PARSERS[kind], "choices": f.metadata["choices"]}
 
 
@@ -256,9 +294,11 @@ def explicit_names(argv: Sequence[str], extra: Extra | None = None) -> set[str]:
     return {H.DEPRECATED_NAMES.get(n, n) for n in names}
 
 
-def _defaults(extra: Extra | None) -> dict[str, Any]:
+def _defaults(extra: Extra | None, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The schema's defaults, the ``extra`` options' and then the script's own ``defaults``."""
     values = dict(H.DEFAULTS)
     values.update({n: d for n, (d, _) in _extra_specs(extra).items()})
+    _apply(values, defaults or {}, set(_extra_specs(extra)), "defaults")
     return values
 
 
@@ -288,23 +328,44 @@ def _check(name: str, value: Any) -> None:
         H.coerce(name, item)
 
 
-def parse_args(argv: Sequence[str] | None = None, extra: Extra | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: Sequence[str] | None = None,
+    extra: Extra | None = None,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> argparse.Namespace:
     """Parse hyperparameters from the command line (for .py scripts).
 
-    Precedence: defaults < ``--config FILE`` < flags given explicitly. ``extra`` declares the
-    user's own options, ``{"DATASET": ("digits", "which data set")}``. An unknown ``--NAME`` is
-    an error listing the valid names.
+    Precedence: the schema's defaults < the script's ``defaults`` < ``--config FILE`` < flags
+    given explicitly. ``defaults={"WIDTH": 256, "ONLINE": False}`` sets the script's own
+    defaults, which ``--help`` shows. ``extra`` declares the user's own options,
+    ``{"DATASET": ("digits", "which data set")}``. An unknown ``--NAME`` is an error listing
+    the valid names.
     """
-    parser = build_parser(extra)
+    parser = build_parser(extra, defaults)
+    return parse_with(parser, argv, extra, defaults)
+
+
+def parse_with(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    extra: Extra | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    own: Collection[str] = (),
+) -> Args:
+    """``parse_args`` with a parser from ``build_parser`` that the caller extended.
+
+    ``own`` names the ``dest`` of options the caller added (``--out``): they are left out of
+    the hyperparameters (read them with ``parser.parse_known_args``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parsed, unknown = parser.parse_known_args(argv)
     if unknown:
-        flags = [u for u in unknown if u.startswith("--")]
-        name = flags[0][2:] if flags else unknown[0]
-        parser.error(H.unknown_message(name.split("=")[0]))
-    given = vars(parsed)
-    values = _defaults(extra)
+        parser.error(_unknown_message(unknown[0], argv, extra))
+    given = {k: v for k, v in vars(parsed).items() if k not in own and k != "config"}
+    values = _defaults(extra, defaults)
     extra_names = set(_extra_specs(extra))
-    config_file = given.pop("config", None)
+    config_file = getattr(parsed, "config", None)
     if config_file is not None:
         _apply(values, load_config_file(config_file), extra_names, str(config_file))
     extra_lists = {n for n, (d, _) in _extra_specs(extra).items() if isinstance(d, list)}
@@ -315,6 +376,31 @@ def parse_args(argv: Sequence[str] | None = None, extra: Extra | None = None) ->
         flags[key] = value if keep_list or name in LIST_ATTRIBUTES else _unwrap(value)
     _apply(values, flags, extra_names, "command line")
     return _namespace(values)
+
+
+def _unknown_message(item: str, argv: list[str], extra: Extra | None) -> str:
+    """What an argument argparse could not place means: a misspelt flag, or a second value
+    given to an option that takes one (``--NUM_TRIALS 2 3``)."""
+    if item.startswith("-"):
+        return H.unknown_message(item.lstrip("-").split("=")[0])
+    for i, arg in enumerate(argv):
+        flags = [k for k in range(i) if argv[k].startswith("--")]
+        if arg != item or not flags or i == flags[-1] + 1:
+            continue  # another token, or the flag's own first value
+        flag = argv[flags[-1]]
+        name = H.DEPRECATED_NAMES.get(flag[2:], flag[2:])
+        if name in H.FIELDS and _flag_options(name).get("nargs") is None:
+            return (
+                f"{flag} takes one value, so {item!r} is left over. Only job options (LR, "
+                "WIDTH, GAMMA, ...) take several values, to sweep them."
+            )
+        specs = _extra_specs(extra)
+        if name in specs and not isinstance(specs[name][0], list):
+            return (
+                f"{flag} takes one value, so {item!r} is left over (an option of your own takes "
+                "several when its default is a list)."
+            )
+    return f"unexpected value {item!r}: give hyperparameters as --NAME value."
 
 
 def base_args(extra: Extra | None = None, **overrides: Any) -> argparse.Namespace:

@@ -9,7 +9,9 @@ writing and on results saved by hand:
     modelscape plot runs/demo --x ntrain --y timekeys --threshold 0.2 -o t.png
     modelscape fit runs/demo --x N_SAMPLES --y test_loss [--hue GAMMA]
     modelscape export runs/demo --format netcdf|csv|parquet [-o out.nc]
-    modelscape export runs/demo --format tensorboard -o tb/    (the tensorboard extra)
+    modelscape export runs/demo --format tensorboard -o tb/
+
+netcdf, parquet and tensorboard need the extras of those names (or `all`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from modelscape.results.result import Result
+from modelscape.errors import require_extra
+from modelscape.results.result import Result, display
 
 FORMATS = {"netcdf": ".nc", "csv": ".csv", "parquet": ".parquet", "tensorboard": ".tensorboard"}
 
@@ -120,12 +123,14 @@ def show(result: Result, args: argparse.Namespace) -> int:
     )
     print("axes:")
     for axis, values in zip(result.axes, result.axis_values):
-        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        shown = ", ".join(str(display(v)) for v in values[:8]) + (
+            ", ..." if len(values) > 8 else ""
+        )
         print(f"  {axis} ({len(values)}): {shown}")
     thresholds = result.config.get("LOSS_CHECKPOINTS")
     if thresholds:
         print(f"thresholds: {', '.join(f'{t:g}' for t in sorted(thresholds, reverse=True))}")
-    lines = result.summary().splitlines()[1:]
+    lines = result.summary(rows=None).splitlines()[1:]
     if lines:
         print("\n".join(lines[: args.rows + 1]))
         if len(lines) > args.rows + 1:
@@ -239,6 +244,11 @@ def export(result: Result, args: argparse.Namespace) -> int:
     )
     out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
+    what = f"modelscape export --format {args.format}"
+    needs = {"netcdf": ("scipy", "netcdf"), "parquet": ("pyarrow", "parquet")}
+    needs["tensorboard"] = ("tensorboard", "tensorboard")
+    if args.format in needs:
+        require_extra(*needs[args.format], what)
     if args.format == "tensorboard":
         from modelscape.analysis import export_tensorboard
 

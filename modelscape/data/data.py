@@ -21,6 +21,7 @@ from modelscape.compat.utils import ensure_numpy, ensure_torch
 from modelscape.data.hermite import hermite
 from modelscape.data.monomial import Monomial, generate_hea_monomials
 from modelscape.data.synthetic import powerlaw_eigenvalues
+from modelscape.errors import require_extra
 
 
 def get_powerlaw(P: int, exp: float, offset: float = 3, normalize: bool = True) -> np.ndarray:
@@ -203,6 +204,7 @@ def get_powerlaw_target(
         raise ValueError("source_exp must be > 1 for powerlaw target")
     if offset < 1:
         raise ValueError("offset ≥ 1 required")
+    require_extra("scipy", "data", "a power-law target")
     from scipy.special import zeta
 
     M, P = H.shape

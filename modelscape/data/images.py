@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from modelscape.errors import require_extra
+
 Split = Literal["train", "test"]
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -94,6 +96,7 @@ def load_digits(split: Split | None = "train") -> tuple[torch.Tensor, torch.Tens
     A fixed permutation puts 20% of the 1797 images in ``"test"``, the rest in ``"train"``;
     ``split=None`` returns all of them in the original order.
     """
+    require_extra("sklearn", "data", "the digits data set (load_digits)")
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()

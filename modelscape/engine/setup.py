@@ -48,18 +48,32 @@ def resolve_device(spec: int | str) -> torch.device:
 
 
 def resolve_class(spec: Any, module: Any, what: str) -> type:
-    """A torch class given by name (``"SGD"``, ``"MSELoss"``) or as a class."""
+    """A torch class given by name (``"SGD"``, ``"MSELoss"``) or as a class.
+
+    An unknown name is an error that suggests the nearest valid one and lists the choices of
+    its kind: losses for LOSS (not every ``torch.nn`` layer), optimizers for OPTIMIZER.
+    """
     if isinstance(spec, type):
         return spec
     cls = getattr(module, spec, None)
     if not isinstance(cls, type):
-        names = sorted(
-            n for n in dir(module) if isinstance(getattr(module, n), type) and not n.startswith("_")
-        )
+        names = sorted(n for n in dir(module) if _is_choice(getattr(module, n), n, module))
+        guess = difflib.get_close_matches(spec, names, n=1, cutoff=0.6)
+        hint = f" Did you mean {guess[0]}?" if guess else ""
         raise SweepError(
-            f"{what}={spec!r} is not in {module.__name__}. Choices: {', '.join(names)}."
+            f"{what}={spec!r} is not in {module.__name__}.{hint} Choices: {', '.join(names)}."
         )
     return cls
+
+
+def _is_choice(obj: Any, name: str, module: Any) -> bool:
+    if not isinstance(obj, type) or name.startswith("_"):
+        return False
+    if module is torch.nn:
+        return issubclass(obj, torch.nn.modules.loss._Loss)
+    if module is torch.optim:
+        return issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
+    return True
 
 
 def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:

@@ -321,6 +321,6 @@ def say_resumed(job: Job, step: int) -> None:
 
 def say(text: str, file: Any = None) -> None:
     """Print a line without breaking a progress bar."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     tqdm.write(text, file=file)

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TextIO
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget bar in notebooks, a text bar in terminals
 
 from modelscape.results.records import JobRecord
 

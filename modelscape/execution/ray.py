@@ -1,6 +1,6 @@
 """EXECUTOR="ray": groups of jobs as Ray tasks, on a Ray cluster or a local Ray instance.
 
-Install with ``pip install 'modelscape[ray]'``. The executor connects to the cluster at the
+Install with ``pip install 'modelscape-sweeps[ray]'``. The executor connects to the cluster at the
 ``RAY_ADDRESS`` hyperparameter, else at the ``RAY_ADDRESS`` environment variable, else uses the
 Ray instance this process already started with ``ray.init(...)``; with none of these it starts a
 local instance and stops it (and every helper process Ray started) when the sweep ends.
@@ -217,6 +217,6 @@ def _import_ray() -> Any:
         import ray
     except ImportError:
         raise ExecutorError(
-            "EXECUTOR='ray' needs Ray: pip install 'modelscape[ray]' (or EXECUTOR='local')."
+            "EXECUTOR='ray' needs Ray: pip install 'modelscape-sweeps[ray]' (or EXECUTOR='local')."
         ) from None
     return ray

@@ -1,6 +1,6 @@
 """EXECUTOR="slurm": each group of jobs is one task of a SLURM job array, submitted by submitit.
 
-Install with ``pip install 'modelscape[slurm]'`` and run from a machine that can ``sbatch``
+Install with ``pip install 'modelscape-sweeps[slurm]'`` and run from a machine that can ``sbatch``
 (a login node). ``SLURM`` takes submitit's own parameter names (``timeout_min``,
 ``slurm_partition``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ...; submitit's defaults,
 such as ``timeout_min=5``, apply to the rest). A task trains on its GPU when SLURM gave it one
@@ -74,7 +74,7 @@ def _submitit() -> Any:
         import submitit
     except ImportError:
         raise ExecutorError(
-            "EXECUTOR='slurm' needs submitit: pip install 'modelscape[slurm]'."
+            "EXECUTOR='slurm' needs submitit: pip install 'modelscape-sweeps[slurm]'."
         ) from None
     return submitit
 

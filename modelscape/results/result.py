@@ -8,6 +8,7 @@ N-dimensional arrays (one dimension per iterator) and ``to_dataframe()`` a tidy 
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -16,7 +17,8 @@ import numpy as np
 
 from modelscape.results.records import FIELDS, PER_JOB, JobRecord, Status
 from modelscape.results.trace import ExptTrace
-from modelscape.sweep.jobs import hashable, trace_key, trace_value
+from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import axis_target, hashable, trace_key, trace_value
 
 __all__ = ["JobRecord", "Result", "Status", "trace_key"]
 
@@ -174,6 +176,7 @@ class Result(Mapping):
         thresholds = self.config.get("LOSS_CHECKPOINTS")
         if "timekeys" in ds and thresholds is not None:
             ds = ds.assign_coords(threshold=sorted(thresholds, reverse=True))
+        ds.attrs.update(hparam_attrs(self.config, self.axes))
         if "EVAL_EVERY" in self.config:  # where the curves' test losses were evaluated
             ds.attrs["EVAL_EVERY"] = int(self.config["EVAL_EVERY"])
         return ds
@@ -204,7 +207,7 @@ class Result(Mapping):
         rows = []
         thresholds = sorted(self.config.get("LOSS_CHECKPOINTS", []), reverse=True)
         for r in self.records:
-            row = dict(zip(self.axes, r.key))
+            row = {a: display(v) for a, v in zip(self.axes, r.key)}
             row.update((name, getattr(r, name)) for name in PER_JOB)
             for j, tk in enumerate(r.timekeys):
                 name = f"timekey_{thresholds[j]:g}" if j < len(thresholds) else f"timekey_{j}"
@@ -221,8 +224,9 @@ class Result(Mapping):
         says nothing, such as ones that failed before training, are not counted)."""
         return Counter(r.trained_by for r in self.records if r.trained_by)
 
-    def summary(self) -> str:
-        """A short text table: status counts and median losses."""
+    def summary(self, rows: int | None = 40) -> str:
+        """A short text table: status counts and median losses, its first ``rows`` rows (all
+        with ``rows=None``), as ``modelscape show`` prints it."""
         df = self.to_dataframe()
         counts = df["status"].value_counts().to_dict() if len(df) else {}
         lines = [f"{len(df)} jobs: " + ", ".join(f"{v} {k}" for k, v in counts.items())]
@@ -236,7 +240,10 @@ class Result(Mapping):
                 for c in ok.columns
                 if c in ("train_loss", "test_loss") or c.startswith("timekey_")
             ]
-            lines.append(ok[self.axes + cols].to_string(index=False, float_format="%.4g"))
+            shown = ok if rows is None else ok.head(rows)
+            lines.append(shown[self.axes + cols].to_string(index=False, float_format="%.4g"))
+            if len(shown) < len(ok):
+                lines.append(f"... {len(ok) - len(shown)} more rows (summary(rows=None) shows all)")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -254,4 +261,32 @@ def scalar_grab(value: Any) -> Any:
 def _coord(values: list) -> Any:
     if all(isinstance(v, (int, float, str, np.number)) for v in values):
         return np.asarray(values)
-    return np.asarray([str(v) for v in values], dtype=object)
+    return np.asarray([str(display(v)) for v in values], dtype=object)
+
+
+def hparam_attrs(config: Mapping[str, Any], axes: Iterable[str] = ()) -> dict[str, Any]:
+    """The sweep's hyperparameters that no axis sets, as ``attrs`` a netCDF file can hold:
+    numbers and text as they are, lists of numbers as lists, anything else (booleans, None,
+    classes, dicts) as text."""
+    swept = {axis_target(a) for a in axes}
+    attrs = {}
+    for name in H.FIELDS:
+        if name not in config or name in swept:
+            continue
+        value = config[name]
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        numbers = (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        )
+        attrs[name] = value if number or isinstance(value, str) or numbers else str(display(value))
+    return attrs
+
+
+def display(value: Any) -> Any:
+    """A class or function by its qualified name (``SignSGD``, not ``<class '__main__.SignSGD'>``);
+    any other value as it is."""
+    if isinstance(value, type) or inspect.isfunction(value):
+        return value.__qualname__
+    return value

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelscape.errors import StoreError, SweepError
+from modelscape._version import VERSION
+from modelscape.errors import RunFolderMismatch, StoreError, SweepError
 from modelscape.sweep import hparams as H
-from modelscape.sweep.code_identity import NUMERICS_VERSION, VERSION
+from modelscape.sweep.code_identity import NUMERICS_VERSION
 from modelscape.sweep.jobs import Job, axis_target, job_fingerprint, stable_repr
 from modelscape.sweep.spec import SweepSpec
 
@@ -111,7 +112,7 @@ def check_compatible(
             f"({stored.get('format')}); use a new SAVE_DIR."
         )
     if stored["axes"] != current["axes"]:
-        raise StoreError(
+        raise RunFolderMismatch(
             f"SAVE_DIR={run_dir} holds a sweep over axes {stored['axes']}, but this sweep's axes "
             f"are {current['axes']}. Resuming needs the same iterator names in the same order "
             "(you may add values to them); use a new SAVE_DIR for a different sweep."
@@ -127,7 +128,7 @@ def check_compatible(
             if _comparable(a) and _comparable(b) and a != b:
                 diffs.append(f"  {name}: {_show(a)} in the run folder, {_show(b)} now")
     if diffs:
-        raise StoreError(
+        raise RunFolderMismatch(
             f"SAVE_DIR={run_dir} holds a sweep whose jobs were trained with other settings:\n"
             + "\n".join(diffs)
             + "\nSet them back to resume that sweep, or use a new SAVE_DIR for the new "

@@ -433,9 +433,10 @@ def load(run_dir: str | os.PathLike) -> Result:
         [r for r in records if r is not None],
         only_thresholds=description["result"]["ONLYTHRESHOLDS"],
         config={
+            # the hyperparameters no axis sets (an axis's values are the jobs'), as described
+            **description.get("sweep_hparams", {}),
+            **description["job_hparams"],
             "LOSS_CHECKPOINTS": description["result"]["LOSS_CHECKPOINTS"],
-            # absent when EVAL_EVERY is an axis (then the jobs' values say it)
-            **{k: v for k, v in description["job_hparams"].items() if k == "EVAL_EVERY"},
         },
     )
 

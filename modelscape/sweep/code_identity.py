@@ -24,7 +24,6 @@ from modelscape.models.builtin import resolve_model_class
 from modelscape.sweep.jobs import Job
 from modelscape.sweep.spec import SweepSpec
 
-VERSION = "0.1.0"  # modelscape's version (the package root's __version__), stored in run folders
 # The engines' numerics: raise it with any change to the engine that alters the numbers a job
 # trains to (a new kernel, a new random stream). A run folder stores it, and a resume across a
 # change is refused (store/describe.py), so that one folder never mixes two engines' numbers.

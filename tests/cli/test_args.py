@@ -111,18 +111,18 @@ def test_base_args_overrides_are_validated():
         base_args(ONLINE="yes")
 
 
-def test_readme_table_is_generated_from_the_schema():
+def test_the_hyperparameter_table_is_generated_from_the_schema():
     table = H.markdown_table()
     assert table.count("\n") == len(H.FIELDS) + 1
     for name in H.FIELDS:
         assert f"`{name}`" in table
 
 
-def test_readme_table_is_current():
+def test_the_hyperparameter_reference_is_current():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert H.markdown_table() in readme, "run `python tools/update_readme_table.py`"
+    page = Path(__file__).parents[2] / "docs" / "reference" / "hyperparameters.md"
+    assert H.markdown_table() in page.read_text(), "run `python tools/update_readme_table.py`"
 
 
 def test_yaml_numbers_in_scientific_notation(tmp_path):
@@ -130,3 +130,40 @@ def test_yaml_numbers_in_scientific_notation(tmp_path):
     f.write_text("LR: 1e-2\nMAX_ITER: 1e4\n")  # YAML reads both as strings
     args = parse_args(["--config", str(f)])
     assert args.LR == 0.01 and args.MAX_ITER == 10_000
+
+
+def test_a_script_sets_its_own_defaults_which_flags_and_config_override(tmp_path, capsys):
+    defaults = {"WIDTH": 128, "ONLINE": False, "GAMMA": [0.1, 1.0]}
+    args = parse_args([], defaults=defaults)
+    assert (args.WIDTH, args.ONLINE, args.GAMMA, args.DEPTH) == (128, False, [0.1, 1.0], 2)
+    assert parse_args(["--WIDTH", "512"], defaults=defaults).WIDTH == 512
+    config = tmp_path / "c.yaml"
+    config.write_text("WIDTH: 64\n")
+    args = parse_args(["--config", str(config)], defaults=defaults)
+    assert args.WIDTH == 64 and args.ONLINE is False
+    with pytest.raises(SystemExit):
+        parse_args(["--help"], defaults=defaults)
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "Width of every hidden layer. (default: 128)" in flat
+
+
+def test_script_defaults_are_checked_like_flags():
+    with pytest.raises(H.HParamError, match="Did you mean WIDTH"):
+        parse_args([], defaults={"WIDHT": 128})
+    with pytest.raises(H.HParamError, match="WIDTH"):
+        parse_args([], defaults={"WIDTH": "wide"})
+    args = parse_args([], extra={"OUT": ("a.png", "plot")}, defaults={"OUT": "b.png"})
+    assert args.OUT == "b.png"
+
+
+def test_extra_options_take_one_value_unless_declared_as_lists(capsys):
+    extra = {"OUT": ("a.png", "plot file"), "SIZES": ([8, 16], "training-set sizes")}
+    args = parse_args(["--OUT", "b.png", "--SIZES", "4"], extra=extra)
+    assert args.OUT == "b.png" and args.SIZES == [4]
+    with pytest.raises(SystemExit):
+        parse_args(["--OUT", "b.png", "c.png"], extra=extra)
+    err = capsys.readouterr().err
+    assert "--OUT takes one value, so 'c.png' is left over" in err and "usage" not in err
+    with pytest.raises(SystemExit):  # the same value given earlier, to an option that took it
+        parse_args(["--WIDTH", "3", "--NUM_TRIALS", "2", "3"])
+    assert "--NUM_TRIALS takes one value, so '3' is left over" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ REDUCED = {
     "images.py": ["--SIZES", "16", "64", "--NUM_TRIALS", "1", "--MAX_ITER", "100"],
     "cnn_resnet.py": ["--MAX_ITER", "30", "--NUM_TRIALS", "1", "--WIDTH", "8", "--DEPTH", "1"],
     "custom_loss_optimizer.py": ["--MAX_ITER", "60", "--NUM_TRIALS", "1", "--WIDTH", "32"],
+    "lr_transfer.py": ["--WIDTH", "32", "64", "--LR", "0.1", "1", "--MAX_ITER", "10"],
 }
 
 
@@ -35,12 +37,13 @@ def run_example(name: str, out: Path, *flags: str) -> str:
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning:" not in proc.stderr, proc.stderr[-3000:]  # none about its own config
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 2000
     return proc.stdout
 
 
-@pytest.mark.parametrize("name", sorted(n for n in REDUCED if n != "hea_learning_order.py"))
+@pytest.mark.parametrize("name", sorted(set(REDUCED) - {"hea_learning_order.py", "lr_transfer.py"}))
 def test_example_runs_and_saves_its_plot(name, tmp_path):
     out = run_example(name, tmp_path / "plot.png")
     assert "jobs:" in out and " ok" in out  # the summary's status counts
@@ -81,8 +84,20 @@ def test_hea_example_prints_a_positive_spearman_correlation(tmp_path):
 
 
 def test_every_example_is_covered():
-    scripts = {p.name for p in EXAMPLES.glob("*.py")} - {"lr_transfer.py"}
+    scripts = {p.name for p in EXAMPLES.glob("*.py")}
     assert scripts == set(REDUCED)
+
+
+def test_lr_transfer_prints_the_best_lr_per_width_and_no_warning(tmp_path):
+    out = run_example("lr_transfer.py", tmp_path / "lr.png")
+    assert "PARAMETRIZATION  WIDTH  best_LR  test_loss" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("sp", "mup"))]) == 4
+
+
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_an_example_writes_under_runs_by_default(name):
+    module = runpy.run_path(str(EXAMPLES / name), run_name="example")
+    assert module["EXTRA"]["OUT"][0].startswith("runs/")
 
 
 def test_notebook_executes(tmp_path):
@@ -97,3 +112,21 @@ def test_notebook_executes(tmp_path):
     assert "'x0': 0.2364" in text  # the HEA eigenvalue cell
     assert "jobs=18, failed=0" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the plot rendered inline
+    # the progress bar is a widget (tqdm.auto), not a text bar written to stderr
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.parametrize("name", ["images.py", "cnn_resnet.py"])
+def test_an_example_without_scikit_learn_names_the_extra(name):
+    blocked = (
+        "import runpy, sys; sys.modules['sklearn'] = None; sys.argv = [sys.argv[1]]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "pip install 'modelscape-sweeps[data]'" in proc.stderr

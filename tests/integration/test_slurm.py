@@ -255,20 +255,20 @@ def test_a_task_out_of_time_is_requeued_and_continues_from_its_checkpoints(slurm
     assert len(resumed) == 2 and all(0 < int(step) < 300 for step in resumed)
 
 
-def readme_snippet() -> str:
-    """The README's SLURM shell snippet, between its markers."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def docs_snippet() -> str:
+    """The docs' SLURM shell snippet (Running sweeps), between its markers."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "running-sweeps.md").read_text()
     block = text.split("<!-- slurm-snippet:begin -->")[1].split("<!-- slurm-snippet:end -->")[0]
     return block.split("```bash\n")[1].split("```")[0]
 
 
-def test_the_readme_slurm_snippet_runs_on_the_cluster(slurm_cluster, tmp_path):
+def test_the_docs_slurm_snippet_runs_on_the_cluster(slurm_cluster, tmp_path):
     run_dir = tmp_path / "demo"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the `modelscape` command
     env = {**os.environ, "RUN": str(run_dir), "PATH": path}
     before = submitted_ids(slurm_cluster)
     out = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_snippet()],
+        ["bash", "-euo", "pipefail", "-c", docs_snippet()],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -228,16 +228,18 @@ class _no_op:
         return False
 
 
-def test_readme_lists_every_legacy_spelling_and_optimizer_rule():
+def test_the_docs_list_every_legacy_spelling_and_optimizer_rule():
     from pathlib import Path
 
     from modelscape.models.parametrize import OPTIMIZER_RULES
 
-    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
-    section = readme.split("### The original's spellings", 1)[1].split("\n## ", 1)[0]
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    migrating = (docs / "migrating.md").read_text()
+    section = migrating.split("## The original's spellings", 1)[1].split("\n## ", 1)[0]
     for old, new in {**H.DEPRECATED_NAMES, **H.LEGACY_MODEL_FILE}.items():
         assert f"`{old}`" in section and f"`{new}`" in section, old
-    rules = readme.split("| rule | update | optimizers |", 1)[1].split("\n\n", 1)[0]
+    parametrizations = (docs / "parametrizations.md").read_text()
+    rules = parametrizations.split("| rule | update | optimizers |", 1)[1].split("\n\n", 1)[0]
     for cls, rule in OPTIMIZER_RULES.items():
         row = next(line for line in rules.splitlines() if f"`{cls.__name__}`" in line)
         assert row.startswith("  | SGD column |" if rule == "sgd" else "  | Adam column"), cls
