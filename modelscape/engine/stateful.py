@@ -6,9 +6,9 @@ the job's ``SubSeeds.dropout`` and ``t`` (``step_seed``) draws that step's masks
 the forward pass calls its Dropout modules. The one-job loop (``own_dropout``) and a stack
 (``StackDropout``, inside ``kernels.FuncKernel``) draw the same masks with the same generator
 calls, so a job's masks depend on its seed and step only: a window's replay, a resumed run and a
-job that joined a running stack at another step all take the same masks. The masks are the same
-on every CPU; a CUDA generator draws other masks for the same seed than the CPU's (the GPU's
-are reproducible on the GPU).
+job that joined a running stack at another step all take the same masks. CPU masks do not depend
+on the thread count (torch's MKL ``bernoulli_``; builds without MKL draw other masks); a CUDA
+generator draws other masks for the same seed than the CPU's (reproducible on the GPU).
 
 A Dropout module in training mode is run as in evaluation mode (it returns its input) while a
 forward hook multiplies its input by the mask, ``bernoulli(1 - p) / (1 - p)``: what
@@ -138,14 +138,16 @@ class StackDropout:
 
     def probe(self, run_pair) -> str | None:
         """Record the Dropout calls of one forward pass (``run_pair()`` runs it under ``vmap``
-        on two jobs); the reason the model cannot stack when it draws other random numbers."""
+        on two jobs); the reason the model cannot stack when it draws other random numbers.
+        A forward pass that fails otherwise is left to fail the stack's first step, as any
+        model ``vmap`` cannot run does."""
         self._record = []
         try:
             with torch.no_grad():
                 run_pair()
-        except RuntimeError as err:
+        except Exception as err:  # noqa: BLE001 - another failure fails the first step as before
             if "randomness" not in str(err):
-                raise
+                return None
             return (
                 "the model draws random numbers in its forward pass outside nn.Dropout "
                 "modules (F.dropout, attention dropout, noise)"

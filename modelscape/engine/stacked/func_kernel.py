@@ -16,7 +16,7 @@ import torch
 
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.stack import BUFFER, INIT_BUFFER, Stack
-from modelscape.engine.stateful import StackDropout
+from modelscape.engine.stateful import BATCH_NORMS, StackDropout
 
 
 class FuncKernel:
@@ -58,9 +58,15 @@ class FuncKernel:
         return self.dropout.probe(lambda: torch.func.vmap(self._apply)(params, buffers, X))
 
     @property
-    def stateful(self) -> bool:
+    def draws_masks(self) -> bool:
         """Whether a step draws Dropout masks (the run passes them in ``masks``)."""
         return bool(self.dropout.calls)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether a step draws masks or updates buffers (BatchNorm): then it is never captured
+        as a CUDA graph, whose warm-up steps would update the statistics again."""
+        return self.draws_masks or any(isinstance(m, BATCH_NORMS) for m in self.module.modules())
 
     def stacked_buffers(self, problems: list[Problem]) -> dict[str, torch.Tensor]:
         """The jobs' buffers (parametrization multipliers, running statistics), for

@@ -102,9 +102,10 @@ class Run:
         if opt_cls is None:
             raise Unbatchable(f"optimizer {type(p0.opt).__name__} has no stacked version")
         self.opt = opt_cls(problems, self.names)
-        # Dropout masks change every step: such a step is not captured as a CUDA graph
-        self.dropout = isinstance(self.kernel, FuncKernel) and self.kernel.stateful
-        compile_mode = "off" if self.dropout else self.hp.COMPILE
+        # Dropout masks change every step, BatchNorm statistics are updated: no CUDA graph
+        stateful = isinstance(self.kernel, FuncKernel) and self.kernel.stateful
+        self.dropout = isinstance(self.kernel, FuncKernel) and self.kernel.draws_masks
+        compile_mode = "off" if stateful else self.hp.COMPILE
         self.step_fn = graphs.step_function(self.kernel.loss_and_grads, compile_mode, device)
         self.dropout_seeds: dict[int, int] = {}  # per row: the job's Dropout stream
         self.tracker = Tracker([track for _, track, _ in part])
