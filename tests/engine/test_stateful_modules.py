@@ -89,6 +89,14 @@ def image_bfn(bsz, gen, X=None, y=None, **kwargs):
     return batch_fn
 
 
+def sequence_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 4, 3, generator=gen)
+        return Xb, Xb[:, :, 0].mean(1) * Xb[:, :, 1].mean(1) * 4
+
+    return batch_fn
+
+
 def running_stats(model, **kwargs):
     """Every BatchNorm's running mean and variance, as a grab: the curves compare them."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -127,6 +135,12 @@ def test_a_stacked_job_with_dropout_equals_its_one_job_run(overrides):
     ref = reference(jobs, spec)
     assert_replayed(ref, BASE["MAX_ITER"])
     assert_same(ref, stacked(jobs, spec), tol=1e-9)
+
+
+def test_the_builtin_transformer_stacks_and_equals_its_one_job_run():
+    """Its Dropout modules (p=0) draw nothing: its numbers are unchanged, now stacked."""
+    jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=40)
+    assert_same(reference(jobs, spec), stacked(jobs, spec), tol=1e-9)
 
 
 def test_dropout_masks_depend_on_the_job_and_its_step_only():
