@@ -22,10 +22,11 @@ from modelscape.engine.state import (
     load_training_state_dict,
     training_state_dict,
 )
+from modelscape.engine.stateful import own_dropout
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
-from modelscape.sweep.jobs import Job
+from modelscape.sweep.jobs import Job, SubSeeds
 from modelscape.sweep.spec import SweepSpec
 
 
@@ -53,6 +54,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     tracker = Tracker([track])
     autocast = precision.autocast(hp.PRECISION, problem.device)
     problem.model.train()
+    dropout = SubSeeds.of(problem.job.seed).dropout  # the job's Dropout masks (``stateful``)
     X = y = None
     t = track.step + 1
     while t < hp.MAX_ITER:
@@ -61,7 +63,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
         start = training_state_dict(problem, copy=True)
         losses = []
         for step in range(t, min(t + SYNC_EVERY, hp.MAX_ITER)):
-            X, y, loss = _step(problem, step, autocast)
+            X, y, loss = _step(problem, step, autocast, dropout)
             losses.append(loss.detach())
             # an evaluation or a checkpoint needs the state after exactly this step
             if track.eval_due(step) or (checkpoints is not None and checkpoints.due()):
@@ -70,7 +72,7 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
         if track.exit is not None and track.exit < step:
             load_training_state_dict(problem, start)
             for step in range(t, track.exit + 1):
-                X, y, _ = _step(problem, step, autocast)
+                X, y, _ = _step(problem, step, autocast, dropout)
         if track.eval_due(step):
             track.curves.add_eval(step, evaluate(problem, X, y, step))
         if track.exit is not None:
@@ -83,11 +85,14 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     return tracker.finish(track, problem, (X, y), trained_by)
 
 
-def _step(problem: Problem, step: int, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training step: the batch of ``step`` and its loss (before the update)."""
+def _step(
+    problem: Problem, step: int, autocast, dropout: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step: the batch of ``step`` and its loss (before the update); Dropout
+    masks come from the job's stream ``dropout`` at ``step``."""
     problem.step = step  # a failure is recorded with the step it happened at
     X, y, f0 = problem.batch(step)
-    with autocast:
+    with autocast, own_dropout(problem.model, dropout, step):
         loss = problem.loss_fn(problem.output(X, f0), y)
     problem.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -218,6 +218,7 @@ class SubSeeds(NamedTuple):
     centering: int  # the global RNG while f_init is evaluated for CENTER
     test_draw_rng: int  # the global RNG while the test set is drawn (batch fns ignoring gen)
     train_draw_rng: int  # the global RNG while the training set is drawn
+    dropout: int  # nn.Dropout's masks, re-seeded every step (``engine.stateful``)
 
     @classmethod
     def of(cls, seed: int) -> SubSeeds:

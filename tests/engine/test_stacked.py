@@ -256,12 +256,26 @@ def test_user_model_with_cross_entropy_matches_reference(capsys):
     assert "one at a time" not in capsys.readouterr().err
 
 
-def test_model_with_dropout_trains_one_job_at_a_time(capsys):
-    config = {**BASE, "MODEL_CLASS": TwoLayer, "DROPOUT": 0.2, "MAX_ITER": 30}
+class FunctionalDropout(TwoLayer):
+    """Dropout through ``F.dropout`` in ``forward``: no module the stacked engine can see."""
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.dropout(self.body(x), 0.2, self.training))
+
+
+class AlphaDropoutNet(TwoLayer):
+    def __init__(self, d_in, d_out, width):
+        super().__init__(d_in, d_out, width)
+        self.body.append(torch.nn.AlphaDropout(0.2))
+
+
+def test_a_model_with_functional_dropout_trains_one_job_at_a_time():
+    config = {**BASE, "MODEL_CLASS": FunctionalDropout, "MAX_ITER": 30}
     _, _, jobs, spec = plan([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
     ref = reference(jobs, spec)
     got = {r.key: r for r in engine.train_group(jobs, spec, CPU)}
-    assert {r.trained_by for r in got.values()} == {"single: the model has Dropout layers"}
+    (reason,) = {r.trained_by for r in got.values()}
+    assert reason.startswith("single: the model draws random numbers in its forward pass")
     for key, r in ref.items():  # the one-job loop itself: bit-identical
         assert got[key].test_loss == r.test_loss and got[key].steps == r.steps
 
@@ -405,21 +419,22 @@ def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
 
 def test_every_record_says_how_its_job_trained(capsys):
     """A group that could stack but falls back must say so in every record: here the models'
-    Dropout layers are found only once the models are built, after grouping."""
+    AlphaDropout layers are found only once the models are built, after grouping."""
     stackable, spec = make_jobs({"MAX_ITER": 30})
     assert batched.can_batch(stackable)
     assert {r.trained_by for r in engine.train_group(stackable, spec, CPU)} == {"stacked"}
-    config = {**BASE, "MODEL_CLASS": TwoLayer, "DROPOUT": 0.2, "MAX_ITER": 30}
+    config = {**BASE, "MODEL_CLASS": AlphaDropoutNet, "MAX_ITER": 30}
     _, _, jobs, spec = plan([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
     assert batched.can_batch(jobs)  # nothing in the hyperparameters forbids a stack
     records = list(engine.train_group(jobs, spec, CPU))
     assert len(records) == 3 and all(r.status == "ok" for r in records)
-    assert {r.trained_by for r in records} == {"single: the model has Dropout layers"}
+    reason = "the model has AlphaDropout layers (no stacked version)"
+    assert {r.trained_by for r in records} == {f"single: {reason}"}
     # the runner says it once per sweep (the engine prints nothing per group)
     assert "one at a time" not in capsys.readouterr().err
     modelscape.run_sweep([range(3)], ["trial"], config, {"base_bfn": quadratic_bfn})
     err = capsys.readouterr().err
-    assert err.count("3 of 3 jobs trained one at a time: the model has Dropout layers") == 1
+    assert err.count(f"3 of 3 jobs trained one at a time: {reason}") == 1
     (alone,) = engine.train_group(jobs[:1], spec, CPU)
     assert alone.trained_by == "single"
 

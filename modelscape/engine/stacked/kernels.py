@@ -3,7 +3,8 @@
 ``MLPKernel`` runs the built-in MLP with MSE loss, under every PARAMETRIZATION, as batched
 matmuls with a hand-written backward pass (its activations come from ``KERNEL_ACTIVATIONS``:
 one entry per activation); ``FuncKernel`` runs any other model through ``torch.func``
-(``vmap`` over ``functional_call``) with autograd. ``kernel_for`` says which one a job takes.
+(``vmap`` over ``functional_call``, in ``func_kernel``) with autograd. ``kernel_for`` says
+which one a job takes.
 ``bmm``/``baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs share its
 stack. Both take the samples flat (see ``stack.Layout``); only ``MLPKernel`` takes a stack
 whose jobs differ in N_SAMPLES.
@@ -11,16 +12,15 @@ whose jobs differ in N_SAMPLES.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from modelscape.engine.setup import Problem
-from modelscape.engine.stacked.stack import BUFFER, Layout, Segment, Stack
+from modelscape.engine.stacked.func_kernel import FuncKernel
+from modelscape.engine.stacked.stack import Layout, Segment, Stack
 from modelscape.engine.stacked.workspace import Workspace, empty_unfilled
 from modelscape.models import parametrize
 from modelscape.models.builtin import MLP
@@ -362,110 +362,6 @@ class MLPKernel:
             per_job=True,
         )
         return grad.to(W.dtype)
-
-
-class FuncKernel:
-    """Any model: ``vmap`` over ``torch.func.functional_call``, gradients by autograd.
-
-    ``pair_singletons``: compute a stack of one job as a broadcast pair (see ``as_pair``).
-    ``compute``: run the forward pass and loss under ``torch.autocast`` in that dtype. Its
-    stack's jobs all have the same N_SAMPLES.
-    """
-
-    name = "torch.func"
-
-    def __init__(
-        self,
-        problems: list[Problem],
-        names: list[str],
-        pair_singletons: bool,
-        compute: torch.dtype | None = None,
-    ):
-        self.pair = pair_singletons
-        self.compute = compute
-        p0 = problems[0]
-        self.module = copy.deepcopy(p0.model).train()
-        self.names = names
-        self.loss_fn = p0.loss_fn
-        self.squeeze = p0.squeeze
-        self.buffer_names = [n for n, _ in p0.model.named_buffers()]
-
-    def stacked_buffers(self, problems: list[Problem]) -> dict[str, torch.Tensor]:
-        """The jobs' buffers (e.g. parametrization multipliers), for ``Stack.data``."""
-        return {
-            BUFFER + n: torch.stack([dict(p.model.named_buffers())[n] for p in problems])
-            for n in self.buffer_names
-        }
-
-    def _buffers(self, stack: Stack) -> dict[str, torch.Tensor]:
-        return {n: stack.data[BUFFER + n] for n in self.buffer_names}
-
-    def _apply(self, params, buffers, x):
-        mapping = (dict(zip(self.names, params)), buffers)
-        return torch.func.functional_call(self.module, mapping, (x,))
-
-    def _autocast(self, X: torch.Tensor):
-        return torch.autocast(X.device.type, self.compute or X.dtype, enabled=bool(self.compute))
-
-    @staticmethod
-    def _jobs(stack: Stack, flat: torch.Tensor | None) -> torch.Tensor | None:
-        """A flat (rows, ...) tensor as [jobs, n, ...] (a stack of one sample count)."""
-        if flat is None:
-            return None
-        sizes = stack.layout.sizes
-        return flat.view(len(sizes), sizes[0], *flat.shape[1:])
-
-    def forward(self, stack: Stack, params: list[torch.Tensor], X: torch.Tensor) -> torch.Tensor:
-        """The outputs (rows, ...) of the stacked models ``params`` on flat inputs."""
-        X = self._jobs(stack, X)
-        n = X.shape[0]
-        args = as_pair((tuple(params), self._buffers(stack), X), n, self.pair)
-        with self._autocast(X):
-            out = torch.func.vmap(self._apply)(*args)[:n]
-        return out.reshape(-1, *out.shape[2:])
-
-    def loss_and_grads(
-        self, stack: Stack, X: torch.Tensor, y: torch.Tensor, f0: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Per-job losses [jobs] and the gradients of each job's loss for its parameters."""
-        leaves = [p.detach().requires_grad_(True) for p in stack.params]
-
-        def one(params, buffers, x, yy, f0j, gamma):
-            out = self._apply(params, buffers, x)
-            if f0j is not None:
-                out = out - f0j
-            out = out / gamma
-            if self.squeeze:
-                out = out.squeeze(-1)
-            return self.loss_fn(out, yy)
-
-        in_dims = (0, 0, 0, 0, None if f0 is None else 0, 0)
-        X, y, f0 = self._jobs(stack, X), self._jobs(stack, y), self._jobs(stack, f0)
-        n = X.shape[0]
-        data = (tuple(leaves), self._buffers(stack), X, y, f0, stack.data["gamma"])
-        args = as_pair(data, n, self.pair)
-        with self._autocast(X):
-            losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
-        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-        if any(g is None for g in grads):
-            # torch optimizers skip a parameter without a gradient; the stacked ones cannot
-            raise RuntimeError("a parameter of the model gets no gradient")
-        return losses.detach(), list(grads)
-
-
-def as_pair(tree: Any, n_jobs: int, pair: bool) -> Any:
-    """With ``pair``, a stack of one job as a broadcast pair (see ``bmm``); other stacks, and
-    every stack without ``pair``, unchanged. Only the first copy's outputs are used, so the
-    second adds exactly zero to every gradient."""
-    if n_jobs != 1 or not pair:
-        return tree
-    if isinstance(tree, torch.Tensor):
-        return tree.expand(2, *tree.shape[1:])
-    if isinstance(tree, dict):
-        return {k: as_pair(v, n_jobs, pair) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        return tuple(as_pair(v, n_jobs, pair) for v in tree)
-    return tree  # None
 
 
 _LINEARS = (nn.Linear, parametrize.ParametrizedLinear)

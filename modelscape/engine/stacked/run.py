@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import nn
 
 from modelscape.engine import precision
 from modelscape.engine.failures import failure_boundary
@@ -40,8 +39,9 @@ from modelscape.engine.stacked import graphs
 from modelscape.engine.stacked.grouping import STACKED, group_cap
 from modelscape.engine.stacked.kernels import FuncKernel, MLPKernel, kernel_for
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
-from modelscape.engine.stacked.stack import Layout, Stack, Unbatchable
+from modelscape.engine.stacked.stack import BUFFER, Layout, Stack, Unbatchable
 from modelscape.engine.state import job_state_dict
+from modelscape.engine.stateful import refusal
 from modelscape.engine.tracking import (
     Track,
     Tracker,
@@ -49,21 +49,8 @@ from modelscape.engine.tracking import (
 )
 from modelscape.results.records import JobRecord
 from modelscape.sweep.checks import check_finite
+from modelscape.sweep.jobs import SubSeeds
 from modelscape.sweep.spec import check_batch
-
-# Modules whose training step is random or updates buffers: replaying a window from a snapshot of
-# the parameters would not reproduce them, so their models train one job at a time.
-STATEFUL_MODULES = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-)
 
 
 def can_share(a: Problem, b: Problem) -> bool:
@@ -108,11 +95,19 @@ class Run:
             self.kernel: MLPKernel | FuncKernel = MLPKernel(p0.model, self.names, compute)
         else:
             self.kernel = FuncKernel(problems, self.names, self.pairs[0], compute)
+            reason = self.kernel.probe(p0, self.hp.N_SAMPLES)
+            if reason is not None:
+                raise Unbatchable(reason)
         opt_cls = STACKED_OPTIMIZERS.get(type(p0.opt))
         if opt_cls is None:
             raise Unbatchable(f"optimizer {type(p0.opt).__name__} has no stacked version")
         self.opt = opt_cls(problems, self.names)
-        self.step_fn = graphs.step_function(self.kernel.loss_and_grads, self.hp.COMPILE, device)
+        # Dropout masks change every step, BatchNorm statistics are updated: no CUDA graph
+        stateful = isinstance(self.kernel, FuncKernel) and self.kernel.stateful
+        self.dropout = isinstance(self.kernel, FuncKernel) and self.kernel.draws_masks
+        compile_mode = "off" if stateful else self.hp.COMPILE
+        self.step_fn = graphs.step_function(self.kernel.loss_and_grads, compile_mode, device)
+        self.dropout_seeds: dict[int, int] = {}  # per row: the job's Dropout stream
         self.tracker = Tracker([track for _, track, _ in part])
         self.tracks = self.tracker.tracks  # those that join the run are added to it
         self.rngs = [self._rngs(p, rng) for p, _, rng in part]
@@ -135,11 +130,9 @@ class Run:
         p0 = self.p0
         names = [(n, t.shape, t.dtype) for n, t in p0.model.named_parameters()]
         for p in problems:
-            stateful = {
-                type(m).__name__ for m in p.model.modules() if isinstance(m, STATEFUL_MODULES)
-            }
-            if stateful:
-                raise Unbatchable(f"the model has {', '.join(sorted(stateful))} layers")
+            reason = refusal(p.model)
+            if reason is not None:
+                raise Unbatchable(reason)
             if [(n, t.shape, t.dtype) for n, t in p.model.named_parameters()] != names:
                 raise Unbatchable("the jobs' models have different parameters")
             if type(p.model) is not type(p0.model) or p.squeeze != p0.squeeze:
@@ -224,6 +217,9 @@ class Run:
             self.begins.append(t)
             self.joined_at[p.job.key] = t
         old = self.stack
+        if old is not None:  # the new stack reads the running jobs' buffers from their modules
+            for pos, r in enumerate(old.rows):
+                self._load_buffers(old, pos, r)
         rows = ([] if old is None else old.rows) + ids
         self.tracker.join([track for _, track, _ in items], len(rows))
         params, slots = self._state(ids)
@@ -277,9 +273,20 @@ class Run:
         return batch
 
     def _train_step(self, stack: Stack, X, y, f0, step: int) -> torch.Tensor:
-        losses, grads = self.step_fn(stack, X, y, f0)
+        if self.dropout:
+            seeds = [self._dropout_seed(r) for r in stack.rows]
+            steps = [step - o for o in stack.offsets]
+            masks = self.kernel.dropout.masks(seeds, steps, stack.params[0])
+            losses, grads = self.kernel.loss_and_grads(stack, X, y, f0, masks)
+        else:
+            losses, grads = self.step_fn(stack, X, y, f0)
         self.opt.step(stack, grads, step)
         return losses
+
+    def _dropout_seed(self, r: int) -> int:
+        if r not in self.dropout_seeds:
+            self.dropout_seeds[r] = SubSeeds.of(self.problems[r].job.seed).dropout
+        return self.dropout_seeds[r]
 
     # -- the loop
 
@@ -358,11 +365,13 @@ class Run:
 
     def _replay(self, stack: Stack, saved, replay: list[int], cache, t0: int):
         """Rerun the window for the jobs that exited inside it, each up to its exit step."""
+        params, slots, buffers = saved
         whole = Stack(
             list(stack.rows),
-            *saved,
+            params,
+            slots,
             stack.hyper,
-            stack.data,
+            {**stack.data, **buffers},
             stack.samples,
             stack.layout,
             stack.offsets,
@@ -389,8 +398,16 @@ class Run:
         with torch.no_grad():
             for i, param in enumerate(p.model.parameters()):
                 param.copy_(stack.params[i][pos])
+        self._load_buffers(stack, pos, r)
         if with_opt:
             self.opt.export(stack, pos, p, self.names, step + 1)
+
+    def _load_buffers(self, stack: Stack, pos: int, r: int) -> None:
+        """Copy row ``pos``'s buffers (BatchNorm's running statistics) into the job's module."""
+        with torch.no_grad():
+            for n, buffer in self.problems[r].model.named_buffers():
+                if BUFFER + n in stack.data:
+                    buffer.copy_(stack.data[BUFFER + n][pos])
 
     def _eval(self, stack: Stack, pos: int, r: int, batch, step: int) -> None:
         p = self.problems[r]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 BUFFER = "buffer:"  # prefix of a module buffer's name in Stack.data
+INIT_BUFFER = "init-buffer:"  # the same for the initial model's buffers (online centering)
 
 
 class Unbatchable(Exception):
@@ -146,8 +147,11 @@ class Stack:
             init=None if self.init is None else sel(self.init),
         )
 
-    def mutable(self) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """Copies of what a step changes (parameters and slots), to replay a window from."""
-        return [p.clone() for p in self.params], {
-            k: [t.clone() for t in v] for k, v in self.slots.items()
+    def mutable(self) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]], dict]:
+        """Copies of what a step changes (parameters, slots and the module buffers, such as
+        BatchNorm's running statistics), to replay a window from."""
+        buffers = {
+            k: v.clone() for k, v in self.data.items() if k.startswith(BUFFER) and v is not None
         }
+        slots = {k: [t.clone() for t in v] for k, v in self.slots.items()}
+        return [p.clone() for p in self.params], slots, buffers

@@ -1,0 +1,222 @@
+"""Dropout and BatchNorm inside stacks (``engine.stateful``): each job's masks come from its own
+stream, keyed by its seed and its own step, and its BatchNorm statistics are its own.
+
+Every stacked job must equal its one-job run to float rounding (timekeys exactly), whether it
+exits inside a window (the window is replayed), joins a running stack at another step (refill)
+or resumes from a checkpoint. Grabs read the running statistics, so the curves compare them.
+"""
+
+import pytest
+import torch
+from sweeps import assert_same, quadratic_bfn, reference
+from torch import nn
+
+from modelscape import engine
+from modelscape.runner import plan
+from modelscape.store.checkpoints import Checkpoints
+
+CPU = torch.device("cpu")
+
+BASE = {
+    "WIDTH": 12,
+    "N_SAMPLES": 16,
+    "N_TEST": 50,
+    "MAX_ITER": 300,
+    "OPTIMIZER": "Adam",
+    "LOSS_CHECKPOINTS": [0.9, 0.5],
+    "ONLINE": True,
+    "DTYPE": "float64",
+    "DEVICES": ["cpu"],
+}
+AXES = {"trial": range(3), "LR": [0.003, 0.01, 0.03]}
+
+
+class DropoutNet(nn.Module):
+    """Two Dropout modules: a step's masks are drawn in the order the forward pass calls them."""
+
+    def __init__(self, d_in, d_out, width, dropout=0.3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Dropout(dropout))
+        self.mid = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Dropout(dropout / 2))
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.head(self.mid(self.body(x)))
+
+
+class NormNet(nn.Module):
+    def __init__(self, d_in, d_out, width):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, width), nn.BatchNorm1d(width), nn.ReLU())
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class NormCNN(nn.Module):
+    """conv-BN-ReLU twice (BatchNorm2d), then a linear readout."""
+
+    def __init__(self, in_shape, d_out, width):
+        super().__init__()
+        c = in_shape[0]
+        self.body = nn.Sequential(
+            nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(4 * in_shape[1] * in_shape[2], d_out)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+class AlphaNet(NormNet):
+    def __init__(self, d_in, d_out, width):
+        super().__init__(d_in, d_out, width)
+        self.body = nn.Sequential(nn.Linear(d_in, width), nn.AlphaDropout(0.2))
+
+
+# relative tolerances: Dropout's numbers are the one-job loop's but for the order of a few sums;
+# batch statistics under vmap round differently, and running statistics carry it over steps
+TOL = {DropoutNet: 1e-9, NormNet: 1e-6}
+
+
+def image_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 2, 4, 4, generator=gen)
+        return Xb, Xb[:, 0, :2, :2].mean((1, 2)) * Xb[:, 1, 2:, 2:].mean((1, 2)) * 4
+
+    return batch_fn
+
+
+def sequence_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 4, 3, generator=gen)
+        return Xb, Xb[:, :, 0].mean(1) * Xb[:, :, 1].mean(1) * 4
+
+    return batch_fn
+
+
+def running_stats(model, **kwargs):
+    """Every BatchNorm's running mean and variance, as a grab: the curves compare them."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return torch.cat([torch.cat([m.running_mean, m.running_var]) for m in bns])
+
+
+def make_jobs(bfn=quadratic_bfn, **overrides):
+    config = {**BASE, **overrides}
+    _, _, jobs, spec = plan(list(AXES.values()), list(AXES), config, {"base_bfn": bfn})
+    return jobs, spec
+
+
+def stacked(jobs, spec, checkpoints=None, width=None):
+    (group,) = engine.group_jobs(jobs)
+    assert engine.can_batch(group)
+    out = {}
+    for record in engine.train_stacked(group, spec, CPU, checkpoints, width=width):
+        assert record.trained_by == "stacked", (record.trained_by, record.error)
+        out[record.key] = record
+    return out
+
+
+def assert_replayed(records, max_iter):
+    """The jobs exit at several steps, inside windows: the windows were replayed for them."""
+    exits = {r.steps for r in records.values() if 1 < r.steps < max_iter}
+    assert len(exits) >= 2, exits
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"ONLINE": False, "N_SAMPLES": 24}, {"CENTER": False, "ONLYTHRESHOLDS": False}],
+    ids=["online-centered", "offline", "online-curves"],
+)
+def test_a_stacked_job_with_dropout_equals_its_one_job_run(overrides):
+    jobs, spec = make_jobs(MODEL_CLASS=DropoutNet, LOSS_CHECKPOINTS=[0.9, 0.7], **overrides)
+    ref = reference(jobs, spec)
+    assert_replayed(ref, BASE["MAX_ITER"])
+    assert_same(ref, stacked(jobs, spec), tol=1e-9)
+
+
+def test_the_builtin_transformer_stacks_and_equals_its_one_job_run():
+    """Its Dropout modules (p=0) draw nothing: its numbers are unchanged, now stacked."""
+    jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=40)
+    assert_same(reference(jobs, spec), stacked(jobs, spec), tol=1e-9)
+
+
+def test_dropout_masks_depend_on_the_job_and_its_step_only():
+    jobs, spec = make_jobs(MODEL_CLASS=DropoutNet, MAX_ITER=20, LOSS_CHECKPOINTS=[1e-9])
+    first = reference(jobs[:1], spec)
+    torch.manual_seed(1234)  # the global generator plays no part
+    again = reference(jobs[:1], spec)
+    a, b = first[jobs[0].key], again[jobs[0].key]
+    assert (a.train_loss, a.test_loss) == (b.train_loss, b.test_loss)
+    plain, _ = make_jobs(MODEL_CLASS=DropoutNet, MAX_ITER=20, LOSS_CHECKPOINTS=[1e-9], DROPOUT=0.0)
+    _, spec0 = make_jobs(MODEL_CLASS=DropoutNet, MAX_ITER=20, DROPOUT=0.0)
+    without = reference(plain[:1], spec0)
+    assert first[jobs[0].key].test_loss != without[plain[0].key].test_loss  # the masks act
+
+
+@pytest.mark.parametrize(
+    "model, bfn",
+    [(NormNet, quadratic_bfn), (NormCNN, image_bfn)],
+    ids=["batchnorm1d", "cnn-batchnorm2d"],
+)
+def test_a_stacked_job_with_batchnorm_equals_its_one_job_run(model, bfn):
+    grabs = {"stats": running_stats}
+    jobs, spec = make_jobs(
+        bfn, MODEL_CLASS=model, CENTER=True, ONLYTHRESHOLDS=False, otherreturns=grabs
+    )
+    ref = reference(jobs, spec)
+    assert_replayed(ref, BASE["MAX_ITER"])
+    got = stacked(jobs, spec)
+    # batch statistics under vmap round differently; the running statistics carry it
+    assert_same(ref, got, tol=1e-6)
+    r = next(iter(ref.values()))
+    assert r.curves["stats"].std() > 0  # the running statistics moved, and are compared
+
+
+@pytest.mark.parametrize("model", [DropoutNet, NormNet])
+def test_rows_that_join_a_running_stack_take_their_own_masks_and_statistics(model):
+    jobs, spec = make_jobs(MODEL_CLASS=model)
+    refilled = stacked(jobs, spec, width=3)
+    joined = [r.joined_at for r in refilled.values() if r.joined_at is not None]
+    assert len(set(joined)) >= 2 and min(joined) > 0
+    assert_same(reference(jobs, spec), refilled, tol=TOL[model])
+
+
+class Killed(BaseException):
+    """The process "dies" here."""
+
+
+class KilledAfter(Checkpoints):
+    def __init__(self, *args, saves, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saves = saves
+
+    def save(self, key, state):
+        super().save(key, state)
+        self.saves -= 1
+        if self.saves == 0:
+            raise Killed
+
+
+@pytest.mark.parametrize("model", [DropoutNet, NormNet])
+def test_a_resumed_stack_equals_its_one_job_runs(model, tmp_path):
+    jobs, spec = make_jobs(MODEL_CLASS=model)
+    ckpt = KilledAfter(tmp_path, every_seconds=0.0, saves=2 * len(jobs))  # mid-way
+    finished = {}
+    with pytest.raises(Killed):
+        for record in engine.train_stacked(jobs, spec, CPU, ckpt):
+            finished[record.key] = record
+    rest = [job for job in jobs if job.key not in finished]
+    assert {ckpt.load(job.key)["step"] for job in rest} != {None}
+    finished.update(stacked(rest, spec, Checkpoints(tmp_path, every_seconds=0.0)))
+    assert_same(reference(jobs, spec), finished, tol=TOL[model])
+
+
+def test_stateful_modules_without_a_stacked_version_train_one_at_a_time():
+    jobs, spec = make_jobs(MODEL_CLASS=AlphaNet, MAX_ITER=10)
+    got = {r.key: r for r in engine.train_group(jobs, spec, CPU)}
+    assert {r.trained_by for r in got.values()} == {
+        "single: the model has AlphaDropout layers (no stacked version)"
+    }
