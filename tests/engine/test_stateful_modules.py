@@ -6,6 +6,8 @@ exits inside a window (the window is replayed), joins a running stack at another
 or resumes from a checkpoint. Grabs read the running statistics, so the curves compare them.
 """
 
+import warnings
+
 import pytest
 import torch
 from sweeps import assert_same, quadratic_bfn, reference
@@ -137,10 +139,46 @@ def test_a_stacked_job_with_dropout_equals_its_one_job_run(overrides):
     assert_same(ref, stacked(jobs, spec), tol=1e-9)
 
 
-def test_the_builtin_transformer_stacks_and_equals_its_one_job_run():
-    """Its Dropout modules (p=0) draw nothing: its numbers are unchanged, now stacked."""
-    jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=40)
-    assert_same(reference(jobs, spec), stacked(jobs, spec), tol=1e-9)
+class CausalAttention(nn.Module):
+    """A user's attention: ``F.scaled_dot_product_attention`` with a causal mask, two heads."""
+
+    def __init__(self, in_shape, d_out, width):
+        super().__init__()
+        self.qkv = nn.Linear(in_shape[1], 3 * width)
+        self.head = nn.Linear(width, d_out)
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        q, k, v = (a.view(n, t, 2, -1).transpose(1, 2) for a in self.qkv(x).chunk(3, -1))
+        h = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(h.transpose(1, 2).reshape(n, t, -1)[:, -1])
+
+
+def stacked_without_per_job_fallback(jobs, spec):
+    """``stacked``, asserting that no operation fell back to a per-job loop inside ``vmap``
+    (torch warns "we have not yet implemented the batching rule" when one does)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = stacked(jobs, spec)
+    fallbacks = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert not fallbacks, fallbacks[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_builtin_transformer_stacks_with_batched_attention_and_equals_its_one_job_run(dtype):
+    """Its Dropout modules (p=0) draw nothing; its attention runs batched over the stack (the
+    math backend), not once per job; a one-job run uses torch's fused attention."""
+    jobs, spec = make_jobs(
+        sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=40, DTYPE=dtype
+    )
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    assert_same(reference(jobs, spec), stacked_without_per_job_fallback(jobs, spec), tol=tol)
+
+
+def test_a_users_causal_attention_stacks_and_equals_its_one_job_run():
+    jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS=CausalAttention, WIDTH=8, MAX_ITER=40)
+    assert_same(reference(jobs, spec), stacked_without_per_job_fallback(jobs, spec), tol=1e-9)
 
 
 def test_dropout_masks_depend_on_the_job_and_its_step_only():

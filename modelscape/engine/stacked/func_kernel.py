@@ -13,6 +13,7 @@ import copy
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.stack import BUFFER, INIT_BUFFER, Stack
@@ -55,7 +56,7 @@ class FuncKernel:
         buffers = {n: b.expand(2, *b.shape).clone() for n, b in problem.model.named_buffers()}
         x = problem.X_te[:1].expand(n_samples, *problem.X_te.shape[1:])
         X = x.expand(2, *x.shape)
-        return self.dropout.probe(lambda: torch.func.vmap(self._apply)(params, buffers, X))
+        return self.dropout.probe(lambda: self._vmap(self._apply)(params, buffers, X))
 
     @property
     def draws_masks(self) -> bool:
@@ -91,6 +92,19 @@ class FuncKernel:
     def _autocast(self, X: torch.Tensor):
         return torch.autocast(X.device.type, self.compute or X.dtype, enabled=bool(self.compute))
 
+    def _vmap(self, fn, **kwargs):
+        """``torch.func.vmap(fn)`` with attention (``F.scaled_dot_product_attention``, which
+        ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) computed by its math
+        backend: matrix products and a softmax, which batch over the stack. The fused kernels
+        have no batching rule, and torch would run them one job at a time."""
+        batched = torch.func.vmap(fn, **kwargs)
+
+        def run(*args):
+            with sdpa_kernel(SDPBackend.MATH):
+                return batched(*args)
+
+        return run
+
     @staticmethod
     def _jobs(stack: Stack, flat: torch.Tensor | None) -> torch.Tensor | None:
         """A flat (rows, ...) tensor as [jobs, n, ...] (a stack of one sample count)."""
@@ -107,7 +121,7 @@ class FuncKernel:
         buffers = self._buffers(stack, INIT_BUFFER)
         args = as_pair((tuple(params), buffers, X), n, self.pair)
         with self._autocast(X):
-            out = torch.func.vmap(lambda p, b, x: self._apply(p, b, x, self.init_module))(*args)
+            out = self._vmap(lambda p, b, x: self._apply(p, b, x, self.init_module))(*args)
         out = out[:n]
         return out.reshape(-1, *out.shape[2:])
 
@@ -145,7 +159,7 @@ class FuncKernel:
         data = (tuple(leaves), buffers, X, y, f0, stack.data["gamma"], masks)
         args = as_pair(data, n, self.pair)
         with self._autocast(X):
-            losses = torch.func.vmap(one, in_dims=in_dims)(*args)[:n]
+            losses = self._vmap(one, in_dims=in_dims)(*args)[:n]
         if paired:
             for k, v in buffers.items():
                 stack.data[BUFFER + k].copy_(v[:1])
