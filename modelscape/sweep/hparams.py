@@ -127,7 +127,9 @@ class HParams:
     )
     EMA_SMOOTHER: float = hp(0.9, "EMA constant s: ema = s*ema + (1-s)*loss.", varies_in_stack=True)
     DETERMINISTIC: bool = hp(
-        True, "Seed jobs from SEED and use torch's deterministic algorithms (True), or not."
+        True,
+        "Seed jobs from SEED and use torch's deterministic algorithms (True), or not; "
+        "without torch's NaN fill of new memory, a debugging aid that costs time.",
     )
     VERBOSE: bool = hp(False, "Print the loss as training goes.", scope="sweep")
 

@@ -128,13 +128,21 @@ def locked_state_grab(model, **kwargs):
     return float(torch.are_deterministic_algorithms_enabled())
 
 
+def nan_fill_grab(model, **kwargs):
+    return float(torch.utils.deterministic.fill_uninitialized_memory)
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_deterministic_turns_on_torch_deterministic_algorithms_while_training(deterministic):
+    """... without torch's NaN fill of new tensors (a debugging aid that costs time)."""
     before = torch.are_deterministic_algorithms_enabled()
-    cfg = {**config(DETERMINISTIC=deterministic), "otherreturns": {"det": locked_state_grab}}
+    grabs = {"det": locked_state_grab, "fill": nan_fill_grab}
+    cfg = {**config(DETERMINISTIC=deterministic), "otherreturns": grabs}
     result = run_job_iterator([[0]], ["trial"], cfg, {"base_bfn": make_bfn(3)}, progress=False)
     assert float(result.records[0].grabs["det"]) == float(deterministic)
+    assert float(result.records[0].grabs["fill"]) == float(not deterministic)
     assert torch.are_deterministic_algorithms_enabled() == before
+    assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, restored
 
 
 def children(pid):
