@@ -7,6 +7,12 @@ researcher writes by hand (build, Adam, step 100 times, one job after the other)
 alternate per repeat; the ratio is the median of the repeats' time(plain) / time(modelscape),
 and both sides' median test losses are printed (different seeds, the same scale).
 
+Bounds (``arithmetic_seconds``): the matrix products, convolutions and attention kernels one
+side's training steps call, each replayed alone at its shapes (warm in cache: a lower bound),
+for the whole sweep: ``arith`` for modelscape's (the stacked shapes), ``arith plain`` for the
+plain loop's. ``bound`` = plain s / arith: the ratio modelscape would reach if its step were
+nothing but its products; a target above it is bounded by this CPU's arithmetic rate.
+
 Cases (``CASES``; add one by adding an entry):
   transformer   the built-in Transformer (its Dropout modules, p=0), width 32, sequences 16 x 8
   cnn-bn        a user's CNN with BatchNorm (conv-BN-ReLU twice), width 16, 3x16x16, 4 classes
@@ -31,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelscape import run_sweep
 from modelscape.models.builtin import constructor_kwargs, resolve_model_class, standard_kwargs
@@ -164,38 +171,99 @@ def modelscape_side(case: Case, steps: int) -> tuple[float, list[float], set[str
     return seconds, [r.test_loss for r in result.records], {r.trained_by for r in result.records}
 
 
-def plain_side(case: Case, steps: int) -> tuple[float, list[float]]:
-    """The hand-written loop: each job built, trained and tested on its own."""
+def plain_side(case: Case, steps: int, jobs: int | None = None) -> tuple[float, list[float]]:
+    """The hand-written loop: each job built, trained and tested on its own (the first
+    ``jobs`` of them; all by default)."""
     start = time.perf_counter()
     cfg = config(case, steps)
     losses = []
-    for trial in range(TRIALS):
-        for lr in LRS:
-            gen = torch.Generator().manual_seed(1000 + trial)
-            X_te, y_te = case.bfn(cfg["N_TEST"], gen)(0)
-            draw = case.bfn(BATCH, gen)
-            cls = resolve_model_class(case.model)
-            d_out = case.d_out
-            kwargs = standard_kwargs(
-                tuple(X_te.shape[1:]), d_out, case.width, case.depth, cfg["NONLINEARITY"], True
-            )
-            torch.manual_seed(trial)
-            model = cls(**constructor_kwargs(cls, kwargs, cfg))
-            opt = torch.optim.Adam(model.parameters(), lr=lr)
-            loss_fn = getattr(nn, case.loss)()
-            squeeze = case.loss == "MSELoss"
-            for step in range(steps):
-                X, y = draw(step)
-                out = model(X)
-                loss = loss_fn(out.squeeze(-1) if squeeze else out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            model.eval()
-            with torch.no_grad():
-                out = model(X_te)
-                losses.append(float(loss_fn(out.squeeze(-1) if squeeze else out, y_te)))
+    for trial, lr in [(t, lr) for t in range(TRIALS) for lr in LRS][:jobs]:
+        gen = torch.Generator().manual_seed(1000 + trial)
+        X_te, y_te = case.bfn(cfg["N_TEST"], gen)(0)
+        draw = case.bfn(BATCH, gen)
+        cls = resolve_model_class(case.model)
+        d_out = case.d_out
+        kwargs = standard_kwargs(
+            tuple(X_te.shape[1:]), d_out, case.width, case.depth, cfg["NONLINEARITY"], True
+        )
+        torch.manual_seed(trial)
+        model = cls(**constructor_kwargs(cls, kwargs, cfg))
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        loss_fn = getattr(nn, case.loss)()
+        squeeze = case.loss == "MSELoss"
+        for step in range(steps):
+            X, y = draw(step)
+            out = model(X)
+            loss = loss_fn(out.squeeze(-1) if squeeze else out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            out = model(X_te)
+            losses.append(float(loss_fn(out.squeeze(-1) if squeeze else out, y_te)))
     return time.perf_counter() - start, losses
+
+
+ARITHMETIC = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward")
+
+
+class _Products(TorchDispatchMode):
+    """Records every product, convolution and attention call (op, arguments) that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ARITHMETIC or name.startswith("_scaled_dot_product"):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _signature(call: tuple) -> tuple:
+    func, args, _ = call
+    return func, tuple(tuple(a.shape) if torch.is_tensor(a) else repr(a) for a in args)
+
+
+def _replay_seconds(call: tuple, repeats: int = 5) -> float:
+    """The time one recorded call takes, replayed ``repeats`` times on copies of its tensors."""
+    own = lambda t: t.detach().clone() if torch.is_tensor(t) else t  # noqa: E731
+    func, args, kwargs = call
+    args, kwargs = torch.utils._pytree.tree_map(own, (args, kwargs))
+    with torch.no_grad():  # replayed without autograd: its bookkeeping is not arithmetic
+        func(*args, **kwargs)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            func(*args, **kwargs)
+    return (time.perf_counter() - start) / repeats
+
+
+def arithmetic_seconds(case: Case, steps: int, plain: bool) -> float:
+    """The seconds the products of ``steps`` training steps of the sweep take alone (see the
+    module's docstring). The calls are recorded over runs of 4 and 2 steps; the calls the
+    longer run makes more often are two steps' (setup and the final test evaluation cancel),
+    each distinct op and shapes timed once. The plain loop's for one job, times the jobs."""
+    counts: list[dict[tuple, list]] = []
+    for n in (4, 2):
+        with _Products() as rec:
+            if plain:
+                plain_side(case, n, jobs=1)
+            else:
+                modelscape_side(case, n)
+        seen: dict[tuple, list] = {}
+        for call in rec.calls:
+            seen.setdefault(_signature(call), [call, 0])[1] += 1
+        counts.append(seen)
+    two_steps = 0.0
+    for sig, (call, count) in counts[0].items():
+        extra = count - counts[1].get(sig, [None, 0])[1]
+        if extra > 0:
+            two_steps += extra * _replay_seconds(call)
+    jobs = TRIALS * len(LRS) if plain else 1
+    return two_steps / 2 * steps * jobs
 
 
 def main() -> None:
@@ -212,7 +280,10 @@ def main() -> None:
         f"{TRIALS * len(LRS)} jobs, {steps} steps, {args.threads} threads, torch "
         f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}"
     )
-    head = f"{'case':>12} {'plain s':>8} {'ms s':>8} {'ratio':>6} {'plain loss':>11} {'ms loss':>9}"
+    head = (
+        f"{'case':>12} {'plain s':>8} {'ms s':>8} {'ratio':>6} {'arith':>6} {'plain':>6} "
+        f"{'bound':>6} {'plain loss':>11} {'ms loss':>9}"
+    )
     print(f"{head}  trained_by")
     for name in args.cases.split(","):
         case = CASES[name]
@@ -223,9 +294,13 @@ def main() -> None:
             ratios.append(p_s / m_s)
             plain_t.append(p_s)
             ms_t.append(m_s)
+        arith = arithmetic_seconds(case, steps, plain=False)
+        arith_plain = arithmetic_seconds(case, steps, plain=True)
+        plain_s = statistics.median(plain_t)
         print(
-            f"{name:>12} {statistics.median(plain_t):8.2f} {statistics.median(ms_t):8.2f} "
-            f"{statistics.median(ratios):5.2f}x {statistics.median(p_loss):11.4g} "
+            f"{name:>12} {plain_s:8.2f} {statistics.median(ms_t):8.2f} "
+            f"{statistics.median(ratios):5.2f}x {arith:6.2f} {arith_plain:6.2f} "
+            f"{plain_s / arith:5.2f}x {statistics.median(p_loss):11.4g} "
             f"{statistics.median(m_loss):9.4g}  {', '.join(sorted(how))}"
         )
 

@@ -181,7 +181,8 @@ class Problem:
         out = self.model(X)
         if f0 is not None:
             out = out - f0
-        out = out / self.gamma
+        if self.gamma != 1:  # dividing by 1 is exact: skipped, with its backward
+            out = out / self.gamma
         return out.squeeze(-1) if self.squeeze else out
 
     @torch.no_grad()
