@@ -51,6 +51,9 @@ class StackedOptimizer:
     """
 
     settings: ClassVar[tuple[str, ...]] = ()
+    # whether a step may give a parameter and its state another memory layout (False while
+    # the kernel's step is a captured CUDA graph, which holds the old tensors)
+    relayout = True
 
     def __init__(self, problems: Sequence[Problem], names: list[str]):
         self.names = names
@@ -293,8 +296,7 @@ class StackedAdam(StackedOptimizer):
             torch.add(base, float(t + 1), out=counts)
         with torch.no_grad():
             for i in self.trained:
-                # the kernel reads raw memory: autograd's gradients may come transposed
-                g = grads[i].contiguous()
+                g = self._in_layout(stack, i, grads[i])
                 groups = self._row_groups(stack, i)
                 for (lr, beta1, beta2, eps, wd), rows, (ps, ms, vs, ts) in groups:
                     fused(
@@ -313,11 +315,31 @@ class StackedAdam(StackedOptimizer):
                         maximize=False,
                     )
 
+    def _in_layout(self, stack: Stack, i: int, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in the memory layout of parameter ``i`` and its state: the fused
+        kernel reads raw memory. Autograd's gradients may come permuted (a ``vmap``ped
+        ``nn.Linear``'s weight gradient comes transposed): then, unless the step is a captured
+        graph (``relayout`` False), the parameter and its state take the gradient's layout,
+        once per stack, instead of the gradient being copied every step."""
+        p = stack.params[i]
+        if g.stride() == p.stride():
+            return g
+        if not (self.relayout and _dense(g)):
+            return g.contiguous() if p.is_contiguous() else torch.empty_like(p).copy_(g)
+        stack.params[i] = torch.empty_like(g).copy_(p)  # empty_like keeps a dense layout
+        for name in self.slot_names():
+            stack.slots[name][i] = torch.empty_like(g).copy_(stack.slots[name][i])
+        if self._groups_of is stack:
+            self._groups.pop(i, None)  # its row views are of the old tensors
+        return g
+
     def export_state(self, stack, i, r, n_done):
         return {
             "step": torch.tensor(float(n_done)),
-            "exp_avg": stack.slots["exp_avg"][i][r].clone(),
-            "exp_avg_sq": stack.slots["exp_avg_sq"][i][r].clone(),
+            "exp_avg": stack.slots["exp_avg"][i][r].clone(memory_format=torch.contiguous_format),
+            "exp_avg_sq": stack.slots["exp_avg_sq"][i][r].clone(
+                memory_format=torch.contiguous_format
+            ),
         }
 
 
@@ -365,3 +387,13 @@ class StackedRMSprop(StackedOptimizer):
         if self.any["momentum"] and stack.hyper["momentum"][i][r].item() != 0:
             state["momentum_buffer"] = stack.slots["momentum_buffer"][i][r].clone()
         return state
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly, in some order of its dimensions."""
+    size = 1
+    for stride, n in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != size:
+            return False
+        size *= n
+    return True

@@ -107,6 +107,7 @@ class Run:
         self.dropout = isinstance(self.kernel, FuncKernel) and self.kernel.draws_masks
         compile_mode = "off" if stateful else self.hp.COMPILE
         self.step_fn = graphs.step_function(self.kernel.loss_and_grads, compile_mode, device)
+        self.opt.relayout = not isinstance(self.step_fn, graphs.GraphedStep)
         self.dropout_seeds: dict[int, int] = {}  # per row: the job's Dropout stream
         self.tracker = Tracker([track for _, track, _ in part])
         self.tracks = self.tracker.tracks  # those that join the run are added to it
