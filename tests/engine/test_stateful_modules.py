@@ -12,8 +12,10 @@ import pytest
 import torch
 from sweeps import assert_same, quadratic_bfn, reference
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelscape import engine
+from modelscape.engine.stacked.batching import batched_operations
 from modelscape.runner import plan
 from modelscape.store.checkpoints import Checkpoints
 
@@ -258,3 +260,64 @@ def test_stateful_modules_without_a_stacked_version_train_one_at_a_time():
     assert {r.trained_by for r in got.values()} == {
         "single: the model has AlphaDropout layers (no stacked version)"
     }
+
+
+class _Calls(TorchDispatchMode):
+    """Records the argument shapes of every call of the named aten operations."""
+
+    def __init__(self, *names):
+        super().__init__()
+        self.names, self.calls = names, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.names:
+            shapes = tuple(tuple(a.shape) for a in args if torch.is_tensor(a))
+            self.calls.append((func.overloadpacket.__name__, shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_stack_runs_batchnorm_as_one_kernel_over_its_jobs_channels_with_their_weights():
+    """9 jobs of conv-BN-ReLU (4 channels): one batch norm of 36 channels with each job's
+    weights as its channels', not a normalization followed by a multiply and an add of each
+    job's weights over the activations (``vmap``'s own rule, a pass each way)."""
+    jobs, spec = make_jobs(image_bfn, MODEL_CLASS=NormCNN, MAX_ITER=5, LOSS_CHECKPOINTS=[1e-9])
+    with _Calls("native_batch_norm", "mul", "add") as seen:
+        stacked(jobs, spec)
+    assert ("native_batch_norm", ((16, 36, 4, 4), (36,), (36,), (36,), (36,))) in seen.calls
+    per_job_weights = [c for c in seen.calls if (9, 4, 1, 1, 1) in c[1]]
+    assert not per_job_weights, per_job_weights[:2]
+
+
+@pytest.mark.parametrize("layout", ["jobs-first", "jobs-second"])
+def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
+    """Outputs, gradients and running statistics of the folded batch norm against each job's
+    own ``F.batch_norm`` (training), and in evaluation mode against its running statistics."""
+    gen = torch.Generator().manual_seed(0)
+    jobs, n, c = 3, 8, 5
+    x = torch.randn(jobs, n, c, 4, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(jobs, c, generator=gen, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(jobs, c, generator=gen, dtype=torch.float64).requires_grad_(True)
+    stats = torch.rand(2, jobs, c, generator=gen, dtype=torch.float64)
+    mean, var = stats[0].clone(), stats[1].clone() + 0.5
+    dim = 0 if layout == "jobs-first" else 1
+    xs = x if dim == 0 else x.movedim(0, 1)  # vmap over another dimension of the input
+
+    def norm(x, m, v, w, b, training):
+        return nn.functional.batch_norm(x, m, v, w, b, training, 0.3, 1e-5)
+
+    module = nn.BatchNorm2d(c)
+    ms, vs = mean.clone(), var.clone()
+    with batched_operations(module):
+        out = torch.func.vmap(norm, in_dims=(dim, 0, 0, 0, 0, None))(xs, ms, vs, w, b, True)
+    gw, gb = torch.autograd.grad((out * x).sum(), (w, b))
+    for j in range(jobs):
+        wj, bj = w[j].detach().requires_grad_(True), b[j].detach().requires_grad_(True)
+        mj, vj = mean[j].clone(), var[j].clone()
+        ref = norm(x[j], mj, vj, wj, bj, True)
+        rw, rb = torch.autograd.grad((ref * x[j]).sum(), (wj, bj))
+        torch.testing.assert_close(out[j], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close((gw[j], gb[j], ms[j], vs[j]), (rw, rb, mj, vj))
+    with batched_operations(module):  # evaluation: each job's running statistics, no update
+        out = torch.func.vmap(norm, in_dims=(0, 0, 0, 0, 0, None))(x, ms, vs, w, b, False)
+    for j in range(jobs):
+        torch.testing.assert_close(out[j], norm(x[j], ms[j], vs[j], w[j], b[j], False))

@@ -13,9 +13,9 @@ import copy
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modelscape.engine.setup import Problem
+from modelscape.engine.stacked.batching import batched_operations
 from modelscape.engine.stacked.stack import BUFFER, INIT_BUFFER, Stack
 from modelscape.engine.stateful import BATCH_NORMS, StackDropout
 
@@ -93,14 +93,12 @@ class FuncKernel:
         return torch.autocast(X.device.type, self.compute or X.dtype, enabled=bool(self.compute))
 
     def _vmap(self, fn, **kwargs):
-        """``torch.func.vmap(fn)`` with attention (``F.scaled_dot_product_attention``, which
-        ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) computed by its math
-        backend: matrix products and a softmax, which batch over the stack. The fused kernels
-        have no batching rule, and torch would run them one job at a time."""
+        """``torch.func.vmap(fn)`` with the operations that ``vmap`` runs badly replaced
+        (``batching.batched_operations``: attention, BatchNorm)."""
         batched = torch.func.vmap(fn, **kwargs)
 
         def run(*args):
-            with sdpa_kernel(SDPBackend.MATH):
+            with batched_operations(self.module):
                 return batched(*args)
 
         return run

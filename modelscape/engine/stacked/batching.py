@@ -1,0 +1,106 @@
+"""How a stack's forward pass runs its operations batched over the jobs, inside ``vmap``.
+
+``torch.func.vmap`` runs most operations once for the whole stack. Two that matter for common
+models do not run well, and ``batched_operations`` replaces them while a stack's step runs:
+
+- **Attention.** torch's fused CPU attention kernel (behind ``F.scaled_dot_product_attention``,
+  which ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) has no batching rule:
+  ``vmap`` would run it once per job, warning each time. The math backend (matrix products and
+  a softmax) batches; a stack computes attention with it (``sdpa_kernel``). The one-job loop
+  keeps the fused kernel; the two agree to float rounding.
+- **BatchNorm.** ``vmap``'s rule for ``F.batch_norm`` with per-job weights normalizes without
+  them, then multiplies and adds them in separate passes over the activations, forward and
+  backward. ``StackedBatchNorm`` instead folds the jobs into the channels: a stack's input
+  [jobs, n, C, ...] is one batch norm of [n, jobs * C, ...] channels, with each job's weight,
+  bias and running statistics as its channels' (each job normalizes over its own samples,
+  exactly as alone). The running statistics are updated in place in the stack's buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from modelscape.engine.stateful import BATCH_NORMS
+
+
+@contextlib.contextmanager
+def batched_operations(module: nn.Module) -> Iterator[None]:
+    """While a stack of ``module`` runs under ``vmap``: attention by its math backend, and
+    BatchNorm folded into channels when the model has BatchNorm layers."""
+    norms = any(isinstance(m, BATCH_NORMS) for m in module.modules())
+    with sdpa_kernel(SDPBackend.MATH), _BatchNormsFolded() if norms else contextlib.nullcontext():
+        yield
+
+
+class _BatchNormsFolded(TorchFunctionMode):
+    """Sends ``F.batch_norm`` calls to ``StackedBatchNorm``; every other call runs as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """``F.batch_norm``'s signature, for ``StackedBatchNorm``."""
+    return StackedBatchNorm.apply(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
+class StackedBatchNorm(torch.autograd.Function):
+    """``F.batch_norm`` of a stack inside ``vmap``: the jobs folded into the channels (see the
+    module's docstring). It has only a batching rule: it is never called outside ``vmap``."""
+
+    @staticmethod
+    def forward(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        raise RuntimeError("StackedBatchNorm runs inside vmap only")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        raise RuntimeError("StackedBatchNorm runs inside vmap only")
+
+    @staticmethod
+    def vmap(info, in_dims, input, running_mean, running_var, weight, bias, *options):
+        jobs = info.batch_size
+        if in_dims[0] is None:  # the same input for every job
+            input = input.expand(jobs, *input.shape)
+        x = input.movedim(in_dims[0] or 0, 1)
+        shape = x.shape  # [n, jobs, C, ...]
+        folded = x.reshape(shape[0], jobs * shape[2], *shape[3:])
+        mean, var = (
+            _statistics(t, d, jobs) for t, d in zip((running_mean, running_var), in_dims[1:3])
+        )
+        affine = [
+            None if t is None else t.repeat(jobs) if d is None else t.movedim(d, 0).reshape(-1)
+            for t, d in zip((weight, bias), in_dims[3:5])
+        ]
+        out = F.batch_norm(folded, mean[0], var[0], *affine, *options)
+        training = options[0]
+        for flat, rows in (mean, var):
+            if training and rows is not None:  # the statistics were a copy: update them
+                rows.copy_(flat.view_as(rows))
+        return out.view(shape), 1
+
+
+def _statistics(t: torch.Tensor | None, dim: int | None, jobs: int):
+    """Per-job running statistics [jobs, C] as [jobs * C] channels that ``F.batch_norm``
+    updates in place, and the tensor to copy the update back into when they are a copy."""
+    if t is None:
+        return None, None
+    if dim is None:
+        raise RuntimeError("a stack's BatchNorm statistics must be per job")
+    rows = t.movedim(dim, 0)
+    if rows.is_contiguous():
+        return rows.view(-1), None
+    return rows.reshape(-1), rows
