@@ -2,7 +2,7 @@
 
 The one table: ``hparams`` takes NONLINEARITY's choices from it and ``models`` builds layers
 from it, so adding an activation is one entry here (the stacked MLP kernel computes it by hand
-only if ``engine/stacked/kernels.py`` also has an entry; otherwise it trains through torch.func).
+only if ``engine/stacked/ops.py`` also has an entry; otherwise it trains through torch.func).
 """
 
 from torch import nn

@@ -27,8 +27,9 @@ from modelscape.sweep.spec import SweepSpec
 # The engines' numerics: raise it with any change to the engine that alters the numbers a job
 # trains to (a new kernel, a new random stream). A run folder stores it, and a resume across a
 # change is refused (store/describe.py), so that one folder never mixes two engines' numbers.
-# 1: the first; 2: nn.Dropout masks come from each job's own stream (engine/stateful.py)
-NUMERICS_VERSION = 2
+# 1: the first; 2: nn.Dropout masks come from each job's own stream (engine/stateful.py);
+# 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel (other rounding)
+NUMERICS_VERSION = 3
 
 
 def code_digest(obj: Any) -> str:

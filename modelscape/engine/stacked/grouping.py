@@ -35,11 +35,13 @@ SINGLE = TrainedBy("single")
 
 def across_sample_counts(job: Job) -> bool:
     """Whether the job may share a stack with jobs of other N_SAMPLES: its model and loss take
-    ``kernels.MLPKernel`` (the built-in MLP, MSE loss), which stacks ragged samples. Decided
-    from hyperparameters; a stack whose built models need ``FuncKernel`` after all (a
-    ``post_init_fn`` replaced the model) trains one stack per sample count."""
+    ``kernels.MLPKernel`` (the built-in MLP, MSE or cross-entropy loss), which stacks ragged
+    samples. Decided from hyperparameters; a stack whose built models need ``FuncKernel``
+    after all (a ``post_init_fn`` replaced the model, float targets under cross-entropy)
+    trains one stack per sample count."""
     hp = job.hp
-    return hp.MODEL_CLASS in (None, "MLP", MLP) and hp.LOSS in ("MSELoss", nn.MSELoss)
+    losses = ("MSELoss", nn.MSELoss, "CrossEntropyLoss", nn.CrossEntropyLoss)
+    return hp.MODEL_CLASS in (None, "MLP", MLP) and hp.LOSS in losses
 
 
 def group_key(job: Job) -> tuple:

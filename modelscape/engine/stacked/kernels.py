@@ -1,120 +1,28 @@
 """How a stack computes its jobs' losses and gradients: the model kernels.
 
-``MLPKernel`` runs the built-in MLP with MSE loss, under every PARAMETRIZATION, as batched
-matmuls with a hand-written backward pass (its activations come from ``KERNEL_ACTIVATIONS``:
-one entry per activation); ``FuncKernel`` runs any other model through ``torch.func``
-(``vmap`` over ``functional_call``, in ``func_kernel``) with autograd. ``kernel_for`` says
-which one a job takes.
-``bmm``/``baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs share its
-stack. Both take the samples flat (see ``stack.Layout``); only ``MLPKernel`` takes a stack
+``MLPKernel`` runs the built-in MLP with MSE or cross-entropy loss, under every
+PARAMETRIZATION, as batched matmuls with a hand-written backward pass (its activations come
+from ``KERNEL_ACTIVATIONS``: one entry per activation; its losses from ``losses``);
+``FuncKernel`` runs any other model through ``torch.func`` (``vmap`` over ``functional_call``,
+in ``func_kernel``) with autograd. ``kernel_for`` says which one a job takes.
+``ops.bmm``/``ops.baddbmm``/``as_pair`` keep a job's numbers independent of how many jobs share
+its stack. Both take the samples flat (see ``stack.Layout``); only ``MLPKernel`` takes a stack
 whose jobs differ in N_SAMPLES.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from modelscape.engine.setup import Problem
 from modelscape.engine.stacked.func_kernel import FuncKernel
+from modelscape.engine.stacked.losses import kernel_loss
+from modelscape.engine.stacked.ops import KERNEL_ACTIVATIONS, baddbmm, bmm, per_segment
 from modelscape.engine.stacked.stack import Layout, Segment, Stack
-from modelscape.engine.stacked.workspace import Workspace, empty_unfilled
+from modelscape.engine.stacked.workspace import Workspace
 from modelscape.models import parametrize
 from modelscape.models.builtin import MLP
-
-aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An activation as the MLP kernel computes it: forward (may work in place on the
-    pre-activation) and backward from the saved pre-activation (``saves_input``) or output."""
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    saves_input: bool
-
-
-# The activations the MLP kernel computes by hand, built from the model's activation module;
-# a model with any other activation trains stacked through ``FuncKernel``.
-KERNEL_ACTIVATIONS: dict[type[nn.Module], Callable[[nn.Module], Activation]] = {
-    nn.ReLU: lambda m: Activation(
-        lambda z: z.relu_(), lambda g, out: aten.threshold_backward(g, out, 0), False
-    ),
-    # the parametrizations' ReLU: gain * relu(z); autograd takes relu's backward of gain * g
-    parametrize.ScaledReLU: lambda m: Activation(
-        lambda z: z.relu_().mul_(m.gain),
-        lambda g, out: aten.threshold_backward(g * m.gain, out, 0),
-        False,
-    ),
-    nn.Tanh: lambda m: Activation(lambda z: z.tanh_(), aten.tanh_backward, False),
-    nn.Identity: lambda m: Activation(lambda z: z, lambda g, out: g, False),
-    nn.GELU: lambda m: Activation(
-        lambda z: nn.functional.gelu(z, approximate=m.approximate),
-        lambda g, z: aten.gelu_backward(g, z, approximate=m.approximate),
-        True,
-    ),
-    nn.SiLU: lambda m: Activation(nn.functional.silu, aten.silu_backward, True),
-}
-
-
-def bmm(
-    a: torch.Tensor, b: torch.Tensor, pair: bool, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``torch.bmm`` whose result for a job does not depend on how many jobs are stacked.
-
-    With a single job torch computes the product on another path (``mm``/``gemv``), whose
-    rounding differs; computing a stack of one as a (broadcast) pair keeps every job's numbers
-    the same in any group, so results do not depend on workers, placement or resumption. The
-    pair costs twice the work, so it is made only when ``pair`` (``pair_singletons``: the job
-    could share a stack, ``group_cap`` >= 2); a job that always trains alone is computed as
-    the plain stack of one it always is. ``out``: write the product there (a view into a flat
-    activation buffer).
-    """
-    if pair and a.shape[0] == 1:
-        result = torch.bmm(a.expand(2, -1, -1), b.expand(2, -1, -1))[:1]
-        return result if out is None else out.copy_(result)
-    return torch.bmm(a, b) if out is None else torch.bmm(a, b, out=out)
-
-
-def baddbmm(
-    bias: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    pair: bool,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``torch.baddbmm`` with the same stack-size independence as ``bmm``."""
-    if pair and a.shape[0] == 1:
-        two = (bias.expand(2, -1, -1), a.expand(2, -1, -1), b.expand(2, -1, -1))
-        result = torch.baddbmm(*two)[:1]
-        return result if out is None else out.copy_(result)
-    return torch.baddbmm(bias, a, b) if out is None else torch.baddbmm(bias, a, b, out=out)
-
-
-def per_segment(
-    layout: Layout,
-    shape: tuple[int, ...] | torch.Size,
-    like: torch.Tensor,
-    fn: Callable[[Segment, torch.Tensor | None], torch.Tensor],
-    per_job: bool = False,
-) -> torch.Tensor:
-    """``fn(segment, out)`` for every segment of ``layout``, as one tensor of ``shape`` (flat
-    over the samples, or over the jobs with ``per_job``) and ``like``'s dtype and device.
-
-    A stack of one sample count uses ``fn``'s result as it is (``out`` None); several segments
-    write into views of one buffer, allocated without deterministic mode's NaN fill, since
-    every element of it is written.
-    """
-    if len(layout.segments) == 1:
-        return fn(layout.segments[0], None).reshape(shape)
-    out = empty_unfilled(shape, like)
-    for s in layout.segments:
-        fn(s, out[s.jobs] if per_job else s.view(out))
-    return out
 
 
 def kernel_for(problem: Problem) -> type[MLPKernel] | type[FuncKernel]:
@@ -123,7 +31,8 @@ def kernel_for(problem: Problem) -> type[MLPKernel] | type[FuncKernel]:
 
 
 class MLPKernel:
-    """The built-in MLP with MSE loss as batched matmuls, with its backward pass written out.
+    """The built-in MLP with one of ``losses``' losses as batched matmuls, with its backward
+    pass written out.
 
     Autograd is skipped because, for small models, its bookkeeping costs more than the math.
     Parametrized layers (``ParametrizedLinear``) compute ``g * (W x + b)`` with each job's own
@@ -135,7 +44,12 @@ class MLPKernel:
 
     name = "mlp"
 
-    def __init__(self, model: MLP, names: list[str], compute: torch.dtype | None = None):
+    def __init__(self, p0: Problem, names: list[str], compute: torch.dtype | None = None):
+        model = p0.model
+        loss = kernel_loss(p0)
+        if loss is None:
+            raise ValueError(f"MLPKernel.check refuses this job's {type(p0.loss_fn).__name__}")
+        self.loss = loss
         self.act = KERNEL_ACTIVATIONS[type(model.nonlin)](model.nonlin)
         self.compute = compute
         self._ws: Workspace | None = None
@@ -155,13 +69,10 @@ class MLPKernel:
     @staticmethod
     def check(problem: Problem) -> bool:
         """Whether this kernel computes exactly what the job's model and loss do."""
-        model, loss_fn = problem.model, problem.loss_fn
+        model = problem.model
         return (
             type(model) is MLP
-            and problem.y_te.is_floating_point()
-            and problem.y_te.dim() <= 2
-            and type(loss_fn) is nn.MSELoss
-            and loss_fn.reduction == "mean"
+            and kernel_loss(problem) is not None
             and type(model.nonlin) in KERNEL_ACTIVATIONS
             and (type(model.nonlin) is not parametrize.ScaledReLU or model.nonlin.gain > 0)
             and all(type(m) in _LINEARS for m in _linears(model))
@@ -171,7 +82,8 @@ class MLPKernel:
     def samples(self, problems: list[Problem], layout: Layout) -> dict[str, torch.Tensor | None]:
         """What the kernel multiplies by, per sample ([rows, 1], for ``Stack.samples``): each
         layer's multiplier (None for plain layers), 1/GAMMA's divisor (None when every GAMMA
-        is 1: dividing by 1 is exact) and the loss's 2/(N d_out)."""
+        is 1: dividing by 1 is exact) and the loss's per-job gradient factor (MSE's 2/(N d_out),
+        cross-entropy's 1/N)."""
         p0 = problems[0]
         like = next(p0.model.parameters())
         out: dict[str, torch.Tensor | None] = {}
@@ -184,9 +96,8 @@ class MLPKernel:
         gammas = [p.gamma for p in problems]
         gamma = torch.tensor(gammas, dtype=like.dtype, device=like.device)
         out["gamma"] = None if all(g == 1.0 for g in gammas) else layout.per_sample(gamma)
-        d_out = p0.y_te[0].numel()
         sizes = torch.tensor(layout.sizes, dtype=torch.float64, device=like.device)
-        out["scale"] = layout.per_sample((2.0 / (sizes * d_out)).to(like.dtype))
+        out["scale"] = layout.per_sample(self.loss.scale(p0, sizes).to(like.dtype))
         return out
 
     def _mm(
@@ -263,16 +174,7 @@ class MLPKernel:
         out = f if f0 is None else f - f0
         if factors["gamma"] is not None:
             out = out / factors["gamma"]
-        r = out - y.reshape(f.shape)
-        squares = r.square()
-        losses = per_segment(
-            layout,
-            (len(layout.sizes),),
-            r,
-            lambda s, out: torch.mean(s.view(squares), (1, 2), out=out),
-            per_job=True,
-        )
-        g = r * factors["scale"]
+        losses, g = self.loss(layout, out, y, factors["scale"])
         if factors["gamma"] is not None:
             g = g / factors["gamma"]
         grads: list[torch.Tensor | None] = [None] * len(params)

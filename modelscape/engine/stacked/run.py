@@ -92,7 +92,7 @@ class Run:
         self.pairs = [group_cap(p.job, group_bytes) >= 2 for p in problems]
         compute = precision.compute_dtype(self.hp.PRECISION)
         if kernel_for(p0) is MLPKernel:
-            self.kernel: MLPKernel | FuncKernel = MLPKernel(p0.model, self.names, compute)
+            self.kernel: MLPKernel | FuncKernel = MLPKernel(p0, self.names, compute)
         else:
             self.kernel = FuncKernel(problems, self.names, self.pairs[0], compute)
             reason = self.kernel.probe(p0, self.hp.N_SAMPLES)

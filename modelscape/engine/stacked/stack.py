@@ -31,7 +31,7 @@ class Unbatchable(Exception):
 class Segment:
     """Stack rows ``start:stop`` all have ``n`` samples, at flat rows ``offset`` on.
 
-    ``pair``: a one-job segment is computed as a broadcast pair (``kernels.bmm``).
+    ``pair``: a one-job segment is computed as a broadcast pair (``ops.bmm``).
     """
 
     start: int
