@@ -28,7 +28,8 @@ from modelscape.sweep.spec import SweepSpec
 # trains to (a new kernel, a new random stream). A run folder stores it, and a resume across a
 # change is refused (store/describe.py), so that one folder never mixes two engines' numbers.
 # 1: the first; 2: nn.Dropout masks come from each job's own stream (engine/stateful.py);
-# 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel (other rounding)
+# 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel; stacked attention
+#    by its math backend, stacked BatchNorm folded into channels (each: other rounding)
 NUMERICS_VERSION = 3
 
 
