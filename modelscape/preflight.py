@@ -2,7 +2,8 @@
 
 ``check_sweep`` runs before the run folder opens: the executor's own checks, one call of the
 batch function (for the training batch and the test set), the targets against the loss, and
-each distinct model, optimizer and parametrization built once (on the meta device).
+each distinct model, optimizer and parametrization built once (on the meta device). It returns
+the shapes of one sample of the training batch, from which the stacked engine sizes stacks.
 ``grab_shapes`` runs once the run folder exists (a grab may read it): each grab is called once
 on the first job's initial model, and its shape is what every job's grab must return.
 
@@ -37,21 +38,22 @@ from modelscape.execution import executor_class
 from modelscape.models import parametrize
 from modelscape.sweep.checks import check_finite, check_targets
 from modelscape.sweep.jobs import Job
-from modelscape.sweep.spec import SweepSpec, check_batch, check_input_dim
+from modelscape.sweep.spec import SampleShapes, SweepSpec, check_batch, check_input_dim
 
 
-def check_sweep(jobs: Sequence[Job], spec: SweepSpec) -> None:
+def check_sweep(jobs: Sequence[Job], spec: SweepSpec) -> SampleShapes:
     """Before training: the executor accepts the settings, the batch function runs once, and
     every distinct model, optimizer and parametrization of the sweep can be built, so that bad
-    input fails before the first job starts."""
+    input fails before the first job starts. Returns one training sample's shapes (the first
+    job's), for ``SweepSpec.sample_shapes``."""
     executor_class(jobs[0].hp.EXECUTOR).check(jobs[0].hp)
     gen = torch.Generator().manual_seed(0)
     # the probe must not move the caller's global RNGs (a batch function may draw from them)
     with kept_global_rngs(torch.device("cpu")):
-        _probe(jobs, spec, gen)
+        return _probe(jobs, spec, gen)
 
 
-def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
+def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> SampleShapes:
     job = jobs[0]
     try:
         fn = spec.make_batch_fn(
@@ -88,6 +90,7 @@ def _probe(jobs: Sequence[Job], spec: SweepSpec, gen: torch.Generator) -> None:
             seen.add(combo)
             check_targets(hp.LOSS, y, f"the batch function, job ({job.label()})")
             check_model(job, spec, X, y)
+    return SampleShapes.of(X, y)
 
 
 def check_model(job: Job, spec: SweepSpec, X: torch.Tensor, y: torch.Tensor) -> None:

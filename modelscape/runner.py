@@ -103,7 +103,7 @@ def plan(
         names.append(name)
         values.append(extra_values)
     jobs = build_jobs(values, names, hps)
-    preflight.check_sweep(jobs, spec)
+    spec.sample_shapes = preflight.check_sweep(jobs, spec)
     return names, values, jobs, spec
 
 
@@ -171,7 +171,7 @@ def _train(
 ) -> Counter[str]:
     """Train ``todo`` on ``executor``, storing each record as it arrives; how the jobs trained
     (``JobRecord.trained_by`` counts)."""
-    groups = group_jobs(todo) if hp.BATCHED != "off" else [[job] for job in todo]
+    groups = group_jobs(todo, spec=spec) if hp.BATCHED != "off" else [[job] for job in todo]
     placement = executor.placement()
     groups = balance(groups, len(placement))
     bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)

@@ -6,7 +6,7 @@
 - ``precision``: PRECISION (fp32, tf32, bf16-mixed), for every engine.
 - ``loop``: the one-job training loop, the reference.
 - ``stacked``: compatible jobs as one model with a leading job dimension (``grouping``,
-  ``stack``, ``kernels``, ``optimizers``, ``run``, ``memory``, ``graphs``).
+  ``footprint``, ``stack``, ``kernels``, ``optimizers``, ``run``, ``memory``, ``graphs``).
 - ``state``: what a job's checkpoint holds, shared by both engines (the files are the run
   folder's: ``store/checkpoints.py``).
 - ``failures``: the failure boundary: an exception fails its job (a failed record), a Ctrl-C
@@ -31,13 +31,13 @@ from modelscape.engine.setup import (
     to_device,
     training_rng_seed,
 )
+from modelscape.engine.stacked.footprint import job_bytes
 from modelscape.engine.stacked.grouping import (
     GROUP_BYTES,
     MAX_GROUP,
     can_batch,
     group_cap,
     group_jobs,
-    job_bytes,
     why_single,
 )
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS, StackedOptimizer, register

@@ -54,6 +54,32 @@ def accepted_kwargs(fn: Callable, candidates: Mapping[str, Any]) -> dict[str, An
     return {k: v for k, v in candidates.items() if k in params}
 
 
+@dataclass(frozen=True)
+class SampleShapes:
+    """One sample of a batch: X's and y's shapes (without the sample dimension) and dtypes.
+
+    The preflight reads them from the first job's training batch; the stacked engine sizes
+    every job's stack from them (``engine/stacked/footprint.py``) before any job is set up.
+    """
+
+    x: tuple[int, ...]
+    x_dtype: torch.dtype
+    y: tuple[int, ...]
+    y_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, X: torch.Tensor, y: torch.Tensor) -> SampleShapes:
+        return cls(tuple(X.shape[1:]), X.dtype, tuple(y.shape[1:]), y.dtype)
+
+    def batch(self, n: int, dtype: torch.dtype, device: str | torch.device) -> tuple:
+        """Zero (X, y) of ``n`` samples on ``device``; floating ones in ``dtype``, as a job's
+        data reach its model (``setup.to_device``)."""
+        return tuple(
+            torch.zeros(n, *shape, dtype=dtype if like.is_floating_point else like, device=device)
+            for shape, like in ((self.x, self.x_dtype), (self.y, self.y_dtype))
+        )
+
+
 @dataclass
 class SweepSpec:
     """The functions and data every job of a sweep shares."""
@@ -67,6 +93,8 @@ class SweepSpec:
     post_init_fn: Callable[..., Any] | None = None
     # each grab's shape on the first job, set by the preflight: every job must return it
     grab_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # one sample of the first job's training batch, set by the preflight: what sizes stacks
+    sample_shapes: SampleShapes | None = None
 
     @classmethod
     def from_configs(

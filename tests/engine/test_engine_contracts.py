@@ -78,7 +78,7 @@ def test_an_axis_sweeps_one_optimizer_argument_in_a_stack():
     problem = engine.setup_job(jobs[1], spec, CPU)
     assert problem.opt.param_groups[0]["nesterov"] is True
     # Nesterov is a flag of a whole stack: jobs that differ in it train one at a time, and say so
-    (group,) = engine.group_jobs(jobs)
+    (group,) = engine.group_jobs(jobs, spec=spec)
     records = list(engine.train_group(group, spec, CPU))
     assert {r.trained_by for r in records} == {
         "single: the jobs' optimizers differ in [('nesterov', False), ('nesterov', True)]"

@@ -62,7 +62,7 @@ def make_jobs(overrides=None, axes=None):
 
 
 def stacked(jobs, spec):
-    groups = engine.group_jobs(jobs)
+    groups = engine.group_jobs(jobs, spec=spec)
     out = {}
     for group in groups:
         assert len(group) > 1
@@ -164,7 +164,7 @@ def test_a_mixed_n_stack_computes_each_job_as_a_same_n_stack_does():
 
 def test_models_the_fast_kernel_cannot_take_group_by_sample_count():
     jobs, spec = make_jobs({"LOSS": "L1Loss"}, axes=MIXED_N)
-    groups = engine.group_jobs(jobs)
+    groups = engine.group_jobs(jobs, spec=spec)
     assert sorted(len(g) for g in groups) == [2, 2, 2, 2]
     assert all(len({j.hp.N_SAMPLES for j in g}) == 1 for g in groups)
 

@@ -53,7 +53,7 @@ def make_jobs(**overrides):
 
 def stream(jobs, spec, width, checkpoints=None):
     """Every job's record from one stream ``width`` jobs wide."""
-    (group,) = engine.group_jobs(jobs)
+    (group,) = engine.group_jobs(jobs, spec=spec)
     out = {}
     for record in engine.train_stacked(group, spec, CPU, checkpoints, width=width):
         assert record.trained_by == "stacked", (record.trained_by, record.error)
@@ -158,7 +158,7 @@ def test_checkpoint_with_rows_at_different_steps_resumes_to_the_same_result(tmp_
     jobs, spec = make_jobs()
     whole = stream(jobs, spec, width=len(jobs))
     ckpt = KilledMidSave(tmp_path, every_seconds=0.0)  # save at every window end
-    (group,) = engine.group_jobs(jobs)
+    (group,) = engine.group_jobs(jobs, spec=spec)
     finished = {}
     with pytest.raises(Killed):
         for record in engine.train_stacked(group, spec, CPU, ckpt, width=3):

@@ -46,7 +46,7 @@ def make_jobs(overrides=None, axes=None):
 
 
 def batched_records(jobs, spec, checkpoints=None):
-    groups = batched.group_jobs(jobs)
+    groups = batched.group_jobs(jobs, spec=spec)
     assert len(groups) < len(jobs), "the jobs should share groups"
     out = {}
     for group in groups:
@@ -67,7 +67,7 @@ def test_offline_mixed_lr_and_gamma_with_early_exit_matches_reference():
     # the jobs stop at many different steps, most of them inside a sync window
     assert len(exit_steps(ref)) >= 6 and max(exit_steps(ref)) < BASE["MAX_ITER"]
     got = batched_records(jobs, spec)
-    assert len(batched.group_jobs(jobs)) == 1
+    assert len(batched.group_jobs(jobs, spec=spec)) == 1
     assert_same(ref, got)
 
 
@@ -166,7 +166,7 @@ def test_grouping_and_fallbacks(capsys):
     jobs, spec = make_jobs(
         axes={"trial": range(2), "ntrain": [16, 32], "OPTIMIZER": ["SGD", "Adagrad"]}
     )
-    groups = batched.group_jobs(jobs)
+    groups = batched.group_jobs(jobs, spec=spec)
     # SGD jobs share one stack across sample counts (the MLP kernel's ragged layout); Adagrad
     # has no stacked version and trains alone
     sizes = sorted(len(g) for g in groups)
@@ -188,14 +188,14 @@ def test_grouping_and_fallbacks(capsys):
 
 def test_group_size_is_capped_by_memory_budget():
     config = {"WIDTH": 2048, "N_SAMPLES": 2048, "REFILL": False}
-    jobs, _ = make_jobs(config, axes={"trial": range(20)})
-    per_job = batched.job_bytes(jobs[0])
-    groups = batched.group_jobs(jobs)
+    jobs, spec = make_jobs(config, axes={"trial": range(20)})
+    per_job = batched.job_bytes(jobs[0], spec)
+    groups = batched.group_jobs(jobs, spec=spec)
     assert 2 <= max(len(g) for g in groups) == batched.GROUP_BYTES // per_job < 20
     assert sum(len(g) for g in groups) == 20
     # with REFILL the group is one stream, as many jobs at once as the budget holds
     jobs, spec = make_jobs({**config, "REFILL": True}, axes={"trial": range(20)})
-    (group,) = batched.group_jobs(jobs)
+    (group,) = batched.group_jobs(jobs, spec=spec)
     stream = Waiting(group, spec, CPU, None)
     assert len(group) == 20 and len(stream.first()) == batched.GROUP_BYTES // per_job
 
@@ -205,7 +205,7 @@ def test_checkpointed_group_resumes_to_the_same_result(tmp_path):
     ref = reference(jobs, spec)
     assert len(exit_steps(ref)) >= 2
     ckpt = Checkpoints(tmp_path, every_seconds=0.0)  # save at every window end
-    (group,) = batched.group_jobs(jobs)
+    (group,) = batched.group_jobs(jobs, spec=spec)
     finished = {}
     for record in batched.train_stacked(group, spec, CPU, ckpt):
         finished[record.key] = record
@@ -341,7 +341,7 @@ def test_mixed_max_iter_ema_and_thresholds_in_one_group():
         "LOSS_CHECKPOINTS": [(0.5, 1e-9), (0.9, 0.3)],
     }
     jobs, spec = make_jobs({"ONLYTHRESHOLDS": False, "EVAL_EVERY": 13}, axes=axes)
-    assert len(batched.group_jobs(jobs)) == 1
+    assert len(batched.group_jobs(jobs, spec=spec)) == 1
     ref = reference(jobs, spec)
     assert {30, 70} & set(exit_steps(ref)) and len(exit_steps(ref)) >= 6
     assert_same(ref, batched_records(jobs, spec))
@@ -417,15 +417,15 @@ def test_a_job_that_always_trains_alone_is_not_paired(overrides, monkeypatch):
     group cap is 1 always trains alone, so it is computed as the plain stack of one it is."""
     jobs, spec = make_jobs(overrides, axes={"MAX_ITER": [20, 40]})
     job = jobs[0]
-    assert batched.group_cap(job) >= 2
+    assert batched.group_cap(job, spec=spec) >= 2
     # a job that could share a stack: alone, it is still computed as a pair
     sizes = _stack_sizes(monkeypatch)
     (paired,) = batched.train_stacked([job], spec, CPU)
     assert sizes and set(sizes) == {2}
     # the same job under a memory budget that leaves it alone in every run
-    budget = batched.job_bytes(job) * 3 // 2
-    assert batched.group_cap(job, budget) == 1
-    assert [len(g) for g in batched.group_jobs(jobs, budget)] == [1, 1]
+    budget = batched.job_bytes(job, spec) * 3 // 2
+    assert batched.group_cap(job, budget, spec=spec) == 1
+    assert [len(g) for g in batched.group_jobs(jobs, budget, spec=spec)] == [1, 1]
     sizes.clear()
     (alone,) = batched.train_stacked([job], spec, CPU, group_bytes=budget)
     assert sizes and set(sizes) == {1}
@@ -479,7 +479,7 @@ def test_rmsprop_state_and_mixed_momentum_match_reference():
     axes = {"trial": range(2), "MOMENTUM": [0.0, 0.5], "LR": [0.002, 0.005]}
     overrides = {"OPTIMIZER": "RMSprop", "ONLYTHRESHOLDS": False, "EVAL_EVERY": 7}
     jobs, spec = make_jobs({**overrides, "MAX_ITER": 50, "otherreturns": {"sq": square_avg}}, axes)
-    assert len(batched.group_jobs(jobs)) == 1
+    assert len(batched.group_jobs(jobs, spec=spec)) == 1
     ref = reference(jobs, spec)
     assert "sq" in next(iter(ref.values())).curves
     assert_same(ref, batched_records(jobs, spec))

@@ -114,7 +114,7 @@ def make_jobs(bfn=quadratic_bfn, **overrides):
 
 
 def stacked(jobs, spec, checkpoints=None, width=None):
-    (group,) = engine.group_jobs(jobs)
+    (group,) = engine.group_jobs(jobs, spec=spec)
     assert engine.can_batch(group)
     out = {}
     for record in engine.train_stacked(group, spec, CPU, checkpoints, width=width):

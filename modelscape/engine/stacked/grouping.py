@@ -2,10 +2,11 @@
 
 Jobs that share their shapes (model, width, depth, sample count, dtype, optimizer class...) and
 differ only in hyperparameters the schema marks ``varies_in_stack`` form a group
-(``group_jobs``), capped by a memory budget (``group_cap``). Jobs of the built-in MLP with MSE
-loss may also differ in N_SAMPLES (``across_sample_counts``): their stack lays the samples out
-ragged, without padding (``stack.Layout``). ``why_single`` decides, before anything trains,
-whether a group trains stacked; its answer is what every record's ``trained_by`` says.
+(``group_jobs``), capped by a memory budget (``group_cap``, from each job's footprint:
+``footprint.job_bytes``). Jobs of the built-in MLP with MSE loss may also differ in N_SAMPLES
+(``across_sample_counts``): their stack lays the samples out ragged, without padding
+(``stack.Layout``). ``why_single`` decides, before anything trains, whether a group trains
+stacked; its answer is what every record's ``trained_by`` says.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from modelscape.engine.stacked.footprint import job_bytes
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.errors import SweepError
 from modelscape.models.builtin import MLP
 from modelscape.results.records import TrainedBy
 from modelscape.sweep import hparams as H
 from modelscape.sweep.jobs import Job, hashable
+from modelscape.sweep.spec import SweepSpec
 
 GROUP_BYTES = 2 * 2**30  # default rough memory budget of one group's stacked tensors
 MAX_GROUP = 256  # jobs per group at most, whatever the budget says
@@ -59,25 +62,20 @@ def shape_key(job: Job) -> tuple:
     return (group_key(job), job.hp.N_SAMPLES)
 
 
-def job_bytes(job: Job) -> int:
-    """A rough size of one job's share of a group: weights with gradients, optimizer state and a
-    snapshot, plus the activations of one step (WIDTH stands in for the input dimension)."""
-    hp = job.hp
-    itemsize = 8 if hp.DTYPE == "float64" else 4
-    weights = hp.WIDTH * hp.WIDTH * hp.DEPTH + 2 * hp.WIDTH
-    activations = hp.N_SAMPLES * hp.WIDTH * (2 * hp.DEPTH + 2)
-    return itemsize * (6 * weights + 2 * activations)
-
-
-def group_cap(job: Job, group_bytes: int = GROUP_BYTES) -> int:
+def group_cap(job: Job, group_bytes: int = GROUP_BYTES, *, spec: SweepSpec | None) -> int:
     """The most jobs ``group_jobs`` puts in this job's group (``MAX_GROUP``, ``group_bytes``).
 
-    A function of the job's shape hyperparameters only, so the same in every run and for every
-    job of a group. A job whose cap is 1 always trains alone, which lets its stack skip the
-    pairing that keeps a one-job stack's numbers equal to those of a larger one
+    A function of the job's shape only (its hyperparameters, the sweep's sample shapes and
+    what its model's constructor takes: ``footprint.job_bytes``), so the same in every run and
+    for every job of a group. A job whose cap is 1 always trains alone, which lets its stack
+    skip the pairing that keeps a one-job stack's numbers equal to those of a larger one
     (``kernels.bmm``).
     """
-    return max(1, min(MAX_GROUP, group_bytes // max(1, job_bytes(job))))
+    return _cap(job_bytes(job, spec), group_bytes)
+
+
+def _cap(size: int, group_bytes: int) -> int:
+    return max(1, min(MAX_GROUP, group_bytes // max(1, size)))
 
 
 def optimizer_refusal(job: Job) -> str | None:
@@ -91,11 +89,14 @@ def optimizer_refusal(job: Job) -> str | None:
     return f"OPTIMIZER={name!r} has no stacked version ({known})"
 
 
-def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list[Job]]:
+def group_jobs(
+    jobs: Sequence[Job], group_bytes: int = GROUP_BYTES, *, spec: SweepSpec | None
+) -> list[list[Job]]:
     """Split jobs into groups that can train as one stacked model, in first-seen order.
 
     Jobs with the same ``group_key`` share a group, up to ``MAX_GROUP`` jobs and
-    ``group_bytes`` of estimated memory; a job whose optimizer cannot be stacked stays alone
+    ``group_bytes`` of estimated memory (``footprint.job_bytes``; ``spec``: the sweep, whose
+    sample shapes the preflight set); a job whose optimizer cannot be stacked stays alone
     (its record says why). With REFILL=True a group is not capped: it trains as a stream, as
     many jobs at once as the caps allow, a waiting job taking the rows of one that exited
     (``refill``).
@@ -105,11 +106,11 @@ def group_jobs(jobs: Sequence[Job], group_bytes: int = GROUP_BYTES) -> list[list
     used: dict[int, int] = {}  # bytes of each open group
     order: list[list[Job]] = []
     for job in jobs:
-        if optimizer_refusal(job) is not None or group_cap(job, group_bytes) == 1:
+        size = job_bytes(job, spec)
+        if optimizer_refusal(job) is not None or _cap(size, group_bytes) == 1:
             order.append([job])  # a job whose cap is 1 always trains alone (kernels.bmm)
             continue
         groups = buckets.setdefault(group_key(job), [])
-        size = job_bytes(job)
         full = groups and (len(groups[-1]) >= MAX_GROUP or used[id(groups[-1])] + size > budget)
         if not groups or (full and not job.hp.REFILL):
             groups.append([])

@@ -2,7 +2,7 @@
 
 On CUDA a group trains in chunks that fit the device's free memory (``torch.cuda.mem_get_info``),
 at the per-job footprint measured while earlier jobs of the same shapes trained (``Footprint``;
-until then, ``grouping.job_bytes``'s estimate). An out-of-memory error splits a stack in two
+until then, ``footprint.job_bytes``'s estimate). An out-of-memory error splits a stack in two
 (``run.train_stacked``); a job's numbers do not depend on its stack, so the split changes
 nothing but memory. Elsewhere a group trains whole.
 """
@@ -14,19 +14,22 @@ from collections.abc import Sequence
 
 import torch
 
-from modelscape.engine.stacked.grouping import job_bytes, shape_key
+from modelscape.engine.stacked.footprint import job_bytes
+from modelscape.engine.stacked.grouping import shape_key
 from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 HEADROOM = 0.85  # share of the free memory a chunk may take (the allocator fragments)
 _MEASURED: dict[tuple, float] = {}  # shape_key -> bytes per job, measured on this process
 
 
-def per_job(job: Job) -> float:
+def per_job(job: Job, spec: SweepSpec) -> float:
     """Bytes one job of this shape takes on a CUDA device: measured, or estimated."""
-    return _MEASURED.get(shape_key(job), float(job_bytes(job)))
+    measured = _MEASURED.get(shape_key(job))
+    return float(job_bytes(job, spec)) if measured is None else measured
 
 
-def chunks(jobs: Sequence[Job], device: torch.device) -> list[list[Job]]:
+def chunks(jobs: Sequence[Job], device: torch.device, spec: SweepSpec) -> list[list[Job]]:
     """The group in consecutive chunks that fit the device's free memory (CUDA only)."""
     if device.type != "cuda" or len(jobs) < 2:
         return [list(jobs)]
@@ -34,7 +37,7 @@ def chunks(jobs: Sequence[Job], device: torch.device) -> list[list[Job]]:
     out: list[list[Job]] = [[]]
     used = 0.0
     for job in jobs:
-        need = per_job(job)
+        need = per_job(job, spec)
         if out[-1] and used + need > HEADROOM * free:
             out.append([])
             used = 0.0

@@ -46,14 +46,16 @@ class StackedOptimizer:
     """A torch optimizer's update on stacked parameters, one set of settings per job.
 
     A subclass names the settings it reads from a param group (``settings``, filled by
-    ``read``), derives the tensors its step uses (``derive``), names its state (``slot_names``),
-    and implements ``step`` and ``export_state``.
+    ``read``), derives the tensors its step uses (``derive``), names its state (``slot_names``,
+    at most ``max_slots`` of them), and implements ``step`` and ``export_state``.
     """
 
     settings: ClassVar[tuple[str, ...]] = ()
     # whether a step may give a parameter and its state another memory layout (False while
     # the kernel's step is a captured CUDA graph, which holds the old tensors)
     relayout = True
+    # state tensors per parameter at most (``slot_names``' longest answer): what sizes a stack
+    max_slots: ClassVar[int] = 0
 
     def __init__(self, problems: Sequence[Problem], names: list[str]):
         self.names = names
@@ -183,6 +185,7 @@ class StackedSGD(StackedOptimizer):
     """SGD with momentum, dampening, Nesterov and weight decay."""
 
     settings = ("lr", "momentum", "dampening", "weight_decay")
+    max_slots = 1  # the momentum buffer, every job's once any job of the stack has momentum
 
     def read(self, group, torch_cls):
         values = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
@@ -246,6 +249,7 @@ class StackedAdam(StackedOptimizer):
     """
 
     settings = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    max_slots = 2
     _groups_of: Stack | None = None  # the stack whose row groups ``_groups`` holds
     _counts: tuple[torch.Tensor, torch.Tensor]  # its rows' -offsets, and their step counts
 
@@ -348,6 +352,7 @@ class StackedRMSprop(StackedOptimizer):
     """RMSprop with momentum and weight decay; centered RMSprop has no stacked version."""
 
     settings = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    max_slots = 2
 
     def read(self, group, torch_cls):
         if group.get("centered"):

@@ -24,13 +24,8 @@ from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.loop import train
 from modelscape.engine.setup import kept_global_rngs, setup_job
 from modelscape.engine.stacked import grouping, memory
-from modelscape.engine.stacked.grouping import (
-    GROUP_BYTES,
-    STACKED,
-    device_budget,
-    job_bytes,
-    refuse,
-)
+from modelscape.engine.stacked.footprint import job_bytes
+from modelscape.engine.stacked.grouping import GROUP_BYTES, STACKED, device_budget, refuse
 from modelscape.engine.stacked.run import Run, can_share
 from modelscape.engine.stacked.stack import Unbatchable
 from modelscape.engine.state import load_checkpoint
@@ -71,6 +66,9 @@ class Waiting:
         # matmul settings as the caller has them: a job is set up as in the one-job loop
         self.tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         self.widest = 0  # the most jobs that trained at once
+        # job key -> (job_bytes, memory.per_job): ``fits`` sums them over the running jobs at
+        # every join (the measured footprint changes only once the stream ends, memory.Footprint)
+        self.sizes: dict[tuple, tuple[int, float]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.ready)
@@ -79,11 +77,15 @@ class Waiting:
         """Whether ``job`` may join a stack of ``running`` jobs."""
         if not self.refill or not running:
             return True
-        return (
-            len(running) < self.width
-            and sum(map(job_bytes, running)) + job_bytes(job) <= self.budget
-            and sum(map(memory.per_job, running)) + memory.per_job(job) <= self.free
-        )
+        if len(running) >= self.width:
+            return False
+        estimated, measured = (sum(s) for s in zip(*map(self._sizes, [*running, job])))
+        return estimated <= self.budget and measured <= self.free
+
+    def _sizes(self, job: Job) -> tuple[int, float]:
+        if job.key not in self.sizes:
+            self.sizes[job.key] = job_bytes(job, self.spec), memory.per_job(job, self.spec)
+        return self.sizes[job.key]
 
     def first(self) -> list[Job]:
         """The jobs a fresh stack starts with (for ``memory.Footprint``)."""
@@ -161,7 +163,7 @@ def train_stacked(
     refill = jobs[0].hp.REFILL
     waiting = None
     try:
-        for chunk in [jobs] if refill else memory.chunks(jobs, device):
+        for chunk in [jobs] if refill else memory.chunks(jobs, device, spec):
             waiting = Waiting(chunk, spec, device, checkpoints, group_bytes, width)
             for record in _train_jobs(waiting, sync_every, group_bytes):
                 done.add(record.key)
@@ -232,7 +234,7 @@ def _set_up_and_train(waiting: Waiting, sync_every, group_bytes):
 def _train_part(part, waiting, device, checkpoints, sync_every, group_bytes):
     """Train jobs stacked if their models allow it, refilled from ``waiting``."""
     try:
-        run = Run(part, device, checkpoints, sync_every, group_bytes, waiting)
+        run = Run(part, waiting.spec, device, checkpoints, sync_every, group_bytes, waiting)
     except Unbatchable as why:
         trained_by = refuse(part[0][0].job, str(why))
         for p, _, _ in part:

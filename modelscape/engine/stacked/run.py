@@ -70,7 +70,7 @@ class Run:
     The run counts its own steps ``t`` (from 0); a row takes its own step ``t - offsets[r]``.
     """
 
-    def __init__(self, part, device, checkpoints, sync_every, group_bytes, waiting=None):
+    def __init__(self, part, spec, device, checkpoints, sync_every, group_bytes, waiting=None):
         # rows sorted by sample count: each count's jobs form one segment of the layout
         part = sorted(part, key=lambda item: item[0].job.hp.N_SAMPLES)
         problems = [p for p, _, _ in part]
@@ -78,7 +78,7 @@ class Run:
         self.device = device
         self.checkpoints = checkpoints
         self.sync_every = sync_every
-        self.group_bytes = group_bytes
+        self.spec, self.group_bytes = spec, group_bytes
         self.waiting = waiting
         p0 = self.p0 = problems[0]  # the stack's shapes: every job that joins must match them
         self.hp = p0.job.hp
@@ -87,9 +87,9 @@ class Run:
         self._check_shapes(problems)
         # A job that could share a stack (cap >= 2) computes a stack of one as a pair, so its
         # numbers are those of any larger stack; one whose cap is 1 always trains alone, in
-        # every run, and skips the pair's second copy. The cap depends on the shape
-        # hyperparameters only, so it is the same for every job of the group.
-        self.pairs = [group_cap(p.job, group_bytes) >= 2 for p in problems]
+        # every run, and skips the pair's second copy. The cap depends on the job's shape
+        # only, so it is the same for every job of the group.
+        self.pairs = [group_cap(p.job, group_bytes, spec=spec) >= 2 for p in problems]
         compute = precision.compute_dtype(self.hp.PRECISION)
         if kernel_for(p0) is MLPKernel:
             self.kernel: MLPKernel | FuncKernel = MLPKernel(p0, self.names, compute)
@@ -212,7 +212,7 @@ class Run:
         ids = list(range(len(self.problems), len(self.problems) + len(items)))
         for p, track, rng in items:
             self.problems.append(p)
-            self.pairs.append(group_cap(p.job, self.group_bytes) >= 2)
+            self.pairs.append(group_cap(p.job, self.group_bytes, spec=self.spec) >= 2)
             self.rngs.append(self._rngs(p, rng))
             self.offsets.append(t - (track.step + 1))
             self.begins.append(t)
