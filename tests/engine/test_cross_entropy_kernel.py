@@ -84,7 +84,7 @@ def kernel_steps(monkeypatch):
 
 def stacked(jobs, spec):
     out = {}
-    for group in engine.group_jobs(jobs):
+    for group in engine.group_jobs(jobs, spec=spec):
         for record in engine.train_stacked(group, spec, CPU):
             assert record.trained_by == "stacked", (record.trained_by, record.error)
             out[record.key] = record
@@ -137,7 +137,7 @@ MIXED_N = {"trial": range(2), "ntrain": [16, 48, 128], "GAMMA": [1.0, 2.0]}
 
 def test_jobs_with_different_sample_counts_share_one_cross_entropy_stack(kernel_steps):
     jobs, spec = make_jobs({"PARAMETRIZATION": "mup", "CENTER": True}, axes=MIXED_N)
-    (group,) = engine.group_jobs(jobs)
+    (group,) = engine.group_jobs(jobs, spec=spec)
     assert len(group) == len(jobs)
     ref = reference(jobs, spec)
     assert len({r.steps for r in ref.values()}) >= 2

@@ -483,3 +483,44 @@ def test_rmsprop_state_and_mixed_momentum_match_reference():
     ref = reference(jobs, spec)
     assert "sq" in next(iter(ref.values())).curves
     assert_same(ref, batched_records(jobs, spec))
+
+
+class GammaNet(TwoLayer):
+    """A user model whose constructor takes ``gamma`` (the config's GAMMA): its output scale."""
+
+    def __init__(self, d_in, d_out, width, gamma):
+        super().__init__(d_in, d_out, width)
+        self.scale = gamma
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def sequences_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 4, 3, generator=gen, dtype=torch.float64)
+        return Xb, Xb[:, :, 0].mean(1) * Xb[:, :, 1].mean(1) * 4
+
+    return batch_fn
+
+
+@pytest.mark.parametrize(
+    "model, axes, bfn",
+    [
+        ("Transformer", {"trial": range(2), "HEADS": [1, 2, 4]}, sequences_bfn),
+        (GammaNet, {"trial": range(2), "GAMMA": [1.0, 0.5]}, quadratic_bfn),
+    ],
+    ids=["transformer-heads", "user-gamma"],
+)
+def test_jobs_whose_models_are_built_with_other_axis_values_train_in_other_stacks(model, axes, bfn):
+    """An axis the model's constructor takes (HEADS; a user's ``gamma``) changes the model's
+    code, not only its numbers: such jobs never share a stack (one copy of the model runs a
+    stack), and each trains as it does alone."""
+    config = {**BASE, "MODEL_CLASS": model, "WIDTH": 8, "MAX_ITER": 30, "OPTIMIZER": "Adam"}
+    config.update(ONLINE=True, LOSS_CHECKPOINTS=[1e-9], LR=0.01)
+    _, _, jobs, spec = plan(list(axes.values()), list(axes), config, {"base_bfn": bfn})
+    groups = batched.group_jobs(jobs, spec=spec)
+    other = list(axes)[1]
+    assert len(groups) == len(axes[other])
+    assert all(len({j.values[other] for j in g}) == 1 for g in groups)
+    assert_same(reference(jobs, spec), batched_records(jobs, spec))

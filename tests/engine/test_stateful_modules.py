@@ -305,9 +305,8 @@ def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
     def norm(x, m, v, w, b, training):
         return nn.functional.batch_norm(x, m, v, w, b, training, 0.3, 1e-5)
 
-    module = nn.BatchNorm2d(c)
     ms, vs = mean.clone(), var.clone()
-    with batched_operations(module):
+    with batched_operations(norms=True):
         out = torch.func.vmap(norm, in_dims=(dim, 0, 0, 0, 0, None))(xs, ms, vs, w, b, True)
     gw, gb = torch.autograd.grad((out * x).sum(), (w, b))
     for j in range(jobs):
@@ -317,7 +316,7 @@ def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
         rw, rb = torch.autograd.grad((ref * x[j]).sum(), (wj, bj))
         torch.testing.assert_close(out[j], ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close((gw[j], gb[j], ms[j], vs[j]), (rw, rb, mj, vj))
-    with batched_operations(module):  # evaluation: each job's running statistics, no update
+    with batched_operations(norms=True):  # evaluation: each job's running statistics, no update
         out = torch.func.vmap(norm, in_dims=(0, 0, 0, 0, 0, None))(x, ms, vs, w, b, False)
     for j in range(jobs):
         torch.testing.assert_close(out[j], norm(x[j], ms[j], vs[j], w[j], b[j], False))

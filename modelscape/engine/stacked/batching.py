@@ -30,11 +30,14 @@ from torch.overrides import TorchFunctionMode
 from modelscape.engine.stateful import BATCH_NORMS
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, BATCH_NORMS) for m in module.modules())
+
+
 @contextlib.contextmanager
-def batched_operations(module: nn.Module) -> Iterator[None]:
-    """While a stack of ``module`` runs under ``vmap``: attention by its math backend, and
-    BatchNorm folded into channels when the model has BatchNorm layers."""
-    norms = any(isinstance(m, BATCH_NORMS) for m in module.modules())
+def batched_operations(norms: bool) -> Iterator[None]:
+    """While a stack runs under ``vmap``: attention by its math backend, and BatchNorm folded
+    into channels (``norms``: the model has BatchNorm layers, ``has_batch_norm``)."""
     with sdpa_kernel(SDPBackend.MATH), _BatchNormsFolded() if norms else contextlib.nullcontext():
         yield
 

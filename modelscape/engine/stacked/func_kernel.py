@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from modelscape.engine.setup import Problem
-from modelscape.engine.stacked.batching import batched_operations
+from modelscape.engine.stacked.batching import batched_operations, has_batch_norm
 from modelscape.engine.stacked.stack import BUFFER, INIT_BUFFER, Stack
-from modelscape.engine.stateful import BATCH_NORMS, StackDropout
+from modelscape.engine.stateful import StackDropout
 
 
 class FuncKernel:
@@ -42,6 +42,7 @@ class FuncKernel:
         p0 = problems[0]
         self.module = copy.deepcopy(p0.model).train()
         self.dropout = StackDropout(self.module)
+        self.norms = has_batch_norm(self.module)
         # the initial model as f_init (online centering): in evaluation mode, as ``model0``
         self.init_module = copy.deepcopy(p0.model).eval()
         self.names = names
@@ -67,7 +68,7 @@ class FuncKernel:
     def stateful(self) -> bool:
         """Whether a step draws masks or updates buffers (BatchNorm): then it is never captured
         as a CUDA graph, whose warm-up steps would update the statistics again."""
-        return self.draws_masks or any(isinstance(m, BATCH_NORMS) for m in self.module.modules())
+        return self.draws_masks or self.norms
 
     def stacked_buffers(self, problems: list[Problem]) -> dict[str, torch.Tensor]:
         """The jobs' buffers (parametrization multipliers, running statistics), for
@@ -98,7 +99,7 @@ class FuncKernel:
         batched = torch.func.vmap(fn, **kwargs)
 
         def run(*args):
-            with batched_operations(self.module):
+            with batched_operations(self.norms):
                 return batched(*args)
 
         return run

@@ -11,7 +11,10 @@ stacked; its answer is what every record's ``trained_by`` says.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from torch import nn
 from modelscape.engine.stacked.footprint import job_bytes
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.errors import SweepError
-from modelscape.models.builtin import MLP
+from modelscape.models.builtin import MLP, resolve_model_class
 from modelscape.results.records import TrainedBy
 from modelscape.sweep import hparams as H
 from modelscape.sweep.jobs import Job, hashable
@@ -48,13 +51,38 @@ def across_sample_counts(job: Job) -> bool:
 
 
 def group_key(job: Job) -> tuple:
-    """What must be equal for two jobs to share a stacked model."""
+    """What must be equal for two jobs to share a stacked model: their shapes, and the axis
+    values their model's constructor takes (``model_arguments``)."""
     ragged = across_sample_counts(job)
     return tuple(
         (n, hashable(getattr(job.hp, n)))
         for n in SAME_IN_GROUP
         if not (ragged and n == "N_SAMPLES")
+    ) + model_arguments(job)
+
+
+def model_arguments(job: Job) -> tuple:
+    """The job's axis values that its model's constructor takes (an argument ``name`` comes
+    from the key ``NAME``, ``builtin.constructor_kwargs``), e.g. a Transformer's HEADS or a
+    user model's ``gamma``: a stack runs one copy of the model's code, so jobs whose models
+    are built with other arguments train in other stacks."""
+    taken = _constructor_arguments(job.hp.MODEL_CLASS)
+    return tuple(
+        (a, hashable(v))
+        for a, v in job.values.items()
+        if a in taken and a not in SAME_IN_GROUP  # those are in the key already
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _constructor_arguments(model_class: Any) -> frozenset[str]:
+    """The config keys (upper case) a model class's constructor reads by name."""
+    try:
+        cls = resolve_model_class(model_class)
+        params = list(inspect.signature(cls.__init__).parameters)[1:]
+    except Exception:  # noqa: BLE001 - a class that cannot be read fails its jobs at setup
+        return frozenset()
+    return frozenset(p.upper() for p in params)
 
 
 def shape_key(job: Job) -> tuple:

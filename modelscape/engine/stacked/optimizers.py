@@ -279,9 +279,9 @@ class StackedAdam(StackedOptimizer):
                 groups.setdefault(key, []).append(pos)
             p, m, v = stack.params[i], stack.slots["exp_avg"][i], stack.slots["exp_avg_sq"][i]
             counts = self._counts[1]
+            packed = [_packed_rows(t) for t in (p, m, v)] + [counts.unbind(0)]
             self._groups[i] = [
-                (key, rows, [[t[r] for r in rows] for t in (p, m, v, counts)])
-                for key, rows in groups.items()
+                (key, rows, [[t[r] for r in rows] for t in packed]) for key, rows in groups.items()
             ]
         return self._groups[i]
 
@@ -300,7 +300,7 @@ class StackedAdam(StackedOptimizer):
             torch.add(base, float(t + 1), out=counts)
         with torch.no_grad():
             for i in self.trained:
-                g = self._in_layout(stack, i, grads[i])
+                g = _packed_rows(self._in_layout(stack, i, grads[i]))
                 groups = self._row_groups(stack, i)
                 for (lr, beta1, beta2, eps, wd), rows, (ps, ms, vs, ts) in groups:
                     fused(
@@ -320,11 +320,13 @@ class StackedAdam(StackedOptimizer):
                     )
 
     def _in_layout(self, stack: Stack, i: int, g: torch.Tensor) -> torch.Tensor:
-        """The gradient in the memory layout of parameter ``i`` and its state: the fused
-        kernel reads raw memory. Autograd's gradients may come permuted (a ``vmap``ped
-        ``nn.Linear``'s weight gradient comes transposed): then, unless the step is a captured
-        graph (``relayout`` False), the parameter and its state take the gradient's layout,
-        once per stack, instead of the gradient being copied every step."""
+        """The gradient in the memory layout of parameter ``i`` and its state. The fused
+        kernel runs in place on contiguous tensors only (it copies others in and out), so the
+        four take one layout and are handed to it as contiguous permuted views (``_packed_rows``).
+        Autograd's gradients may come permuted (a ``vmap``ped ``nn.Linear``'s weight gradient
+        comes transposed): then, unless the step is a captured graph (``relayout`` False), the
+        parameter and its state take the gradient's layout, once per stack, instead of the
+        gradient being copied every step."""
         p = stack.params[i]
         if g.stride() == p.stride():
             return g
@@ -402,3 +404,15 @@ def _dense(t: torch.Tensor) -> bool:
             return False
         size *= n
     return True
+
+
+def _packed_rows(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of a stacked tensor as contiguous views: each row's dimensions permuted to
+    its memory order (an elementwise update is the same in any order of the dimensions); the
+    rows as they are when they are contiguous or not dense."""
+    if t.dim() > 1 and not t[0].is_contiguous():
+        order = sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+        view = t.permute(0, *order)
+        if view[0].is_contiguous():
+            return view.unbind(0)
+    return t.unbind(0)
