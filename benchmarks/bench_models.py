@@ -14,12 +14,16 @@ plain loop's. ``bound`` = plain s / arith: the ratio modelscape would reach if i
 nothing but its products; a target above it is bounded by this CPU's arithmetic rate.
 
 Cases (``CASES``; add one by adding an entry):
-  transformer   the built-in Transformer (its Dropout modules, p=0), width 32, sequences 16 x 8
-  cnn-bn        a user's CNN with BatchNorm (conv-BN-ReLU twice), width 16, 3x16x16, 4 classes
-  mlp-dropout   a user's 3-hidden-layer GELU MLP with Dropout(0.1), width 256, 64 inputs
-  mlp           the same MLP without Dropout (issue 20)
-  cnn, resnet   the built-in CNN and ResNet, width 16, 3x16x16, 4 classes (issue 20)
-  cnn-off       the built-in CNN with BATCHED="off": the one-job path alone
+  transformer     the built-in Transformer (its Dropout modules, p=0), width 32, sequences 16 x 8
+  cnn-bn          a user's CNN with BatchNorm (conv-BN-ReLU twice), width 16, 3x16x16, 4
+                  classes, stacked (BATCHED="on")
+  mlp-dropout     a user's 3-hidden-layer GELU MLP with Dropout(0.1), width 256, 64 inputs
+  mlp             the same MLP without Dropout
+  mlp-center      the MLP with CENTER on (the default), which the plain loop does not do
+  mlp-off         the MLP with BATCHED="off": the one-job path alone
+  cnn, resnet     the built-in CNN and ResNet, width 16, 3x16x16, 4 classes, as BATCHED="auto"
+                  trains them (one job at a time on the CPU)
+  cnn-stacked, resnet-stacked   the same, stacked (BATCHED="on")
 
     python benchmarks/bench_models.py                        # every case, 3 repeats
     python benchmarks/bench_models.py --cases transformer,cnn-bn
@@ -122,16 +126,20 @@ class Case:
     extra: dict = field(default_factory=dict)  # more config keys (model arguments, BATCHED)
 
 
+ON = {"BATCHED": "on"}  # stacked even where BATCHED="auto" trains one job at a time
+CE = {"loss": "CrossEntropyLoss", "d_out": 4}
+
 CASES = {
     "transformer": Case("Transformer", sequence_bfn, 32),
-    "cnn-bn": Case(BNCNN, image_bfn, 16, loss="CrossEntropyLoss", d_out=4),
+    "cnn-bn": Case(BNCNN, image_bfn, 16, **CE, extra=ON),
     "mlp-dropout": Case(UserMLP, vector_bfn, 256, extra={"DROPOUT": 0.1}),
     "mlp": Case(UserMLP, vector_bfn, 256),
-    "cnn": Case("CNN", image_bfn, 16, loss="CrossEntropyLoss", d_out=4),
-    "resnet": Case("ResNet", image_bfn, 16, loss="CrossEntropyLoss", d_out=4),
-    "cnn-off": Case(
-        "CNN", image_bfn, 16, loss="CrossEntropyLoss", d_out=4, extra={"BATCHED": "off"}
-    ),
+    "mlp-center": Case(UserMLP, vector_bfn, 256, extra={"CENTER": True}),
+    "mlp-off": Case(UserMLP, vector_bfn, 256, extra={"BATCHED": "off"}),
+    "cnn": Case("CNN", image_bfn, 16, **CE),
+    "cnn-stacked": Case("CNN", image_bfn, 16, **CE, extra=ON),
+    "resnet": Case("ResNet", image_bfn, 16, **CE),
+    "resnet-stacked": Case("ResNet", image_bfn, 16, **CE, extra=ON),
 }
 
 

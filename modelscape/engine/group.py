@@ -41,7 +41,7 @@ def train_group(
     """
     keep_freed_memory()
     with deterministic_algorithms(jobs[0].hp.DETERMINISTIC):
-        trained_by = why_single(jobs)
+        trained_by = why_single(jobs, device, spec)
         if trained_by is None:
             stacked = train_stacked(jobs, spec, device, checkpoints)
             yield from _exits_fail_the_rest(jobs, stacked, device)

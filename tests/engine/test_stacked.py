@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modelscape
 from modelscape import engine
 from modelscape import engine as batched
+from modelscape.engine.stacked import grouping as batched_module
 from modelscape.engine.stacked.refill import Waiting
 from modelscape.errors import SweepError
 from modelscape.runner import plan
@@ -524,3 +525,41 @@ def test_jobs_whose_models_are_built_with_other_axis_values_train_in_other_stack
     assert len(groups) == len(axes[other])
     assert all(len({j.values[other] for j in g}) == 1 for g in groups)
     assert_same(reference(jobs, spec), batched_records(jobs, spec))
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self, in_shape, d_out, width):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_shape[0], 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * in_shape[1] * in_shape[2], d_out)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def images_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 2, 4, 4, generator=gen, dtype=torch.float64)
+        return Xb, Xb[:, 0].mean((1, 2)) * Xb[:, 1].mean((1, 2)) * 4
+
+    return batch_fn
+
+
+@pytest.mark.parametrize("batched", ["auto", "on"])
+def test_convolutional_models_train_one_job_at_a_time_on_the_cpu_unless_batched_is_on(
+    batched, capsys
+):
+    """On the CPU a stack's grouped convolutions run slower than the jobs' own (measured in
+    bench_models.py): BATCHED="auto" trains them one at a time and says so; "on" stacks."""
+    config = {**BASE, "MODEL_CLASS": TinyCNN, "MAX_ITER": 20, "BATCHED": batched}
+    result = modelscape.run_sweep(
+        [range(2), [0.05, 0.1]], ["trial", "LR"], config, {"base_bfn": images_bfn}
+    )
+    how = {r.trained_by for r in result.records}
+    if batched == "auto":
+        assert how == {batched_module.SLOWER_STACKED}
+        assert "4 of 4 jobs trained one at a time: convolutions train faster" in (
+            capsys.readouterr().err
+        )
+    else:
+        assert how == {"stacked"}

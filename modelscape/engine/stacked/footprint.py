@@ -56,6 +56,7 @@ class ModelBytes:
     activations: int
     d_out: int
     built_on: Literal["meta", "cpu"]
+    convolutional: bool = False  # whether it has convolution layers (``grouping.why_single``)
 
 
 _MODELS: dict[tuple, ModelBytes | None] = {}  # _key -> the model's count (None: not countable)
@@ -211,7 +212,8 @@ def _count(job: Job, spec: SweepSpec) -> ModelBytes:
         activations = _cpu_model_activations(model, X)
     params = sum(_nbytes(p) for p in model.parameters())
     buffers = sum(_nbytes(b) for b in model.buffers())
-    return ModelBytes(params, buffers, activations, d_out, built_on)
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return ModelBytes(params, buffers, activations, d_out, built_on, convolutional)
 
 
 def _fitted_activations(model: nn.Module, spec: SweepSpec, dtype: torch.dtype, n: int) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelscape.engine.stacked.footprint import job_bytes
+from modelscape.engine.stacked.footprint import job_bytes, model_bytes
 from modelscape.engine.stacked.optimizers import STACKED_OPTIMIZERS
 from modelscape.errors import SweepError
 from modelscape.models.builtin import MLP, resolve_model_class
@@ -160,12 +160,16 @@ def device_budget(job: Job) -> int:
     return max(GROUP_BYTES, min(sizes, default=GROUP_BYTES))
 
 
-def why_single(jobs: Sequence[Job]) -> TrainedBy | None:
+def why_single(
+    jobs: Sequence[Job], device: torch.device | None = None, spec: SweepSpec | None = None
+) -> TrainedBy | None:
     """None when this group trains stacked; else its records' ``trained_by``.
 
     ``"single"``: a lone job or BATCHED="off"; ``"single: <reason>"``: the jobs could have
     shared a stack but these cannot (decided from the jobs alone; what only the built models
     reveal is decided in ``run.train_stacked``). BATCHED="on" makes a reason an error.
+    Given the ``device`` and ``spec``, a group that could stack but trains faster one job at a
+    time there (``SLOWER_STACKED``) trains so under BATCHED="auto", saying why.
     """
     if jobs[0].hp.BATCHED == "off":
         return SINGLE
@@ -180,8 +184,28 @@ def why_single(jobs: Sequence[Job]) -> TrainedBy | None:
                 break
     if reason is None:
         # a job alone trains in the one-job loop: stacking one job would cost it a second copy
-        return SINGLE if len(jobs) < 2 else None
+        if len(jobs) < 2:
+            return SINGLE
+        return _slower_stacked(jobs[0], device, spec)
     return refuse(jobs[0], reason)
+
+
+# Measured with benchmarks/bench_models.py (benchmarks/NOTES.md, 2026-12-08): on the CPU a
+# stack's convolutions run as one grouped convolution, which oneDNN computes 1.5-3x slower than
+# the jobs' own convolutions, and its activations no longer fit the cache: the built-in CNN
+# trained as fast stacked as one job at a time, the ResNet 11% slower.
+SLOWER_STACKED = TrainedBy(
+    "single: convolutions train faster one job at a time on the CPU (BATCHED='on' stacks them)"
+)
+
+
+def _slower_stacked(
+    job: Job, device: torch.device | None, spec: SweepSpec | None
+) -> TrainedBy | None:
+    if job.hp.BATCHED != "auto" or device is None or device.type != "cpu" or spec is None:
+        return None
+    counted = model_bytes(job, spec)
+    return SLOWER_STACKED if counted is not None and counted.convolutional else None
 
 
 def refuse(job: Job, reason: str) -> TrainedBy:
