@@ -11,6 +11,8 @@ exit step, so the record is the one a step-by-step loop would give, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from modelscape.engine import precision
@@ -22,7 +24,7 @@ from modelscape.engine.state import (
     load_training_state_dict,
     training_state_dict,
 )
-from modelscape.engine.stateful import own_dropout
+from modelscape.engine.stateful import own_dropout, stream_dropouts
 from modelscape.engine.tracking import SYNC_EVERY, Tracker, evaluate
 from modelscape.results.records import JobRecord
 from modelscape.store.checkpoints import Checkpoints
@@ -52,15 +54,18 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
     if checkpoints is not None:
         checkpoints.reset_clock()
     tracker = Tracker([track])
-    autocast = precision.autocast(hp.PRECISION, problem.device)
+    autocast = None
+    if precision.compute_dtype(hp.PRECISION) is not None:
+        autocast = precision.autocast(hp.PRECISION, problem.device)
     problem.model.train()
-    dropout = SubSeeds.of(problem.job.seed).dropout  # the job's Dropout masks (``stateful``)
+    seed = SubSeeds.of(problem.job.seed).dropout  # the job's Dropout masks (``stateful``)
     X = y = None
     t = track.step + 1
     while t < hp.MAX_ITER:
         # One window: losses stay tensors and the loop rules run once on all of them (one host
         # sync); a job that exited inside it is rewound to the window's start and rerun.
         start = training_state_dict(problem, copy=True)
+        dropout = (seed, stream_dropouts(problem.model))  # a grab may have changed them
         losses = []
         for step in range(t, min(t + SYNC_EVERY, hp.MAX_ITER)):
             X, y, loss = _step(problem, step, autocast, dropout)
@@ -86,14 +91,19 @@ def _loop(problem: Problem, checkpoints: Checkpoints | None, trained_by: str) ->
 
 
 def _step(
-    problem: Problem, step: int, autocast, dropout: int
+    problem: Problem, step: int, autocast, dropout: tuple[int, list]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training step: the batch of ``step`` and its loss (before the update); Dropout
-    masks come from the job's stream ``dropout`` at ``step``."""
+    """One training step: the batch of ``step`` and its loss (before the update). ``dropout``:
+    the job's mask stream and its Dropout modules, which take their masks from it at
+    ``step``; ``autocast``: the forward pass's context under bf16-mixed, else None."""
     problem.step = step  # a failure is recorded with the step it happened at
     X, y, f0 = problem.batch(step)
-    with autocast, own_dropout(problem.model, dropout, step):
+    seed, modules = dropout
+    if autocast is None and not modules:  # no context to enter: a plain loop's step
         loss = problem.loss_fn(problem.output(X, f0), y)
+    else:
+        with autocast or contextlib.nullcontext(), own_dropout(problem.model, seed, step, modules):
+            loss = problem.loss_fn(problem.output(X, f0), y)
     problem.opt.zero_grad(set_to_none=True)
     loss.backward()
     problem.opt.step()

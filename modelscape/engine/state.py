@@ -31,7 +31,7 @@ def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
     model = problem.model.state_dict()
     opt = problem.opt.state_dict()
     if copy:
-        model, opt = {k: v.clone() for k, v in model.items()}, deepcopy(opt)
+        model, opt = {k: v.clone() for k, v in model.items()}, _cloned(opt)
     state: dict[str, Any] = {
         "model": model,
         "opt": opt,
@@ -43,6 +43,22 @@ def training_state_dict(problem: Problem, copy: bool = False) -> dict[str, Any]:
     if problem.device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(problem.device)
     return state
+
+
+def _cloned(obj: Any) -> Any:
+    """A copy of a state dict that later steps leave alone: tensors cloned, plain containers
+    rebuilt, immutable values shared, anything else deep-copied (``deepcopy`` of the whole
+    was a third of the one-job loop's bookkeeping)."""
+    kind = type(obj)
+    if kind is dict:
+        return {k: _cloned(v) for k, v in obj.items()}
+    if kind is list or kind is tuple:
+        return kind(_cloned(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if obj is None or kind in (bool, int, float, str):
+        return obj
+    return deepcopy(obj)
 
 
 def load_training_state_dict(problem: Problem, state: dict[str, Any]) -> None:

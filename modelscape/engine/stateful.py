@@ -88,10 +88,12 @@ def draw_mask(gen: torch.Generator, shape, p: float, like: torch.Tensor) -> torc
 
 
 @contextlib.contextmanager
-def own_dropout(model: nn.Module, seed: int, step: int) -> Iterator[None]:
-    """While the block runs, the model's Dropout modules take their masks from the job's stream
-    at ``step`` (the one-job loop's forward pass)."""
-    modules = stream_dropouts(model)
+def own_dropout(
+    model: nn.Module, seed: int, step: int, modules: Sequence[nn.Dropout] | None = None
+) -> Iterator[None]:
+    """While the block runs, the model's Dropout modules (``modules``, found when None) take
+    their masks from the job's stream at ``step`` (the one-job loop's forward pass)."""
+    modules = stream_dropouts(model) if modules is None else modules
     if not modules:
         yield
         return
