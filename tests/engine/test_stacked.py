@@ -549,8 +549,8 @@ def images_bfn(bsz, gen, X=None, y=None, **kwargs):
 def test_convolutional_models_train_one_job_at_a_time_on_the_cpu_unless_batched_is_on(
     batched, capsys
 ):
-    """On the CPU a stack's grouped convolutions run slower than the jobs' own (measured in
-    bench_models.py): BATCHED="auto" trains them one at a time and says so; "on" stacks."""
+    """On the CPU a stack of convolutional models is no faster than one job at a time (measured
+    in bench_models.py): BATCHED="auto" trains them one at a time and says so; "on" stacks."""
     config = {**BASE, "MODEL_CLASS": TinyCNN, "MAX_ITER": 20, "BATCHED": batched}
     result = modelscape.run_sweep(
         [range(2), [0.05, 0.1]], ["trial", "LR"], config, {"base_bfn": images_bfn}
@@ -558,7 +558,7 @@ def test_convolutional_models_train_one_job_at_a_time_on_the_cpu_unless_batched_
     how = {r.trained_by for r in result.records}
     if batched == "auto":
         assert how == {batched_module.SLOWER_STACKED}
-        assert "4 of 4 jobs trained one at a time: convolutions train faster" in (
+        assert "4 of 4 jobs trained one at a time: stacked convolutions are no faster" in (
             capsys.readouterr().err
         )
     else:
