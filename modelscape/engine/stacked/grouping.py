@@ -3,9 +3,10 @@
 Jobs that share their shapes (model, width, depth, sample count, dtype, optimizer class...) and
 differ only in hyperparameters the schema marks ``varies_in_stack`` form a group
 (``group_jobs``), capped by a memory budget (``group_cap``, from each job's footprint:
-``footprint.job_bytes``). Jobs of the built-in MLP with MSE loss may also differ in N_SAMPLES
-(``across_sample_counts``): their stack lays the samples out ragged, without padding
-(``stack.Layout``). ``why_single`` decides, before anything trains, whether a group trains
+``footprint.job_bytes``). Jobs of the built-in MLP with MSE or cross-entropy loss may also
+differ in N_SAMPLES (``across_sample_counts``): their stack lays the samples out ragged, without
+padding (``stack.Layout``). Jobs whose models are built from other axis values never share a
+stack (``model_arguments``). ``why_single`` decides, before anything trains, whether a group trains
 stacked; its answer is what every record's ``trained_by`` says.
 """
 
