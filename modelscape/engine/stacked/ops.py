@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from modelscape.engine.stacked.stack import Layout, Segment
-from modelscape.engine.stacked.workspace import empty_unfilled
 from modelscape.models import parametrize
 
 aten = torch.ops.aten
@@ -99,12 +98,12 @@ def per_segment(
     over the samples, or over the jobs with ``per_job``) and ``like``'s dtype and device.
 
     A stack of one sample count uses ``fn``'s result as it is (``out`` None); several segments
-    write into views of one buffer, allocated without deterministic mode's NaN fill, since
-    every element of it is written.
+    write into views of one buffer (torch's NaN fill of new memory is off while jobs train,
+    ``engine.group.deterministic_algorithms``: every element of it is written).
     """
     if len(layout.segments) == 1:
         return fn(layout.segments[0], None).reshape(shape)
-    out = empty_unfilled(shape, like)
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
     for s in layout.segments:
         fn(s, out[s.jobs] if per_job else s.view(out))
     return out
