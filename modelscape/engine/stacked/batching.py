@@ -31,6 +31,7 @@ from modelscape.engine.stateful import BATCH_NORMS
 
 
 def has_batch_norm(module: nn.Module) -> bool:
+    """Whether the model has BatchNorm1d/2d/3d layers (their stacks fold jobs into channels)."""
     return any(isinstance(m, BATCH_NORMS) for m in module.modules())
 
 
