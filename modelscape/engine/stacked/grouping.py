@@ -6,8 +6,8 @@ differ only in hyperparameters the schema marks ``varies_in_stack`` form a group
 ``footprint.job_bytes``). Jobs of the built-in MLP with MSE or cross-entropy loss may also
 differ in N_SAMPLES (``across_sample_counts``): their stack lays the samples out ragged, without
 padding (``stack.Layout``). Jobs whose models are built from other axis values never share a
-stack (``model_arguments``). ``why_single`` decides, before anything trains, whether a group trains
-stacked; its answer is what every record's ``trained_by`` says.
+stack (``model_arguments``). ``why_single`` decides, before anything trains, whether a group
+trains stacked; its answer is what every record's ``trained_by`` says.
 """
 
 from __future__ import annotations
@@ -169,8 +169,9 @@ def why_single(
     ``"single"``: a lone job or BATCHED="off"; ``"single: <reason>"``: the jobs could have
     shared a stack but these cannot (decided from the jobs alone; what only the built models
     reveal is decided in ``run.train_stacked``). BATCHED="on" makes a reason an error.
-    Given the ``device`` and ``spec``, a group that could stack but trains faster one job at a
-    time there (``SLOWER_STACKED``) trains so under BATCHED="auto", saying why.
+    Given the ``device`` and ``spec``, a group that could stack but gains nothing from it there
+    (``SLOWER_STACKED``: convolutions on the CPU) trains one job at a time under
+    BATCHED="auto", saying why.
     """
     if jobs[0].hp.BATCHED == "off":
         return SINGLE
