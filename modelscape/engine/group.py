@@ -79,8 +79,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     Deterministic mode's fill of uninitialized memory (NaN in every new float tensor, torch's
     net for kernels that read memory they never wrote) is off while the group trains: it is a
     debugging aid, not part of determinism, and it wrote every activation buffer twice (3,000
-    extra fills in 64 steps of the built-in CNN, profiled). Reading ``torch.empty`` before writing it is a
-    bug the fill would not fix either.
+    extra fills in 64 steps of the built-in CNN, profiled). Reading ``torch.empty`` before
+    writing it is a bug the fill would not fix either.
     """
     if not enabled:
         yield
