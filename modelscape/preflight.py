@@ -20,13 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelscape.engine.optimizer import check_optimizer_lookalikes, optimizer_kwargs
 from modelscape.engine.setup import (
-    check_optimizer_lookalikes,
     evaluate_grabs,
     job_config,
     kept_global_rngs,
     model_spec,
-    optimizer_kwargs,
     output_dim,
     resolve_class,
     seeded_global_rng,

@@ -18,13 +18,13 @@
 from modelscape.engine.failures import failed_record, failure_boundary
 from modelscape.engine.group import deterministic_algorithms, train_group
 from modelscape.engine.loop import run_job, train
+from modelscape.engine.optimizer import optimizer_kwargs
 from modelscape.engine.setup import (
     Problem,
     evaluate_grabs,
     job_config,
     kept_global_rngs,
     model_spec,
-    optimizer_kwargs,
     resolve_class,
     resolve_device,
     setup_job,

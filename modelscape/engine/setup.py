@@ -13,7 +13,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import inspect
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelscape.engine.optimizer import optimizer_kwargs
 from modelscape.errors import SweepError
 from modelscape.models import parametrize
 from modelscape.models.builtin import constructor_kwargs, resolve_model_class, standard_kwargs
@@ -74,66 +74,6 @@ def _is_choice(obj: Any, name: str, module: Any) -> bool:
     if module is torch.optim:
         return issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
     return True
-
-
-def optimizer_kwargs(opt_cls: type, job: Job) -> dict[str, Any]:
-    """The optimizer's arguments besides the parameters and ``lr`` (which comes from LR).
-
-    ``momentum`` and ``weight_decay`` come from MOMENTUM and WEIGHT_DECAY, every other argument
-    from OPTIMIZER_KWARGS; nothing else (a user key or batch-function option named ``eps`` is
-    not an optimizer argument). A name the optimizer does not take is an error.
-    """
-    params = inspect.signature(opt_cls.__init__).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    valid = [
-        n for n, p in params.items() if n not in ("self", "params") and p.kind is not p.VAR_KEYWORD
-    ]
-    own = {"lr": "LR", "momentum": "MOMENTUM", "weight_decay": "WEIGHT_DECAY"}
-    for name in job.hp.OPTIMIZER_KWARGS:
-        if name in own:
-            raise SweepError(
-                f"OPTIMIZER_KWARGS has {name!r}: set {own[name]} instead (one name per value)."
-            )
-        if name not in valid and not takes_any:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            others = ", ".join(n for n in valid if n not in own)
-            raise SweepError(
-                f"OPTIMIZER_KWARGS has {name!r}, which {opt_cls.__name__} does not take.{hint} "
-                f"Its arguments: {others}."
-            )
-    for name in ("momentum", "weight_decay"):
-        value = getattr(job.hp, own[name])
-        if value and name not in params:
-            raise SweepError(
-                f"{own[name]}={value} but {opt_cls.__name__} takes no {name} argument; set "
-                f"{own[name]}=0 (arguments it takes: {', '.join(valid)})."
-            )
-    kwargs = {n: getattr(job.hp, own[n]) for n in ("momentum", "weight_decay") if n in params}
-    return {**kwargs, **job.hp.OPTIMIZER_KWARGS}
-
-
-def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec, model_cls: type) -> None:
-    """A user key that nearly names one of the optimizer's arguments (``nesterow``) is a typo
-    that would set nothing: refuse it, as OPTIMIZER_KWARGS does, unless the batch function or
-    the model's constructor takes it by name (a model's ``beta``, say). (A key named exactly
-    like an argument is already copied, with a warning.)
-    """
-    params = inspect.signature(opt_cls.__init__).parameters
-    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    args = [n for n, p in params.items() if n not in ("self", "params") and p.kind not in variadic]
-    listed = spec.listed_parameters() | set(inspect.signature(model_cls).parameters)
-    for key in spec.user_config:
-        if not isinstance(key, str) or key in params or key in listed:
-            continue
-        close = difflib.get_close_matches(key, args, n=1, cutoff=0.8)
-        if close:
-            raise SweepError(
-                f"config key {key!r} is not an argument of {opt_cls.__name__}: did you mean "
-                f"{close[0]!r}? Write OPTIMIZER_KWARGS={{{close[0]!r}: ...}} to set it, or, for a "
-                f"key of your own, take {key!r} as a parameter of your batch function or your "
-                "model's constructor."
-            )
 
 
 @dataclass
