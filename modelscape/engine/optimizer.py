@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Iterable
 from typing import Any
+
+import torch
 
 from modelscape.errors import SweepError
 from modelscape.sweep.jobs import Job
@@ -71,3 +74,28 @@ def check_optimizer_lookalikes(opt_cls: type, spec: SweepSpec, model_cls: type) 
                 f"key of your own, take {key!r} as a parameter of your batch function or your "
                 "model's constructor."
             )
+
+
+# torch's optimizers with a fused CPU kernel: one pass over each parameter per step instead of
+# about ten ops (Adam). On a small model the op-by-op update is a fifth of a training step
+# (benchmarks/NOTES.md, 2026-12-08); the stacked engine's Adam runs the same kernel.
+FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+IMPLEMENTATION_ARGS = ("fused", "foreach", "differentiable", "capturable")
+
+
+def implementation_kwargs(
+    opt_cls: type, kwargs: dict[str, Any], params: Iterable[torch.Tensor], device: torch.device
+) -> dict[str, Any]:
+    """``{"fused": True}`` for a one-job run on the CPU whose optimizer torch has a fused kernel
+    for (``FUSED_ON_CPU``, the classes themselves), with real floating-point parameters and
+    none of ``IMPLEMENTATION_ARGS`` in OPTIMIZER_KWARGS (setting ``foreach`` or ``fused``
+    there picks the implementation yourself); else ``{}``: torch's default. The numbers are
+    the same update's to float rounding. CUDA keeps torch's default (never run on a GPU here).
+    """
+    if device.type != "cpu" or opt_cls not in FUSED_ON_CPU:
+        return {}
+    if any(name in kwargs for name in IMPLEMENTATION_ARGS):
+        return {}
+    if not all(p.is_floating_point() for p in params):
+        return {}
+    return {"fused": True}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelscape.engine.optimizer import optimizer_kwargs
+from modelscape.engine.optimizer import implementation_kwargs, optimizer_kwargs
 from modelscape.errors import SweepError
 from modelscape.models import parametrize
 from modelscape.models.builtin import constructor_kwargs, resolve_model_class, standard_kwargs
@@ -316,12 +316,13 @@ def setup_job(job: Job, spec: SweepSpec, device: torch.device) -> Problem:
     # depends only on its seed, and build on the CPU so CPU and GPU runs start identically.
     with seeded_global_rng(seeds.model_init, torch.device("cpu")):
         model = model_cls(**kwargs).to(getattr(torch, hp.DTYPE))
+        own = implementation_kwargs(opt_cls, opt_kwargs, model.parameters(), device)
         opt = parametrize.apply(
             model,
             hp.PARAMETRIZATION,
             opt_cls,
             hp.LR * parametrize.lr_gamma_factor(gamma),
-            opt_kwargs,
+            {**opt_kwargs, **own},
         )
         if spec.post_init_fn is not None:
             extra = accepted_kwargs(spec.post_init_fn, config)

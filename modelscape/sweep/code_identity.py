@@ -29,8 +29,9 @@ from modelscape.sweep.spec import SweepSpec
 # change is refused (store/describe.py), so that one folder never mixes two engines' numbers.
 # 1: the first; 2: nn.Dropout masks come from each job's own stream (engine/stateful.py);
 # 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel; stacked attention
-#    by its math backend, stacked BatchNorm folded into channels (each: other rounding)
-NUMERICS_VERSION = 3
+#    by its math backend, stacked BatchNorm folded into channels (each: other rounding);
+# 4: one-job runs on the CPU step Adam, AdamW, SGD and Adagrad with torch's fused kernel
+NUMERICS_VERSION = 4
 
 
 def code_digest(obj: Any) -> str:

@@ -139,7 +139,12 @@ class HParams:
     MODEL_CLASS: Any = hp(
         None, "Model class or 'file.py:ClassName'; None is the built-in MLP.", kind="model"
     )
-    OPTIMIZER: Any = hp("SGD", "A torch.optim name or class.", kind="class")
+    OPTIMIZER: Any = hp(
+        "SGD",
+        "A torch.optim name or class. On the CPU, Adam, AdamW, SGD and Adagrad step with "
+        "torch's fused kernel (fused=True) unless OPTIMIZER_KWARGS sets foreach or fused.",
+        kind="class",
+    )
     LOSS: Any = hp("MSELoss", "A torch.nn loss name or class.", kind="class")
     MOMENTUM: float = hp(0.0, "Momentum, passed to optimizers that take it.", varies_in_stack=True)
     WEIGHT_DECAY: float = hp(

@@ -67,6 +67,38 @@ def test_optimizer_arguments_come_from_optimizer_kwargs_never_silently_from_a_ke
     np.testing.assert_array_equal(legacy.to_xarray()["test_loss"], chosen.to_xarray()["test_loss"])
 
 
+@pytest.mark.parametrize(
+    "optimizer,extra",
+    [("Adam", {}), ("AdamW", {}), ("SGD", {"MOMENTUM": 0.9}), ("Adagrad", {})],
+)
+def test_a_one_job_run_on_the_cpu_steps_with_torchs_fused_kernel_unless_kwargs_pick_one(
+    optimizer, extra
+):
+    config = {**BASE, "OPTIMIZER": optimizer, "LR": 0.01, **extra}
+    _, _, (job,), spec = plan([[0]], ["trial"], config, {"base_bfn": quadratic_bfn})
+    assert engine.setup_job(job, spec, CPU).opt.defaults["fused"] is True
+    by_default = engine.run_job(job, spec, CPU)
+    # the same numbers as naming the fused kernel; torch's op-by-op update agrees to rounding
+    for kwargs in ({"fused": True}, {"foreach": False}):
+        cfg = {**config, "OPTIMIZER_KWARGS": kwargs}
+        _, _, (chosen,), spec = plan([[0]], ["trial"], cfg, {"base_bfn": quadratic_bfn})
+        assert bool(engine.setup_job(chosen, spec, CPU).opt.defaults["fused"]) is (
+            "fused" in kwargs
+        )
+        record = engine.run_job(chosen, spec, CPU)
+        np.testing.assert_array_equal(record.timekeys, by_default.timekeys)
+        if "fused" in kwargs:
+            assert record.test_loss == by_default.test_loss
+        else:
+            assert record.test_loss == pytest.approx(by_default.test_loss, rel=1e-9)
+
+
+def test_an_optimizer_without_a_fused_kernel_keeps_torchs_default():
+    config = {**BASE, "OPTIMIZER": "RMSprop"}
+    _, _, (job,), spec = plan([[0]], ["trial"], config, {"base_bfn": quadratic_bfn})
+    assert "fused" not in engine.setup_job(job, spec, CPU).opt.defaults
+
+
 def test_an_axis_sweeps_one_optimizer_argument_in_a_stack():
     config = {**BASE, "MOMENTUM": 0.9, "OPTIMIZER_KWARGS": {"dampening": 0.0}}
     axes = {"trial": range(2), "OPTIMIZER_KWARGS.nesterov": [False, True]}
