@@ -101,6 +101,8 @@ class CNN(nn.Module):
     """``depth`` 3x3 convolutions of ``width`` channels (same padding), global average pooling,
     then a linear readout. Inputs are images, ``(n, C, H, W)`` or ``(n, H, W)``."""
 
+    prefers_channels_last = True  # its forward takes channels-last activations (CHANNELS_LAST)
+
     def __init__(
         self,
         in_shape: Sequence[int],
@@ -133,6 +135,8 @@ class ResNet(nn.Module):
     sqrt(depth)``, global average pooling and a linear readout. No normalization layers, so
     every parametrization applies; the 1/sqrt(depth) branch scale keeps the residual stream's
     variance bounded in depth. Inputs are images, ``(n, C, H, W)`` or ``(n, H, W)``."""
+
+    prefers_channels_last = True  # its forward takes channels-last activations (CHANNELS_LAST)
 
     def __init__(
         self,

@@ -30,7 +30,8 @@ from modelscape.sweep.spec import SweepSpec
 # 1: the first; 2: nn.Dropout masks come from each job's own stream (engine/stateful.py);
 # 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel; stacked attention
 #    by its math backend, stacked BatchNorm folded into channels (each: other rounding);
-# 4: one-job runs on the CPU step Adam, AdamW, SGD and Adagrad with torch's fused kernel
+# 4: one-job runs on the CPU step Adam, AdamW, SGD and Adagrad with torch's fused kernel, and
+#    train models with ``prefers_channels_last`` (the built-in CNN, ResNet) channels-last
 NUMERICS_VERSION = 4
 
 

@@ -205,3 +205,60 @@ def test_cuda_graph_capture_is_an_explicit_opt_in_never_the_default():
     assert isinstance(graphs.step_function(eager, "cuda-graphs", cuda), graphs.GraphedStep)
     with pytest.raises(H.HParamError, match="cuda-graphs"):
         H.resolve({"COMPILE": "auto"})
+
+
+def images_bfn(bsz, gen, X=None, y=None, **kwargs):
+    def batch_fn(step):
+        Xb = torch.randn(bsz, 2, 6, 6, generator=gen)
+        return Xb, Xb[:, 0].mean(dim=(1, 2)) * 3
+
+    return batch_fn
+
+
+class NCHWCNN(modelscape.models.CNN):
+    prefers_channels_last = False  # the same model, trained in torch's default layout
+
+
+class NCHWResNet(modelscape.models.ResNet):
+    prefers_channels_last = False
+
+
+class UsersCNN(torch.nn.Module):
+    prefers_channels_last = True  # a user's model opts in
+
+    def __init__(self, in_shape, d_out, width):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_shape[0], width, 3, padding=1)
+        self.readout = torch.nn.Linear(width, d_out)
+
+    def forward(self, x):
+        return self.readout(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def conv_weights(problem):
+    return [m.weight for m in problem.model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize(
+    "model, nchw", [("CNN", NCHWCNN), ("ResNet", NCHWResNet), (UsersCNN, None)], ids=str
+)
+def test_convolutional_models_that_prefer_it_train_channels_last_on_the_cpu(model, nchw):
+    """Their weights (and so activations) are channels-last in a one-job run on the CPU; the
+    numbers are those of torch's default layout to float rounding."""
+    config = {**BASE, "MODEL_CLASS": model, "DEPTH": 2, "OPTIMIZER": "Adam", "LR": 0.01}
+    _, _, (job,), spec = plan([[0]], ["trial"], config, {"base_bfn": images_bfn})
+    weights = conv_weights(engine.setup_job(job, spec, CPU))
+    assert weights and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in weights
+    )
+    if nchw is None:
+        return
+    _, _, (default,), spec_nchw = plan(
+        [[0]], ["trial"], {**config, "MODEL_CLASS": nchw}, {"base_bfn": images_bfn}
+    )
+    assert all(w.is_contiguous() for w in conv_weights(engine.setup_job(default, spec_nchw, CPU)))
+    got, want = engine.run_job(job, spec, CPU), engine.run_job(default, spec_nchw, CPU)
+    np.testing.assert_array_equal(got.timekeys, want.timekeys)
+    assert got.train_loss == pytest.approx(want.train_loss, rel=1e-9)
+    assert got.test_loss == pytest.approx(want.test_loss, rel=1e-9)
