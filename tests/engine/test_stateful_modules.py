@@ -178,6 +178,55 @@ def test_the_builtin_transformer_stacks_with_batched_attention_and_equals_its_on
     assert_same(reference(jobs, spec), stacked_without_per_job_fallback(jobs, spec), tol=tol)
 
 
+def test_a_stacked_transformer_runs_its_self_attention_without_torchs_copies_and_checks():
+    """``batching._self_attention`` runs (no math-backend attention, whose fully-masked-row
+    checks it skips), each (sample, head) a softmax of the stacked products."""
+    jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=3)
+    with _Calls("_safe_softmax", "_softmax", "_scaled_dot_product_attention_math") as calls:
+        stacked(jobs, spec)
+    names = {name for name, _ in calls.calls}
+    assert names == {"_softmax"}, names
+    jobs_, n, heads, length = len(jobs), BASE["N_SAMPLES"], 4, 4  # sequences of 4 tokens
+    assert (jobs_, n, heads, length, length) in {shapes[0] for _, shapes in calls.calls}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"attn_mask": "causal"}, {"need_weights": True}, {"bias": False}, {"key_padding": True}],
+    ids=["plain", "masked", "weights", "no-bias", "padding"],
+)
+def test_stacked_self_attention_equals_torchs_for_each_job(options):
+    """Outputs and gradients of a vmapped ``nn.MultiheadAttention`` under ``batched_operations``
+    equal each job's own call, whether ``_self_attention`` or torch's code (masks, weights)
+    computes them."""
+    jobs, n, length, width = 3, 4, 5, 8
+    mha = nn.MultiheadAttention(
+        width, 2, batch_first=True, bias=options.get("bias", True), dtype=torch.float64
+    )
+    names = [name for name, _ in mha.named_parameters()]
+    params = [torch.randn(jobs, *p.shape, dtype=torch.float64) for p in mha.parameters()]
+    x = torch.randn(jobs, n, length, width, dtype=torch.float64)
+    kwargs = {"need_weights": options.get("need_weights", False)}
+    if "attn_mask" in options:
+        kwargs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(length).double()
+    if "key_padding" in options:
+        kwargs["key_padding_mask"] = torch.arange(length).expand(n, length) >= length - 1
+
+    def one(ps, xj):
+        return torch.func.functional_call(mha, dict(zip(names, ps)), (xj, xj, xj), kwargs)[0]
+
+    leaves = [p.clone().requires_grad_() for p in params]
+    with batched_operations(norms=False, attention=True):
+        out = torch.func.vmap(one)(leaves, x)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    for j in range(jobs):
+        own = [p[j].clone().requires_grad_() for p in params]
+        ref = one(own, x[j])
+        ref_grads = torch.autograd.grad(ref.square().sum(), own)
+        torch.testing.assert_close(out[j], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close([g[j] for g in grads], list(ref_grads), rtol=1e-10, atol=1e-10)
+
+
 def test_a_users_causal_attention_stacks_and_equals_its_one_job_run():
     jobs, spec = make_jobs(sequence_bfn, MODEL_CLASS=CausalAttention, WIDTH=8, MAX_ITER=40)
     assert_same(reference(jobs, spec), stacked_without_per_job_fallback(jobs, spec), tol=1e-9)
@@ -306,7 +355,7 @@ def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
         return nn.functional.batch_norm(x, m, v, w, b, training, 0.3, 1e-5)
 
     ms, vs = mean.clone(), var.clone()
-    with batched_operations(norms=True):
+    with batched_operations(norms=True, attention=False):
         out = torch.func.vmap(norm, in_dims=(dim, 0, 0, 0, 0, None))(xs, ms, vs, w, b, True)
     gw, gb = torch.autograd.grad((out * x).sum(), (w, b))
     for j in range(jobs):
@@ -316,7 +365,8 @@ def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
         rw, rb = torch.autograd.grad((ref * x[j]).sum(), (wj, bj))
         torch.testing.assert_close(out[j], ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close((gw[j], gb[j], ms[j], vs[j]), (rw, rb, mj, vj))
-    with batched_operations(norms=True):  # evaluation: each job's running statistics, no update
+    # evaluation: each job's running statistics, no update
+    with batched_operations(norms=True, attention=False):
         out = torch.func.vmap(norm, in_dims=(0, 0, 0, 0, 0, None))(x, ms, vs, w, b, False)
     for j in range(jobs):
         torch.testing.assert_close(out[j], norm(x[j], ms[j], vs[j], w[j], b[j], False))

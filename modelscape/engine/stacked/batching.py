@@ -7,7 +7,14 @@ models do not run well, and ``batched_operations`` replaces them while a stack's
   which ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) has no batching rule:
   ``vmap`` would run it once per job, warning each time. The math backend (matrix products and
   a softmax) batches; a stack computes attention with it (``sdpa_kernel``). The one-job loop
-  keeps the fused kernel; the two agree to float rounding.
+  keeps the fused kernel; the two agree to float rounding. (Folding the jobs into the fused
+  kernel's batch was measured slower at these sizes: its CPU backward is 4.7 ms a call where
+  the math backend's products take a fraction of that.)
+- **Self-attention of ``nn.MultiheadAttention``** without masks or attention weights (what a
+  Transformer encoder layer asks for) runs as ``_self_attention``: the same products without
+  ``F.multi_head_attention_forward``'s copies of the packed projection into separate
+  contiguous q, k, v (and their zero-filled gradients), nor the math backend's checks for
+  fully masked rows, which cannot occur without a mask. Any other call runs torch's own code.
 - **BatchNorm.** ``vmap``'s rule for ``F.batch_norm`` with per-job weights normalizes without
   them, then multiplies and adds them in separate passes over the activations, forward and
   backward. ``StackedBatchNorm`` instead folds the jobs into the channels: a stack's input
@@ -19,6 +26,7 @@ models do not run well, and ``batched_operations`` replaces them while a stack's
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -35,22 +43,79 @@ def has_batch_norm(module: nn.Module) -> bool:
     return any(isinstance(m, BATCH_NORMS) for m in module.modules())
 
 
+def has_attention(module: nn.Module) -> bool:
+    """Whether the model has ``nn.MultiheadAttention`` layers (``_self_attention``)."""
+    return any(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+
+
 @contextlib.contextmanager
-def batched_operations(norms: bool) -> Iterator[None]:
-    """While a stack runs under ``vmap``: attention by its math backend, and BatchNorm folded
-    into channels (``norms``: the model has BatchNorm layers, ``has_batch_norm``)."""
-    with sdpa_kernel(SDPBackend.MATH), _BatchNormsFolded() if norms else contextlib.nullcontext():
+def batched_operations(norms: bool, attention: bool) -> Iterator[None]:
+    """While a stack runs under ``vmap``: attention by its math backend, BatchNorm folded into
+    channels (``norms``: the model has BatchNorm layers, ``has_batch_norm``), self-attention
+    of ``nn.MultiheadAttention`` as ``_self_attention`` (``attention``: ``has_attention``)."""
+    mode = _Batched(norms, attention) if norms or attention else contextlib.nullcontext()
+    with sdpa_kernel(SDPBackend.MATH), mode:
         yield
 
 
-class _BatchNormsFolded(TorchFunctionMode):
-    """Sends ``F.batch_norm`` calls to ``StackedBatchNorm``; every other call runs as it is."""
+class _Batched(TorchFunctionMode):
+    """Sends ``F.batch_norm`` calls to ``StackedBatchNorm`` and plain self-attention to
+    ``_self_attention``; every other call runs as it is."""
+
+    def __init__(self, norms: bool, attention: bool):
+        super().__init__()
+        self.norms, self.attention = norms, attention
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm:
+        if func is F.batch_norm and self.norms:
             return _batch_norm(*args, **kwargs)
+        if func is F.multi_head_attention_forward and self.attention:
+            call = _MHA.bind(*args, **kwargs)
+            call.apply_defaults()
+            if _plain_self_attention(call.arguments):
+                return _self_attention(**call.arguments)
         return func(*args, **kwargs)
+
+
+_MHA = inspect.signature(F.multi_head_attention_forward)
+
+
+def _plain_self_attention(a: dict) -> bool:
+    """Whether a ``F.multi_head_attention_forward`` call is self-attention with the packed
+    projection, without masks, attention weights, dropout or extra keys."""
+    q = a["query"]
+    return (
+        q is a["key"] is a["value"]
+        and q.dim() == 3
+        and q.shape[-1] == a["embed_dim_to_check"]
+        and q.shape[-1] % a["num_heads"] == 0
+        and a["in_proj_weight"] is not None
+        and not a["use_separate_proj_weight"]
+        and a["bias_k"] is None
+        and a["bias_v"] is None
+        and not a["add_zero_attn"]
+        and (a["dropout_p"] == 0 or not a["training"])
+        and a["key_padding_mask"] is None
+        and a["attn_mask"] is None
+        and not a["is_causal"]
+        and not a["need_weights"]
+        and a["static_k"] is None
+        and a["static_v"] is None
+    )
+
+
+def _self_attention(query, num_heads, in_proj_weight, in_proj_bias, out_proj_weight,
+                    out_proj_bias, **_):  # fmt: skip
+    """``F.multi_head_attention_forward`` of a ``_plain_self_attention`` call, per job (inside
+    ``vmap``): query (L, N, E), returns (output (L, N, E), None)."""
+    L, N, E = query.shape
+    head = E // num_heads
+    proj = F.linear(query, in_proj_weight, in_proj_bias).view(L, N, 3, num_heads, head)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in proj.unbind(2))  # (N, heads, L, head) views
+    weights = torch.softmax((q * head**-0.5) @ k.transpose(-2, -1), dim=-1)
+    out = (weights @ v).permute(2, 0, 1, 3).reshape(L * N, E)
+    return F.linear(out, out_proj_weight, out_proj_bias).view(L, N, E), None
 
 
 def _batch_norm(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from modelscape.engine.setup import Problem
-from modelscape.engine.stacked.batching import batched_operations, has_batch_norm
+from modelscape.engine.stacked.batching import batched_operations, has_attention, has_batch_norm
 from modelscape.engine.stacked.stack import BUFFER, INIT_BUFFER, Stack
 from modelscape.engine.stateful import StackDropout
 
@@ -43,6 +43,7 @@ class FuncKernel:
         self.module = copy.deepcopy(p0.model).train()
         self.dropout = StackDropout(self.module)
         self.norms = has_batch_norm(self.module)
+        self.attention = has_attention(self.module)
         # the initial model as f_init (online centering): in evaluation mode, as ``model0``
         self.init_module = copy.deepcopy(p0.model).eval()
         self.names = names
@@ -99,7 +100,7 @@ class FuncKernel:
         batched = torch.func.vmap(fn, **kwargs)
 
         def run(*args):
-            with batched_operations(self.norms):
+            with batched_operations(self.norms, self.attention):
                 return batched(*args)
 
         return run
