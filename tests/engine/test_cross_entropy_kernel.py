@@ -129,6 +129,26 @@ def test_float32_classification_equals_its_one_job_runs(kernel_steps):
     assert kernel_steps["mlp"] > 0 and kernel_steps["torch.func"] == 0
 
 
+def test_bf16_mixed_classification_on_the_kernel_is_within_bf16s_tolerance_of_its_runs(
+    kernel_steps,
+):
+    """Under PRECISION="bf16-mixed" the kernel takes its bf16 products' outputs in float32 for
+    the softmax, as autocast does for torch's cross-entropy: a stacked job stays within bf16's
+    tolerance (an 8-bit mantissa, 1e-2 relative) of its one-job run, and bf16 really ran."""
+    overrides = {"DTYPE": "float32", "OPTIMIZER": "Adam", "LR": 0.01, "CENTER": True}
+    overrides["LOSS_CHECKPOINTS"] = [0.0]  # every job runs all its steps
+    jobs, spec = make_jobs({**overrides, "PRECISION": "bf16-mixed"})
+    got = stacked(jobs, spec)
+    assert kernel_steps["mlp"] > 0 and kernel_steps["torch.func"] == 0
+    alone = reference(jobs, spec)
+    fp32_jobs, fp32_spec = make_jobs(overrides)
+    fp32 = reference(fp32_jobs, fp32_spec)
+    for key, r in alone.items():
+        assert got[key].test_loss == pytest.approx(r.test_loss, rel=1e-2), key
+        assert got[key].train_loss == pytest.approx(r.train_loss, rel=1e-2), key
+        assert got[key].test_loss != fp32[key].test_loss  # bf16 really ran
+
+
 # ----------------------------------------------------------------------------- ragged stacks
 
 
