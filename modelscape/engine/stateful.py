@@ -6,14 +6,17 @@ the job's ``SubSeeds.dropout`` and ``t`` (``step_seed``) draws that step's masks
 the forward pass calls its Dropout modules. The one-job loop (``own_dropout``) and a stack
 (``StackDropout``, inside ``kernels.FuncKernel``) draw the same masks with the same generator
 calls, so a job's masks depend on its seed and step only: a window's replay, a resumed run and a
-job that joined a running stack at another step all take the same masks. CPU masks do not depend
-on the thread count (torch's MKL ``bernoulli_``; builds without MKL draw other masks); a CUDA
-generator draws other masks for the same seed than the CPU's (reproducible on the GPU).
+job that joined a running stack at another step all take the same masks. A mask keeps the
+entries where a float32 uniform draw (``torch.rand``) is below ``1 - p``: on the CPU the same
+for every thread count, dtype and build (torch's own generator; MKL's ``bernoulli_``, which
+``F.dropout`` uses, took 1.7x as long and differs between builds); a CUDA generator draws other
+masks for the same seed than the CPU's (reproducible on the GPU).
 
 A Dropout module in training mode is run as in evaluation mode (it returns its input) while a
 forward hook multiplies its input by the mask, ``bernoulli(1 - p) / (1 - p)``: what
-``F.dropout`` computes, with the job's generator. The hooks and the modes are put back after
-the step (the one-job loop), or live in the stack's own copy of the model.
+``F.dropout`` computes (the same distribution), with the job's generator. The hooks and the
+modes are put back after the step (the one-job loop), or live in the stack's own copy of the
+model.
 
 BatchNorm (1d/2d/3d) stacks as it is: under ``vmap`` each job normalizes over its own batch and
 updates its own running statistics, which are the stack's per-job buffers (``Stack.data``),
@@ -82,9 +85,11 @@ def generator(seed: int, step: int, device: torch.device) -> torch.Generator:
 
 
 def draw_mask(gen: torch.Generator, shape, p: float, like: torch.Tensor) -> torch.Tensor:
-    """One Dropout mask, ``bernoulli(1 - p) / (1 - p)``, as ``F.dropout`` draws it."""
-    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return mask.bernoulli_(1 - p, generator=gen).div_(1 - p)
+    """One Dropout mask, ``bernoulli(1 - p) / (1 - p)`` in ``like``'s dtype and device: 1 where
+    a float32 uniform draw of ``gen`` is below ``1 - p`` (see the module's docstring)."""
+    keep = 1 - p
+    mask = torch.rand(shape, generator=gen, dtype=torch.float32, device=like.device).lt_(keep)
+    return mask.to(like.dtype).div_(keep)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from modelscape.sweep.spec import SweepSpec
 # 3: stacks of the built-in MLP with CrossEntropyLoss train on the MLP kernel; stacked attention
 #    by its math backend, stacked BatchNorm folded into channels (each: other rounding);
 # 4: one-job runs on the CPU step Adam, AdamW, SGD and Adagrad with torch's fused kernel, and
-#    train models with ``prefers_channels_last`` (the built-in CNN, ResNet) channels-last
+#    train models with ``prefers_channels_last`` (the built-in CNN, ResNet) channels-last;
+#    Dropout masks from float32 uniform draws (engine/stateful.py), not MKL's bernoulli_
 NUMERICS_VERSION = 4
 
 

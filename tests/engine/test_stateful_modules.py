@@ -232,6 +232,31 @@ def test_a_users_causal_attention_stacks_and_equals_its_one_job_run():
     assert_same(reference(jobs, spec), stacked_without_per_job_fallback(jobs, spec), tol=1e-9)
 
 
+def test_a_dropout_mask_is_bernoulli_scaled_and_the_same_for_any_thread_count_and_dtype():
+    """``draw_mask``: entries 0 or 1 / (1 - p), kept with probability 1 - p (within 5 standard
+    errors over 400,000 draws), one pattern for 1 and 2 threads and for float32 and float64."""
+    from modelscape.engine.stateful import draw_mask, generator
+
+    p, shape = 0.3, (400, 1000)
+    masks = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads, dtype in ((1, torch.float32), (2, torch.float32), (2, torch.float64)):
+            torch.set_num_threads(n_threads)
+            like = torch.empty(0, dtype=dtype)
+            masks.append(draw_mask(generator(seed=11, step=3, device=CPU), shape, p, like))
+    finally:
+        torch.set_num_threads(threads)
+    m32, m32_again, m64 = masks
+    assert m64.dtype == torch.float64 and torch.equal(m32, m32_again)
+    assert torch.equal(m32 > 0, m64 > 0)
+    assert set(m64.unique().tolist()) == {0.0, 1 / (1 - p)}  # the scale in the job's dtype
+    kept = float((m32 > 0).double().mean())
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / m32.numel()) ** 0.5
+    other_step = draw_mask(generator(seed=11, step=4, device=CPU), shape, p, m32)
+    assert not torch.equal(m32, other_step)
+
+
 def test_dropout_masks_depend_on_the_job_and_its_step_only():
     jobs, spec = make_jobs(MODEL_CLASS=DropoutNet, MAX_ITER=20, LOSS_CHECKPOINTS=[1e-9])
     first = reference(jobs[:1], spec)
