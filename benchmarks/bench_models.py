@@ -21,8 +21,11 @@ Cases (``CASES``; add one by adding an entry):
   mlp             the same MLP without Dropout
   mlp-center      the MLP with CENTER on (the default), which the plain loop does not do
   mlp-off         the MLP with BATCHED="off": the one-job path alone
-  cnn, resnet     the built-in CNN and ResNet, width 16, 3x16x16, 4 classes, as BATCHED="auto"
-                  trains them (one job at a time on the CPU)
+  mlp-off-auto    the same with WORKERS_PER_DEVICE="auto" (one one-thread worker per core)
+  cnn, resnet     the built-in CNN and ResNet, width 16, 3x16x16, 4 classes, as the defaults
+                  train them (one job at a time on the CPU, in this process)
+  cnn-auto, resnet-auto, cnn-bn-auto   the same and the BatchNorm CNN, WORKERS_PER_DEVICE="auto"
+                  (one job at a time, one one-thread worker per core)
   cnn-stacked, resnet-stacked   the same, stacked (BATCHED="on")
 
     python benchmarks/bench_models.py                        # every case, 3 repeats
@@ -33,6 +36,7 @@ Cases (``CASES``; add one by adding an entry):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -127,6 +131,8 @@ class Case:
 
 
 ON = {"BATCHED": "on"}  # stacked even where BATCHED="auto" trains one job at a time
+OFF = {"BATCHED": "off"}
+AUTO = {"WORKERS_PER_DEVICE": "auto"}
 CE = {"loss": "CrossEntropyLoss", "d_out": 4}
 
 CASES = {
@@ -135,11 +141,15 @@ CASES = {
     "mlp-dropout": Case(UserMLP, vector_bfn, 256, extra={"DROPOUT": 0.1}),
     "mlp": Case(UserMLP, vector_bfn, 256),
     "mlp-center": Case(UserMLP, vector_bfn, 256, extra={"CENTER": True}),
-    "mlp-off": Case(UserMLP, vector_bfn, 256, extra={"BATCHED": "off"}),
+    "mlp-off": Case(UserMLP, vector_bfn, 256, extra=OFF),
+    "mlp-off-auto": Case(UserMLP, vector_bfn, 256, extra={**OFF, **AUTO}),
     "cnn": Case("CNN", image_bfn, 16, **CE),
     "cnn-stacked": Case("CNN", image_bfn, 16, **CE, extra=ON),
     "resnet": Case("ResNet", image_bfn, 16, **CE),
     "resnet-stacked": Case("ResNet", image_bfn, 16, **CE, extra=ON),
+    "cnn-auto": Case("CNN", image_bfn, 16, **CE, extra=AUTO),
+    "resnet-auto": Case("ResNet", image_bfn, 16, **CE, extra=AUTO),
+    "cnn-bn-auto": Case(BNCNN, image_bfn, 16, **CE, extra=AUTO),
 }
 
 
@@ -259,8 +269,9 @@ def arithmetic_seconds(case: Case, steps: int, plain: bool) -> float:
         with _Products() as rec:
             if plain:
                 plain_side(case, n, jobs=1)
-            else:
-                modelscape_side(case, n)
+            else:  # in this process, where the recorder sees them (two threads, no workers)
+                here = {**case.extra, "WORKERS_PER_DEVICE": 1}
+                modelscape_side(dataclasses.replace(case, extra=here), n)
         seen: dict[tuple, list] = {}
         for call in rec.calls:
             seen.setdefault(_signature(call), [call, 0])[1] += 1

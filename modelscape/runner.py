@@ -15,15 +15,17 @@ this ``main``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from modelscape import preflight
 from modelscape.engine import group_jobs
 from modelscape.errors import StoreError, SweepError
 from modelscape.execution.base import Executor, executor_for
+from modelscape.execution.local import one_at_a_time, workers_hint, workers_per_device
 from modelscape.execution.progress import Progress, notice, placement_text
 from modelscape.results.records import TrainedBy
 from modelscape.results.result import JobRecord, Result
@@ -135,14 +137,19 @@ def main(
     hp = jobs[0].hp
     store = _open_store(hp, names, values, jobs, spec)
     trained_by: Counter[str] = Counter()
+    hint = None
     try:
         if spec.grabs:  # once the run folder exists: a grab may read it
             spec.grab_shapes = preflight.grab_shapes(jobs[0], spec)
         todo = _unfinished(jobs, store, hp.RETRY_FAILED)
         if todo:
+            groups = group_jobs(todo, spec=spec) if hp.BATCHED != "off" else [[j] for j in todo]
             if executor is None:
-                executor = executor_for(hp, use_mp=use_mp, checkpoints=store.checkpoints)
-            trained_by = _train(todo, spec, hp, executor, store, len(jobs), progress)
+                workers = workers_per_device(hp, groups, spec)  # "auto" decided here
+                hp_run = dataclasses.replace(hp, WORKERS_PER_DEVICE=workers)
+                executor = executor_for(hp_run, use_mp=use_mp, checkpoints=store.checkpoints)
+                hint = workers_hint(hp, groups, spec) if use_mp is None else None
+            trained_by = _train(groups, spec, hp, executor, store, len(todo), len(jobs), progress)
         records = [store.get(job.key) for job in jobs]
     finally:
         store.close()
@@ -156,25 +163,27 @@ def main(
     )
     if hp.BATCHED != "off":
         _report_unstacked(trained_by)
+    if hint:
+        notice(hint)
     _report_failures(result)
     return result
 
 
 def _train(
-    todo: list[Job],
+    groups: list[list[Job]],
     spec: SweepSpec,
     hp: H.HParams,
     executor: Executor,
     store: Store,
+    todo: int,
     total: int,
     progress: bool,
 ) -> Counter[str]:
-    """Train ``todo`` on ``executor``, storing each record as it arrives; how the jobs trained
-    (``JobRecord.trained_by`` counts)."""
-    groups = group_jobs(todo, spec=spec) if hp.BATCHED != "off" else [[job] for job in todo]
+    """Train ``groups`` (``todo`` jobs) on ``executor``, storing each record as it arrives; how
+    the jobs trained (``JobRecord.trained_by`` counts)."""
     placement = executor.placement()
-    groups = balance(groups, len(placement))
-    bar = Progress(total, total - len(todo), placement_text(placement), enabled=progress)
+    groups = balance(groups, len(placement), lambda g: one_at_a_time(g, hp, spec))
+    bar = Progress(total, total - todo, placement_text(placement), enabled=progress)
     trained_by: Counter[str] = Counter()
 
     def on_record(record: JobRecord) -> None:
@@ -210,14 +219,22 @@ def _stored(store: RunStore) -> str:
         return f"the jobs stored in {store.run_dir} so far are kept"
 
 
-def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
+def balance(
+    groups: list[list[Job]],
+    n_workers: int,
+    alone: Callable[[list[Job]], bool] = lambda group: False,
+) -> list[list[Job]]:
     """Split the largest groups until every worker has one (a group trains on one worker), and
     none holds more than a worker's share of the jobs (a REFILL group is a whole stream).
 
     Halves keep at least two jobs: a job alone trains in the one-job loop, whose rounding differs
     from the stacked engine's, so splitting off a single job would make results depend on the
-    number of workers.
+    number of workers. A group that trains one job at a time anyway (``alone``) is split into
+    pairs, so that workers share them out as they finish (a pair, not a single job, still says
+    why its jobs did not stack).
     """
+    if n_workers > 1:
+        groups = [part for g in groups for part in (_pairs(g) if alone(g) else [g])]
     groups = [list(g) for g in groups]
     share = -(-sum(map(len, groups)) // max(1, n_workers))
     while n_workers > 1:
@@ -230,6 +247,16 @@ def balance(groups: list[list[Job]], n_workers: int) -> list[list[Job]]:
         half = (len(group) + 1) // 2
         groups[largest:largest] = [group[:half], group[half:]]
     return groups
+
+
+def _pairs(group: list[Job]) -> list[list[Job]]:
+    """``group`` in consecutive pairs, the last three when it has an odd number (>= 2) of jobs."""
+    if len(group) < 4:
+        return [group]
+    parts = [group[i : i + 2] for i in range(0, len(group) - len(group) % 2, 2)]
+    if len(group) % 2:
+        parts[-1].append(group[-1])
+    return parts
 
 
 def _open_store(

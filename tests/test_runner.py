@@ -444,3 +444,15 @@ def test_balance_gives_every_worker_a_share_of_a_refill_stream():
     assert sizes == [500, 500, 10]  # not one worker with 1000 jobs, the other with 10
     assert [len(g) for g in balance([stream], 1)] == [1000]  # one worker: one stream
     assert sorted(sum(balance([stream, other], 3), [])) == stream + other
+
+
+def test_balance_shares_out_one_at_a_time_groups_in_pairs_among_several_workers():
+    from modelscape.runner import balance
+
+    def alone(group):
+        return group[0] < 100  # the jobs below 100 train one at a time, the others stacked
+
+    singles, stack = list(range(7)), list(range(100, 104))
+    assert balance([singles, stack], 2, alone) == [[0, 1], [2, 3], [4, 5, 6], stack]
+    assert balance([singles], 1, alone) == [singles]  # one worker: nothing to share
+    assert balance([[0, 1, 2]], 2, alone) == [[0, 1, 2]]  # too few to pair up

@@ -72,6 +72,10 @@ def parse_none_or_int(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "null", "") else parse_int(text)
 
 
+def parse_int_or_auto(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else parse_int(text)
+
+
 def parse_json_dict(text: str) -> dict[str, Any]:
     """A JSON object of argument names to values, such as ``{"betas": [0.9, 0.99]}``."""
     try:
@@ -203,6 +207,8 @@ def _flag_options(name: str) -> dict[str, Any]:
         return {"type": parse_none_or_str}
     if kind == "optional_int":
         return {"type": parse_none_or_int}
+    if kind == "int_or_auto":
+        return {"type": parse_int_or_auto}
     if kind == "class":
         return {"nargs": many, "type": str}
     if kind == "dict":

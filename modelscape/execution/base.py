@@ -13,6 +13,7 @@ never on the worker or the order.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -79,6 +80,7 @@ class Executor(ABC):
     pickles: ClassVar[bool] = True
     stops_hung_jobs: ClassVar[bool] = False
     waits: bool = True
+    inherits_spec: bool = False  # its workers are forks of this process (``Payload.pickle``)
 
     def __init__(self, checkpoints: Checkpoints | None = None):
         self.checkpoints = checkpoints
@@ -110,7 +112,8 @@ class Executor(ABC):
         (unless the executor does not ``wait``: then once every group is on its way)."""
         payload = Payload(spec, groups)
         if self.pickles:
-            payload.pickle()  # before any worker starts, so that a bad object fails fast
+            # before any worker starts, so that a bad object fails fast
+            payload.pickle(spec=not self.inherits_spec)
         records = Records(payload.groups, on_record)
         self._run(payload, records)
         if not self.waits:
@@ -134,9 +137,12 @@ def executor_for(
     """The executor EXECUTOR, DEVICES and WORKERS_PER_DEVICE ask for.
 
     One worker in total trains in this process, several in worker processes; ``use_mp``
-    (the original's flag) forces one or the other.
+    (the original's flag) forces one or the other. WORKERS_PER_DEVICE="auto" needs the sweep's
+    groups (``local.workers_per_device``); without them it is one.
     """
     cls = executor_class(hp.EXECUTOR)
+    if hp.WORKERS_PER_DEVICE == "auto":  # the runner decides it from the sweep's groups
+        hp = dataclasses.replace(hp, WORKERS_PER_DEVICE=1)
     cls.check(hp)
     return cls.from_hparams(hp, use_mp=use_mp, checkpoints=checkpoints)
 

@@ -13,6 +13,7 @@ shuts every worker down. With one worker in total (and no JOB_TIMEOUT), ``from_h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
@@ -25,22 +26,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, wait
 
-from modelscape.engine import failed_record
+import torch
+
+from modelscape.engine import failed_record, resolve_device, why_single
 from modelscape.errors import ExecutorError, WorkerDied
 from modelscape.execution.base import Executor, Records, local_device
 from modelscape.execution.inprocess import InProcessExecutor
 from modelscape.execution.pickling import Payload
 from modelscape.execution.progress import notice
 from modelscape.execution.retries import Retries, exhausted_message, retry_notice, split_in_two
-from modelscape.execution.worker import AUTHKEY_ENV
+from modelscape.execution.starting import ForkedProcess, fork_unsafe, fork_worker, spawn_worker
 from modelscape.store.checkpoints import Checkpoints
 from modelscape.sweep import hparams as H
+from modelscape.sweep.jobs import Job
+from modelscape.sweep.spec import SweepSpec
 
 
 @dataclass
 class _Worker:
     device: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedProcess
     conn: Connection
     ready: bool = False
     gid: int | None = None  # the group in flight
@@ -78,13 +83,20 @@ class LocalExecutor(Executor):
         self._retries = Retries(max_retries)
         self._authkey = secrets.token_bytes(32)
         self._startup_deaths = 0
+        #: how workers start: "fork" or "fresh" (``starting.py``), and why not fork
+        self.fresh_reason = fork_unsafe(self.slots, self.threads)
+        self.start_method = "fresh" if self.fresh_reason else "fork"
+        self.inherits_spec = self.start_method == "fork"
+        self._spec: SweepSpec | None = None  # what forked workers inherit
+        self._parent_fds: set[int] = set()  # our ends of the workers' pipes and connections
 
     @classmethod
     def from_hparams(
         cls, hp: H.HParams, *, use_mp: bool | None = None, checkpoints: Checkpoints | None = None
     ) -> Executor:
         devices = [local_device(d) for d in hp.DEVICES]
-        n_workers = len(devices) * hp.WORKERS_PER_DEVICE
+        per_device = hp.WORKERS_PER_DEVICE
+        n_workers = len(devices) * per_device
         if use_mp is False and hp.JOB_TIMEOUT > 0:
             raise ExecutorError(
                 f"JOB_TIMEOUT={hp.JOB_TIMEOUT:g} can stop a hung job only on a worker process, "
@@ -96,7 +108,7 @@ class LocalExecutor(Executor):
             return InProcessExecutor(devices[0], checkpoints)
         return cls(
             [str(d) for d in devices],
-            hp.WORKERS_PER_DEVICE,
+            per_device,
             checkpoints,
             max_retries=hp.MAX_RETRIES,
             job_timeout=hp.JOB_TIMEOUT,
@@ -106,6 +118,7 @@ class LocalExecutor(Executor):
         return list(self.slots)
 
     def _run(self, payload: Payload, records: Records) -> None:
+        self._spec = payload.spec
         procs = [self._spawn() for _ in self.slots]  # all import torch at the same time
         workers: list[_Worker] = []
         try:
@@ -114,6 +127,7 @@ class LocalExecutor(Executor):
             self._loop(workers, payload, records)
         finally:
             _shutdown(workers)
+            self._parent_fds.clear()
             for proc in procs[len(workers) :]:
                 proc.kill()
                 proc.wait()
@@ -182,7 +196,7 @@ class LocalExecutor(Executor):
         w.gid = None
         if not w.ready:
             self._startup_died(how)
-        _close(w)
+        self._close(w)
         self._replace(w, workers, pending, payload)
 
     def _retry(self, w: _Worker, how: str, pending: deque, payload: Payload, records) -> None:
@@ -244,24 +258,18 @@ class LocalExecutor(Executor):
                 )
                 records.fail_rest(w.gid, err, w.device)
             w.gid = None
-            _close(w)
+            self._close(w)
             self._replace(w, workers, pending, payload)
 
-    def _spawn(self) -> subprocess.Popen:
-        env = dict(os.environ)
-        env[AUTHKEY_ENV] = self._authkey.hex()
-        # native thread pools size themselves at import, before torch.set_num_threads runs
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        return subprocess.Popen(
-            [sys.executable, "-c", "from modelscape.execution.worker import main; main()"],
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-            # its own session: Ctrl-C reaches only the parent, which then stops the workers
-            start_new_session=True,
-        )
+    def _spawn(self) -> subprocess.Popen | ForkedProcess:
+        if self.start_method == "fork":
+            proc = fork_worker(self._authkey, self._spec, close=self._parent_fds)
+        else:
+            proc = spawn_worker(self._authkey, self.threads)
+        self._parent_fds.add(proc.stdout.fileno())
+        return proc
 
-    def _connect(self, proc: subprocess.Popen, device: str, spec_blob: bytes) -> _Worker:
+    def _connect(self, proc, device: str, spec_blob: bytes) -> _Worker:
         init = {
             "sys_path": list(sys.path),
             "threads": self.threads,
@@ -274,13 +282,19 @@ class LocalExecutor(Executor):
             if address:
                 try:
                     conn = Client(address, authkey=self._authkey)
+                    self._parent_fds.add(conn.fileno())
                     conn.send(init)
                     return _Worker(device=device, proc=proc, conn=conn)
                 except (OSError, EOFError):  # it died between printing its address and now
                     proc.kill()
+            self._parent_fds.discard(proc.stdout.fileno())
             proc.stdout.close()
             self._startup_died(_ended(proc))
             proc = self._spawn()
+
+    def _close(self, w: _Worker) -> None:
+        self._parent_fds.difference_update((w.conn.fileno(), w.proc.stdout.fileno()))
+        _close(w)
 
     def _startup_died(self, how: str) -> None:
         self._startup_deaths += 1
@@ -342,3 +356,54 @@ def available_cores() -> int:
     if sys.platform.startswith("linux"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def one_at_a_time(group: Sequence[Job], hp: H.HParams, spec: SweepSpec) -> bool:
+    """Whether ``group`` trains one job at a time (``engine.why_single``) on DEVICES."""
+    if hp.BATCHED == "on":
+        return False  # stacked, or an error that names why not when it trains
+    devices = {resolve_device(d).type for d in hp.DEVICES}
+    device = torch.device("cpu") if devices == {"cpu"} else None
+    return why_single(group, device, spec) is not None
+
+
+def workers_per_device(hp: H.HParams, groups: Sequence[Sequence[Job]], spec: SweepSpec) -> int:
+    """WORKERS_PER_DEVICE, or where it is "auto" the number this sweep trains fastest with.
+
+    One, except on this machine's CPU (EXECUTOR="local", DEVICES CPU only) when every group
+    trains one job at a time (convolutional models, BATCHED="off", optimizers without a stacked
+    version): then one worker per core, one torch thread each, up to one per job. Small models
+    use two cores better as two jobs than as one job's two threads (``bench_models.py``, the
+    one-at-a-time cases: 1.26-1.6x, benchmarks/NOTES.md), and a forked worker starts in
+    milliseconds (``starting.py``). A stack's products already use every thread, so stacks keep
+    one worker, in this process. Where workers would start as fresh interpreters (1.3 s each),
+    or with fewer jobs than cores (a worker would get several threads, which rules out a fork),
+    one it is.
+    """
+    if hp.WORKERS_PER_DEVICE != "auto":
+        return hp.WORKERS_PER_DEVICE
+    jobs = sum(len(g) for g in groups)
+    cores = available_cores()
+    if hp.EXECUTOR != "local" or cores < 2 or jobs < cores or fork_unsafe(["cpu"], 1):
+        return 1
+    if any(resolve_device(d).type != "cpu" for d in hp.DEVICES):
+        return 1
+    if not all(one_at_a_time(g, hp, spec) for g in groups):
+        return 1
+    return max(1, cores // len(hp.DEVICES))
+
+
+def workers_hint(hp: H.HParams, groups: Sequence[Sequence[Job]], spec: SweepSpec) -> str | None:
+    """What to say when WORKERS_PER_DEVICE=1 trained, in this process, a sweep that "auto"
+    would spread over one-thread workers (None when there is nothing to say)."""
+    if hp.WORKERS_PER_DEVICE != 1 or len(hp.DEVICES) != 1 or hp.JOB_TIMEOUT > 0:
+        return None
+    workers = workers_per_device(dataclasses.replace(hp, WORKERS_PER_DEVICE="auto"), groups, spec)
+    if workers < 2:
+        return None
+    jobs = sum(len(g) for g in groups)
+    return (
+        f"{jobs} jobs trained one at a time in this process; WORKERS_PER_DEVICE='auto' would "
+        f"train {workers} at a time on this CPU's {workers} cores (one thread each): the same "
+        "numbers, usually 1.3-1.6x sooner for small models (docs/running-sweeps.md)."
+    )

@@ -31,7 +31,9 @@ class Payload:
 
     An in-process executor uses ``spec`` and ``groups`` as they are. ``pickle()`` turns them
     into bytes once, before any worker starts, so that something unpicklable fails the sweep
-    early; ``spec_blob`` and ``group_blob(i)`` are then what travels.
+    early; ``spec_blob`` and ``group_blob(i)`` are then what travels. Workers forked from this
+    process inherit the spec as it is (``pickle(spec=False)``: ``spec_blob`` stays empty), so
+    its data is neither copied nor required to pickle; only the groups travel.
     """
 
     def __init__(self, spec: SweepSpec, groups: Sequence[Sequence[Job]]):
@@ -39,10 +41,13 @@ class Payload:
         self.groups = [list(g) for g in groups]
         self.spec_blob = b""
         self._group_blobs: list[bytes] = []
+        self._pickled = False
 
-    def pickle(self) -> None:
-        self.spec_blob = dumps(self.spec, "the sweep's functions and data")
+    def pickle(self, spec: bool = True) -> None:
+        if spec:
+            self.spec_blob = dumps(self.spec, "the sweep's functions and data")
         self._group_blobs = [dumps(g, "a job") for g in self.groups]
+        self._pickled = True
 
     def group_blob(self, gid: int) -> bytes:
         return self._group_blobs[gid]
@@ -50,7 +55,7 @@ class Payload:
     def add_group(self, group: Sequence[Job]) -> int:
         """A new group (a retry of part of another); returns its index."""
         self.groups.append(list(group))
-        if self.spec_blob:
+        if self._pickled:
             self._group_blobs.append(dumps(self.groups[-1], "a job"))
         return len(self.groups) - 1
 

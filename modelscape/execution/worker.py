@@ -1,7 +1,8 @@
 """A worker process of the local executor (``LocalExecutor`` starts it; not for direct use).
 
-The worker is a fresh interpreter: it never re-runs the user's script, so scripts need no
-``if __name__ == "__main__"`` guard and nobody calls ``mp.set_start_method``. It listens on a
+The worker is a fresh interpreter or a fork of the parent (``starting.py``): it never re-runs
+the user's script, so scripts need no ``if __name__ == "__main__"`` guard and nobody calls
+``mp.set_start_method``. It listens on a
 private address that it prints on stdout, receives the sweep (cloudpickled) once, then trains
 the groups of jobs it is sent one at a time, sending each record back as soon as it exists.
 It exits when told to stop, when the connection closes, or when its parent dies.
@@ -17,6 +18,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection, Listener
+from typing import Any
 
 AUTHKEY_ENV = "MODELSCAPE_WORKER_AUTHKEY"
 
@@ -29,7 +31,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, inherited: Any = None) -> None:
     # imported here: the worker prints its address before the slow torch import
     import torch
 
@@ -45,7 +47,7 @@ def _serve(conn: Connection) -> None:
     torch.set_num_threads(init["threads"])
     device = torch.device(init["device"])
     try:
-        spec = loads(init["spec"])
+        spec = loads(init["spec"]) if init["spec"] else inherited
     except Exception:  # noqa: BLE001 - reported to the parent, which stops the sweep
         conn.send(("fatal", traceback.format_exc()))
         return
@@ -67,15 +69,18 @@ def _serve(conn: Connection) -> None:
         conn.send(("done", gid))
 
 
-def main() -> None:
+def main(authkey: bytes | None = None, spec: Any = None) -> None:
+    """Serve one sweep: ``authkey`` and the ``spec`` from a forked parent, else the key from
+    the environment and the spec pickled from the parent."""
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
+    if authkey is None:
+        authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
     with Listener(authkey=authkey) as listener:
         print(listener.address, flush=True)
         os.dup2(2, 1)  # from here on, the worker's prints go to the parent's stderr
         conn = listener.accept()
     try:
-        _serve(conn)
+        _serve(conn, spec)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent went away
     finally:

@@ -112,6 +112,8 @@ def check_ranges(h: Any) -> None:
     positive = ["N_SAMPLES", "N_TRAIN", "N_TEST", "NUM_TRIALS", "MAX_ITER", "DEPTH", "WIDTH",
                 "EVAL_EVERY", "WORKERS_PER_DEVICE"]  # fmt: skip
     for name in positive:
+        if name == "WORKERS_PER_DEVICE" and h.WORKERS_PER_DEVICE == "auto":
+            continue  # chosen per sweep (execution/local.py, workers_per_device)
         if getattr(h, name) <= 0:
             raise HParamError(f"{name} must be > 0, got {getattr(h, name)}.")
     if not 0.0 <= h.EMA_SMOOTHER < 1.0:

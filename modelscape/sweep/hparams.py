@@ -167,8 +167,12 @@ class HParams:
     BIAS: bool = hp(False, "Biases in the built-in models' layers.")
 
     # --- execution and storage ---
-    WORKERS_PER_DEVICE: int = hp(
-        1, "Worker processes per device (several pack small jobs on one GPU).", scope="sweep"
+    WORKERS_PER_DEVICE: Any = hp(
+        1,
+        "Worker processes per device (several pack small jobs on one GPU); 'auto': one per core "
+        "(one thread each) for a CPU sweep whose jobs train one at a time, else one.",
+        scope="sweep",
+        kind="int_or_auto",
     )
     EXECUTOR: str = hp(
         "local",
@@ -386,6 +390,8 @@ def coerce(name: str, value: Any) -> Any:
         raise bad("folder or None (an empty name would write into the current one)")
     if kind == "optional_int":
         return None if value is None else coerce_int(name, value, bad)
+    if kind == "int_or_auto":
+        return "auto" if value == "auto" else coerce_int(name, value, bad)
     if kind == "optional_str":
         if value is None or isinstance(value, str):
             return value

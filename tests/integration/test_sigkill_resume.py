@@ -155,7 +155,8 @@ def test_parent_sigkilled_half_way_then_the_rerun_trains_only_the_missing_jobs(s
 def test_a_long_job_killed_mid_way_continues_from_its_checkpoint_bit_identically(script, tmp_path):
     flags = ["--MAX_ITER", "200", "--NUM_TRIALS", "1", "--CHECKPOINT_EVERY", "0.2",
              "--OPTIMIZER", "Adam", "--LR", "0.003", "--ONLYTHRESHOLDS", "False",
-             "--EVAL_EVERY", "7", "--BATCHED", "off"]  # fmt: skip
+             "--EVAL_EVERY", "7", "--BATCHED", "off",
+             "--WORKERS_PER_DEVICE", "1"]  # one process to kill  # fmt: skip
     reference_dir = tmp_path / "reference"
     reference = start(script, reference_dir, *flags, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "run"
@@ -222,7 +223,8 @@ def interrupting_grab(model, step, **kwargs):
 def test_an_interrupted_job_resumes_from_its_checkpoint_in_process(settings, tmp_path, capsys):
     cfg = vars(base_args(WIDTH=16, MAX_ITER=60, N_SAMPLES=16, N_TEST=32, DEVICES=["cpu"],
                          LOSS_CHECKPOINTS=[1e-12], ONLYTHRESHOLDS=False, EVAL_EVERY=9,
-                         CHECKPOINT_EVERY=1e-9, BATCHED="off", **settings))  # fmt: skip
+                         CHECKPOINT_EVERY=1e-9, BATCHED="off", WORKERS_PER_DEVICE=1,
+                         **settings))  # fmt: skip
 
     cfg["otherreturns"] = {"w": interrupting_grab}
 

@@ -20,6 +20,7 @@ import torch
 from sweeps import config, rel, trial_sweep
 
 from modelscape import HParamError, SweepError, load
+from modelscape.execution.starting import WORKER_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 PARENT = os.getpid()
@@ -337,10 +338,12 @@ def _worker_children() -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            name = (entry / "comm").read_text().strip()
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and "modelscape" in args and "worker" in args:
+        fresh = "modelscape" in args and "worker" in args
+        if ppid == os.getpid() and (fresh or name == WORKER_NAME):  # a fork's args are ours
             found.append(int(entry.name))
     return found
 

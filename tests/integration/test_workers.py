@@ -16,6 +16,9 @@ import torch
 from modelscape import SweepError
 from modelscape.backend.job_iterator import main as run_job_iterator
 from modelscape.cli.args import base_args
+from modelscape.engine.stacked.grouping import SLOWER_STACKED
+from modelscape.execution.local import LocalExecutor, available_cores
+from modelscape.execution.starting import START_ENV
 from modelscape.store import load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,7 +79,7 @@ def assert_bit_identical(a, b, skip=()):
 @pytest.mark.parametrize("batched", ["off", "auto"])
 def test_one_and_two_workers_in_any_order_give_bit_identical_results(batched):
     cfg = config(BATCHED=batched)
-    here = sweep(cfg)  # one worker: this process
+    here = sweep({**cfg, "WORKERS_PER_DEVICE": 1})  # one worker: this process
     two = sweep({**cfg, "WORKERS_PER_DEVICE": 2}, trials=[3, 2, 1, 0], gammas=[0.5, 1.0])
     assert_bit_identical(here, two)
     assert {int(r.grabs["pid"]) for r in here.records} == {os.getpid()}
@@ -107,14 +110,21 @@ def test_a_worker_killed_mid_job_fails_that_job_and_a_replacement_carries_on(tmp
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_an_unpicklable_closure_variable_is_named_before_any_worker_starts():
+def locked_grab_and_pid():
     lock = threading.Lock()
 
     def locked_grab(model, **kwargs):
         with lock:
-            return 0.0
+            return float(os.getpid())
 
-    cfg = {**config(), "WORKERS_PER_DEVICE": 2, "otherreturns": {"locked": locked_grab}}
+    return {"locked": locked_grab, "threads": lambda **kw: float(torch.get_num_threads())}
+
+
+def test_an_unpicklable_closure_variable_is_named_before_any_fresh_worker_starts(monkeypatch):
+    # workers that start as fresh interpreters (GPUs, or MODELSCAPE_WORKER_START=fresh) get
+    # the sweep pickled; forked CPU workers inherit it (the next test)
+    monkeypatch.setenv(START_ENV, "fresh")
+    cfg = {**config(), "WORKERS_PER_DEVICE": 2, "otherreturns": locked_grab_and_pid()}
     start = time.perf_counter()
     with pytest.raises(SweepError) as err:
         run_job_iterator([[0]], ["trial"], cfg, {"base_bfn": make_bfn(3)}, progress=False)
@@ -122,6 +132,80 @@ def test_an_unpicklable_closure_variable_is_named_before_any_worker_starts():
     assert "otherreturns['locked'] uses 'lock'" in text and "lock" in text
     assert "Create such objects inside the function" in text
     assert time.perf_counter() - start < 5  # no worker was started
+
+
+def test_cpu_workers_are_forks_that_inherit_the_sweep_unpickled(monkeypatch):
+    monkeypatch.delenv(START_ENV, raising=False)
+    cfg = {**config(), "otherreturns": locked_grab_and_pid()}
+    executor = LocalExecutor(["cpu"], 2, threads=1)
+    assert (executor.start_method, executor.fresh_reason) == ("fork", None)
+    bfn = make_bfn(3)
+    forked = run_job_iterator(
+        [[0, 1, 2, 3]], ["trial"], cfg, {"base_bfn": bfn}, executor=executor, progress=False
+    )
+    pids = {int(r.grabs["locked"]) for r in forked.records}  # the lock never left this process
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert {float(r.grabs["threads"]) for r in forked.records} == {1.0}
+    here = run_job_iterator(
+        [[0, 1, 2, 3]], ["trial"], cfg, {"base_bfn": bfn}, use_mp=False, progress=False
+    )
+    for a, b in zip(here.records, forked.records):
+        assert (a.key, a.status, a.train_loss) == (b.key, "ok", b.train_loss)
+        assert a.test_loss == b.test_loss
+
+    # a forked child with more than one thread would hang in OpenMP: those start fresh
+    assert LocalExecutor(["cpu"], 1, threads=2).start_method == "fresh"
+    monkeypatch.setenv(START_ENV, "fresh")
+    assert LocalExecutor(["cpu"], 2, threads=1).fresh_reason == f"{START_ENV}=fresh"
+
+
+@pytest.mark.parametrize("model", ["CNN", "MLP"])
+def test_auto_spreads_one_at_a_time_cpu_jobs_over_one_thread_workers_and_stacks_stay_here(
+    model, capsys
+):
+    """Convolutional models train one job at a time on the CPU; WORKERS_PER_DEVICE="auto"
+    trains them on a worker per core (one torch thread each). A stack of MLPs trains in this
+    process with every thread. The numbers are the same either way, and a sweep that "auto"
+    would have spread out says so when it trains in this process."""
+    cfg = {
+        **config(MODEL_CLASS=model, BATCHED="auto", WIDTH=4, MAX_ITER=8),
+        "otherreturns": locked_grab_and_pid(),
+    }
+
+    def image_bfn(bsz, gen, X=None, y=None, **kwargs):
+        def batch_fn(step):
+            Xb = torch.randn(bsz, 2, 4, 4, generator=gen)
+            return Xb, Xb.mean((1, 2, 3))
+
+        return batch_fn
+
+    bfn = image_bfn if model == "CNN" else make_bfn(3)
+
+    def run(**extra):
+        return run_job_iterator(
+            [[0, 1, 2, 3, 4]], ["trial"], {**cfg, **extra}, {"base_bfn": bfn}, progress=False
+        )
+
+    default = run(WORKERS_PER_DEVICE="auto")
+    pids = {int(r.grabs["locked"]) for r in default.records}
+    threads = {float(r.grabs["threads"]) for r in default.records}
+    cores = available_cores()
+    if model == "CNN" and 2 <= cores <= 5:  # a worker per core, when there are enough jobs
+        assert len(pids) == cores and os.getpid() not in pids and threads == {1.0}
+        assert {r.trained_by for r in default.records} == {str(SLOWER_STACKED)}
+    else:
+        assert model == "CNN" or {r.trained_by for r in default.records} == {"stacked"}
+        assert pids == {os.getpid()} and threads == {float(torch.get_num_threads())}
+    capsys.readouterr()
+    here = run()  # the default: one worker, this process
+    assert {int(r.grabs["locked"]) for r in here.records} == {os.getpid()}
+    hinted = "WORKERS_PER_DEVICE='auto' would train" in capsys.readouterr().err
+    assert hinted == (len(pids) > 1)
+    for a, b in zip(here.records, default.records):
+        assert (a.key, a.status, a.seed, a.trained_by) == (b.key, "ok", b.seed, b.trained_by)
+        assert (a.train_loss, a.test_loss) == (b.train_loss, b.test_loss)
+        np.testing.assert_array_equal(a.timekeys, b.timekeys)
+    assert len({r.test_loss for r in here.records}) == 5
 
 
 def locked_state_grab(model, **kwargs):
