@@ -404,6 +404,6 @@ def workers_hint(hp: H.HParams, groups: Sequence[Sequence[Job]], spec: SweepSpec
     jobs = sum(len(g) for g in groups)
     return (
         f"{jobs} jobs trained one at a time in this process; WORKERS_PER_DEVICE='auto' would "
-        f"train {workers} at a time on this CPU's {workers} cores (one thread each): the same "
-        "numbers, usually 1.3-1.6x sooner for small models (docs/running-sweeps.md)."
+        f"train {workers} at a time on this CPU's {workers} cores (one thread each), usually "
+        "1.3-1.8x sooner for small models (docs/running-sweeps.md)."
     )

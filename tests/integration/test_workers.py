@@ -165,8 +165,9 @@ def test_auto_spreads_one_at_a_time_cpu_jobs_over_one_thread_workers_and_stacks_
 ):
     """Convolutional models train one job at a time on the CPU; WORKERS_PER_DEVICE="auto"
     trains them on a worker per core (one torch thread each). A stack of MLPs trains in this
-    process with every thread. The numbers are the same either way, and a sweep that "auto"
-    would have spread out says so when it trains in this process."""
+    process with every thread. The numbers equal this process's with as many threads (oneDNN's
+    convolution gradients round by thread count), and a sweep that "auto" would have spread out
+    says so when it trains in this process."""
     cfg = {
         **config(MODEL_CLASS=model, BATCHED="auto", WIDTH=4, MAX_ITER=8),
         "otherreturns": locked_grab_and_pid(),
@@ -197,7 +198,12 @@ def test_auto_spreads_one_at_a_time_cpu_jobs_over_one_thread_workers_and_stacks_
         assert model == "CNN" or {r.trained_by for r in default.records} == {"stacked"}
         assert pids == {os.getpid()} and threads == {float(torch.get_num_threads())}
     capsys.readouterr()
-    here = run()  # the default: one worker, this process
+    threads_here = torch.get_num_threads()
+    torch.set_num_threads(int(threads.pop()))
+    try:
+        here = run()  # the default: one worker, this process
+    finally:
+        torch.set_num_threads(threads_here)
     assert {int(r.grabs["locked"]) for r in here.records} == {os.getpid()}
     hinted = "WORKERS_PER_DEVICE='auto' would train" in capsys.readouterr().err
     assert hinted == (len(pids) > 1)
