@@ -182,7 +182,10 @@ def _train(
     """Train ``groups`` (``todo`` jobs) on ``executor``, storing each record as it arrives; how
     the jobs trained (``JobRecord.trained_by`` counts)."""
     placement = executor.placement()
-    groups = balance(groups, len(placement), lambda g: one_at_a_time(g, hp, spec))
+    if executor.shares_out_pairs:
+        groups = balance(groups, len(placement), lambda g: one_at_a_time(g, hp, spec))
+    else:
+        groups = balance(groups, len(placement))
     bar = Progress(total, total - todo, placement_text(placement), enabled=progress)
     trained_by: Counter[str] = Counter()
 

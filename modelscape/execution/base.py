@@ -75,12 +75,17 @@ class Executor(ABC):
     ``pickles``: whether jobs train in other processes, so the payload must be pickled first.
     ``stops_hung_jobs``: whether it honours JOB_TIMEOUT. ``waits``: whether ``run`` returns only
     once every job has a record (a detached SLURM sweep returns after submitting).
+    ``inherits_spec`` and ``shares_out_pairs``: see their comments.
     """
 
     pickles: ClassVar[bool] = True
     stops_hung_jobs: ClassVar[bool] = False
     waits: bool = True
     inherits_spec: bool = False  # its workers are forks of this process (``Payload.pickle``)
+    #: long-lived workers that pull one group after another: one-at-a-time jobs are sent in
+    #: pairs, so that they share out as workers finish (``runner.balance``); a backend that
+    #: starts a process or task per group keeps fewer, larger groups
+    shares_out_pairs: ClassVar[bool] = False
 
     def __init__(self, checkpoints: Checkpoints | None = None):
         self.checkpoints = checkpoints

@@ -65,6 +65,7 @@ class LocalExecutor(Executor):
     """
 
     stops_hung_jobs = True
+    shares_out_pairs = True
 
     def __init__(
         self,
