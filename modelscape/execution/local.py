@@ -1,6 +1,7 @@
 """EXECUTOR="local": ``LocalExecutor`` runs long-lived worker processes on this machine.
 
-WORKERS_PER_DEVICE workers per entry of DEVICES (each a fresh interpreter, see ``worker.py``)
+WORKERS_PER_DEVICE workers per entry of DEVICES (forks of this process or fresh interpreters,
+``starting.py``; each runs ``worker.py``)
 pull groups from the parent one at a time and stream records back; the parent is the only
 writer of results. A worker that dies, whatever its timing, is replaced; its unfinished jobs
 are retried from their checkpoints up to MAX_RETRIES times, a group split in two
@@ -373,13 +374,13 @@ def workers_per_device(hp: H.HParams, groups: Sequence[Sequence[Job]], spec: Swe
 
     One, except on this machine's CPU (EXECUTOR="local", DEVICES CPU only) when every group
     trains one job at a time (convolutional models, BATCHED="off", optimizers without a stacked
-    version): then one worker per core, one torch thread each, up to one per job. Small models
-    use two cores better as two jobs than as one job's two threads (``bench_models.py``, the
-    one-at-a-time cases: 1.26-1.6x, benchmarks/NOTES.md), and a forked worker starts in
-    milliseconds (``starting.py``). A stack's products already use every thread, so stacks keep
-    one worker, in this process. Where workers would start as fresh interpreters (1.3 s each),
-    or with fewer jobs than cores (a worker would get several threads, which rules out a fork),
-    one it is.
+    version) and there are at least as many jobs as cores: then one worker per core, one torch
+    thread each. Small models use two cores better as two jobs than as one job's two threads
+    (``bench_models.py``, the one-at-a-time cases on 2 cores: 1.2-1.5x sooner,
+    benchmarks/NOTES.md), and a forked worker starts in milliseconds (``starting.py``). A
+    stack's products already use every thread, so stacks keep one worker, in this process.
+    Where workers would start as fresh interpreters (1.3 s each), or with fewer jobs than cores
+    (a worker would get several threads, which rules out a fork), one it is.
     """
     if hp.WORKERS_PER_DEVICE != "auto":
         return hp.WORKERS_PER_DEVICE
@@ -406,5 +407,5 @@ def workers_hint(hp: H.HParams, groups: Sequence[Sequence[Job]], spec: SweepSpec
     return (
         f"{jobs} jobs trained one at a time in this process; WORKERS_PER_DEVICE='auto' would "
         f"train {workers} at a time on this CPU's {workers} cores (one thread each), usually "
-        "1.3-1.8x sooner for small models (docs/running-sweeps.md)."
+        "1.2-1.5x sooner for small models (docs/running-sweeps.md)."
     )
