@@ -395,3 +395,16 @@ def test_stacked_batchnorm_equals_each_jobs_own_batch_norm(layout):
         out = torch.func.vmap(norm, in_dims=(0, 0, 0, 0, 0, None))(x, ms, vs, w, b, False)
     for j in range(jobs):
         torch.testing.assert_close(out[j], norm(x[j], ms[j], vs[j], w[j], b[j], False))
+
+
+def test_a_stacks_linear_layers_add_their_biases_in_place_into_the_product():
+    """``batching._linear``: each job's bias goes into the batched product in place, not as
+    ``vmap``'s out-of-place add (a second activation-sized tensor); the numbers are the
+    one-job loop's to float rounding (the equivalence tests above)."""
+    jobs, spec = make_jobs(MODEL_CLASS=DropoutNet, MAX_ITER=3, LOSS_CHECKPOINTS=[1e-9])
+    with _Calls("add", "add_") as seen:
+        stacked(jobs, spec)
+    n, width = BASE["N_SAMPLES"], BASE["WIDTH"]
+    bias_adds = [c for c in seen.calls if (len(jobs), 1, width) in c[1]]  # either operand
+    assert {name for name, _ in bias_adds} == {"add_"}, bias_adds[:3]
+    assert ((len(jobs), n, width), (len(jobs), 1, width)) in {c[1] for c in bias_adds}

@@ -1,8 +1,12 @@
 """How a stack's forward pass runs its operations batched over the jobs, inside ``vmap``.
 
-``torch.func.vmap`` runs most operations once for the whole stack. Two that matter for common
+``torch.func.vmap`` runs most operations once for the whole stack. A few that matter for common
 models do not run well, and ``batched_operations`` replaces them while a stack's step runs:
 
+- **Linear layers with a bias.** ``vmap``'s rule for ``F.linear`` is a batched product and an
+  out-of-place add of each job's bias: a second pass over the output and a fresh tensor the
+  size of the activations. ``_linear`` adds the bias in place into the product (the same
+  numbers): 1-3.5% of a stacked Transformer's or MLP's step (``benchmarks/NOTES.md``).
 - **Attention.** torch's fused CPU attention kernel (behind ``F.scaled_dot_product_attention``,
   which ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` call) has no batching rule:
   ``vmap`` would run it once per job, warning each time. The math backend (matrix products and
@@ -50,17 +54,18 @@ def has_attention(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def batched_operations(norms: bool, attention: bool) -> Iterator[None]:
-    """While a stack runs under ``vmap``: attention by its math backend, BatchNorm folded into
-    channels (``norms``: the model has BatchNorm layers, ``has_batch_norm``), self-attention
-    of ``nn.MultiheadAttention`` as ``_self_attention`` (``attention``: ``has_attention``)."""
-    mode = _Batched(norms, attention) if norms or attention else contextlib.nullcontext()
+    """While a stack runs under ``vmap``: linear layers' biases added in place (``_linear``),
+    attention by its math backend, BatchNorm folded into channels (``norms``: the model has
+    BatchNorm layers, ``has_batch_norm``), self-attention of ``nn.MultiheadAttention`` as
+    ``_self_attention`` (``attention``: ``has_attention``)."""
+    mode = _Batched(norms, attention)
     with sdpa_kernel(SDPBackend.MATH), mode:
         yield
 
 
 class _Batched(TorchFunctionMode):
-    """Sends ``F.batch_norm`` calls to ``StackedBatchNorm`` and plain self-attention to
-    ``_self_attention``; every other call runs as it is."""
+    """Sends ``F.linear`` to ``_linear``, ``F.batch_norm`` to ``StackedBatchNorm`` and plain
+    self-attention to ``_self_attention``; every other call runs as it is."""
 
     def __init__(self, norms: bool, attention: bool):
         super().__init__()
@@ -68,6 +73,8 @@ class _Batched(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.linear:  # first: most calls of most stacked models are this one
+            return _linear(*args, **kwargs)
         if func is F.batch_norm and self.norms:
             return _batch_norm(*args, **kwargs)
         if func is F.multi_head_attention_forward and self.attention:
@@ -79,6 +86,21 @@ class _Batched(TorchFunctionMode):
 
 
 _MHA = inspect.signature(F.multi_head_attention_forward)
+
+
+def _linear(input, weight, bias=None):
+    """``F.linear`` per job (inside ``vmap``), its bias added in place: ``vmap``'s rule adds it
+    out of place, one more pass and a fresh activation-sized tensor each call. The same
+    numbers: a product, then the bias added once."""
+    if bias is None or weight.dim() != 2:
+        return F.linear(input, weight, bias)
+    out = torch.matmul(input, weight.transpose(0, 1))
+    if out.shape != torch.broadcast_shapes(out.shape, bias.shape):
+        return out + bias  # the bias would broadcast the product: only out of place
+    try:
+        return out.add_(bias)
+    except RuntimeError:  # a product shared by the jobs (inputs and weight) and a per-job bias
+        return out + bias
 
 
 def _plain_self_attention(a: dict) -> bool:
