@@ -271,7 +271,9 @@ class LocalExecutor(Executor):
         self._parent_fds.add(proc.stdout.fileno())
         return proc
 
-    def _connect(self, proc, device: str, spec_blob: bytes) -> _Worker:
+    def _connect(
+        self, proc: subprocess.Popen | ForkedProcess, device: str, spec_blob: bytes
+    ) -> _Worker:
         init = {
             "sys_path": list(sys.path),
             "threads": self.threads,

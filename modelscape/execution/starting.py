@@ -17,8 +17,9 @@ needs nothing a fork cannot carry, so ``fork_unsafe`` lists the cases that start
 
 Either way the worker runs ``worker.main`` and speaks the same protocol: it prints its address
 on its stdout (a pipe the parent reads), then serves the sweep over an authenticated
-connection. The sweep's functions still travel cloudpickled, so a sweep that trains on forked
-workers trains on fresh ones too.
+connection. A forked worker inherits the sweep's spec as it is; a fresh one receives it
+cloudpickled (``pickling.Payload``), so only a fresh one needs the sweep's objects to pickle.
+The job groups travel pickled to both.
 """
 
 from __future__ import annotations
