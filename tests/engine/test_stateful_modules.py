@@ -408,3 +408,12 @@ def test_a_stacks_linear_layers_add_their_biases_in_place_into_the_product():
     bias_adds = [c for c in seen.calls if (len(jobs), 1, width) in c[1]]  # either operand
     assert {name for name, _ in bias_adds} == {"add_"}, bias_adds[:3]
     assert ((len(jobs), n, width), (len(jobs), 1, width)) in {c[1] for c in bias_adds}
+
+    # so do the packed q/k/v projection's inside a stacked self-attention (``_self_attention``)
+    jobs, spec = make_jobs(
+        sequence_bfn, MODEL_CLASS="Transformer", WIDTH=8, DEPTH=1, MAX_ITER=3, BIAS=True
+    )
+    with _Calls("add", "add_") as seen:
+        stacked(jobs, spec)
+    packed = [c for c in seen.calls if (len(jobs), 1, 1, 3 * 8) in c[1]]
+    assert packed and {name for name, _ in packed} == {"add_"}, packed[:3]

@@ -133,11 +133,11 @@ def _self_attention(query, num_heads, in_proj_weight, in_proj_bias, out_proj_wei
     ``vmap``): query (L, N, E), returns (output (L, N, E), None)."""
     L, N, E = query.shape
     head = E // num_heads
-    proj = F.linear(query, in_proj_weight, in_proj_bias).view(L, N, 3, num_heads, head)
+    proj = _linear(query, in_proj_weight, in_proj_bias).view(L, N, 3, num_heads, head)
     q, k, v = (t.permute(1, 2, 0, 3) for t in proj.unbind(2))  # (N, heads, L, head) views
     weights = torch.softmax((q * head**-0.5) @ k.transpose(-2, -1), dim=-1)
     out = (weights @ v).permute(2, 0, 1, 3).reshape(L * N, E)
-    return F.linear(out, out_proj_weight, out_proj_bias).view(L, N, E), None
+    return _linear(out, out_proj_weight, out_proj_bias).view(L, N, E), None
 
 
 def _batch_norm(
